@@ -1,0 +1,61 @@
+"""The `seer` command line: one subcommand per job, each owned by the module that implements it.
+
+Every subcommand is `module:function`, where the function takes the remaining argv and returns an exit code.
+Modules are imported lazily so `seer presets` starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "presets": ("seer.models.regnet", "cli_presets", "print the RegNetY preset table (widths, depths, params, GMACs)"),
+    "shards": ("seer.data.shards", "cli_main", "write webdataset tar shards from a folder, a file list or a dataset"),
+    "pretrain": ("seer.train.loop", "cli_main", "SwAV pretraining (one process, torchrun or SLURM)"),
+    "export": ("seer.train.checkpoint", "cli_export", "export a pretraining run's trunk to a checkpoint file"),
+    "plan": ("seer.train.plan", "cli_main", "memory and FLOPs plan for a pretraining config before you run it"),
+    "extract": ("seer.features", "cli_main", "extract features of a folder, file list or shards to a features file"),
+    "knn": ("seer.evaluation.knn", "cli_main", "kNN evaluation on frozen features"),
+    "linear": ("seer.evaluation.linear", "cli_main", "linear-probe evaluation on frozen features"),
+    "bench": ("benchmarks.run_all", "cli_main", "run the performance benchmarks"),
+    "demo": ("seer.demo", "cli_main", "the end-to-end demo: data, pretraining, export, features, kNN, linear probe"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = ["usage: seer <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "`seer <command> --help` for the options of one command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `seer` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(name, COMMANDS, n=3)
+        hint = f" (did you mean: {', '.join(close)}?)" if close else ""
+        print(f"seer: unknown command {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name, _ = COMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+        func = getattr(module, func_name)
+    except (ImportError, AttributeError) as exc:
+        print(f"seer {name}: this command is not available in this build ({exc})", file=sys.stderr)
+        return 2
+    result = func(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

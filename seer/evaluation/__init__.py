@@ -1,0 +1,1 @@
+"""seer.evaluation."""

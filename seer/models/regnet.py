@@ -1,0 +1,569 @@
+"""RegNetY trunks from 200MF to the 10B SEER width, as data (``RegNetCfg`` + ``PRESETS``) and one module.
+
+The architecture follows pycls (Radosavovic et al., "Designing Network Design Spaces") and the SEER papers:
+a 3x3 stride-2 stem, then four stages of SE bottleneck blocks whose widths come from the quantized linear
+rule in ``generate_widths``. Module names match timm's ``regnety_*`` (``stem.conv``, ``s1.b1.conv1.conv`` ...),
+so timm state dicts load without renaming and every other layout converts through one table (``seer.weights``).
+
+This file imports only torch and numpy: parallelism, configs and checkpoint formats live elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import difflib
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "RegNetCfg",
+    "PRESETS",
+    "RegNetTrunk",
+    "build_trunk",
+    "complexity",
+    "generate_widths",
+    "get_preset",
+    "resolve_cfg",
+]
+
+STAGE_NAMES = ("res2", "res3", "res4", "res5")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RegNetCfg:
+    """Parameters of one RegNetY design (pycls notation).
+
+    Args:
+        depth: total number of blocks.
+        w0: initial width (a multiple of 8).
+        wa: slope of the continuous widths ``w0 + wa * i``.
+        wm: width multiplier between quantized stages (> 1).
+        group_w: group width of the 3x3 grouped convolutions.
+        se_ratio: squeeze-excitation width as a fraction of the block's input width (0 disables SE).
+        bottleneck: bottleneck multiplier (1.0 for every RegNetY).
+        stem_width: output width of the 3x3 stride-2 stem.
+    """
+
+    depth: int
+    w0: int
+    wa: float
+    wm: float
+    group_w: int
+    se_ratio: float = 0.25
+    bottleneck: float = 1.0
+    stem_width: int = 32
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> ValueError:
+            return ValueError(f"RegNetCfg.{field} {why}, got {getattr(self, field)!r}")
+
+        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 1:
+            raise bad("depth", "must be an integer >= 1")
+        if not isinstance(self.w0, int) or isinstance(self.w0, bool) or self.w0 <= 0 or self.w0 % 8:
+            raise bad("w0", "must be a positive multiple of 8")
+        if not math.isfinite(self.wa) or self.wa < 0:
+            raise bad("wa", "must be >= 0")
+        if not math.isfinite(self.wm) or self.wm <= 1:
+            raise bad("wm", "must be > 1")
+        if not isinstance(self.group_w, int) or isinstance(self.group_w, bool) or self.group_w < 1:
+            raise bad("group_w", "must be an integer >= 1")
+        if not 0 <= self.se_ratio < 1:
+            raise bad("se_ratio", "must be in [0, 1)")
+        if self.bottleneck <= 0:
+            raise bad("bottleneck", "must be > 0")
+        if not isinstance(self.stem_width, int) or self.stem_width < 1:
+            raise bad("stem_width", "must be an integer >= 1")
+
+    @property
+    def widths(self) -> list[int]:
+        return self.stages()[0]
+
+    @property
+    def depths(self) -> list[int]:
+        return self.stages()[1]
+
+    def stages(self) -> tuple[list[int], list[int], list[int]]:
+        """Per-stage (widths, depths, group widths) after width/group compatibility."""
+        widths, depths = generate_widths(self.w0, self.wa, self.wm, self.depth)
+        group_ws = [self.group_w] * len(widths)
+        # pycls adjust_block_compatibility: group width <= bottleneck width, bottleneck width a multiple of it.
+        mids = [max(1, int(w * self.bottleneck)) for w in widths]
+        group_ws = [min(g, m) for g, m in zip(group_ws, mids)]
+        mids = [max(g, int(round(m / g) * g)) for m, g in zip(mids, group_ws)]
+        widths = [int(m / self.bottleneck) for m in mids]
+        return widths, depths, group_ws
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def generate_widths(w0: int, wa: float, wm: float, depth: int, q: int = 8) -> tuple[list[int], list[int]]:
+    """pycls ``generate_regnet``: per-block quantized widths, grouped into stages of equal width."""
+    ws_cont = np.arange(depth) * wa + w0
+    ks = np.round(np.log(ws_cont / w0) / np.log(wm))
+    ws_all = np.round(w0 * np.power(wm, ks) / q) * q
+    widths, depths = [], []
+    for w in ws_all.astype(int).tolist():
+        if widths and widths[-1] == w:
+            depths[-1] += 1
+        else:
+            widths.append(w)
+            depths.append(1)
+    return widths, depths
+
+
+# Published parameters: pycls model zoo / torchvision / timm for 200MF..32GF, SEER papers for 64GF..10B.
+PRESETS: dict[str, RegNetCfg] = {
+    "regnety_200mf": RegNetCfg(depth=13, w0=24, wa=36.44, wm=2.49, group_w=8),
+    "regnety_400mf": RegNetCfg(depth=16, w0=48, wa=27.89, wm=2.09, group_w=8),
+    "regnety_600mf": RegNetCfg(depth=15, w0=48, wa=32.54, wm=2.32, group_w=16),
+    "regnety_800mf": RegNetCfg(depth=14, w0=56, wa=38.84, wm=2.4, group_w=16),
+    "regnety_1_6gf": RegNetCfg(depth=27, w0=48, wa=20.71, wm=2.65, group_w=24),
+    "regnety_3_2gf": RegNetCfg(depth=21, w0=80, wa=42.63, wm=2.66, group_w=24),
+    "regnety_4gf": RegNetCfg(depth=22, w0=96, wa=31.41, wm=2.24, group_w=64),
+    "regnety_6_4gf": RegNetCfg(depth=25, w0=112, wa=33.22, wm=2.27, group_w=72),
+    "regnety_8gf": RegNetCfg(depth=17, w0=192, wa=76.82, wm=2.19, group_w=56),
+    "regnety_12gf": RegNetCfg(depth=19, w0=168, wa=73.36, wm=2.37, group_w=112),
+    "regnety_16gf": RegNetCfg(depth=18, w0=200, wa=106.23, wm=2.48, group_w=112),
+    "regnety_32gf": RegNetCfg(depth=20, w0=232, wa=115.89, wm=2.53, group_w=232),
+    "regnety_64gf": RegNetCfg(depth=20, w0=352, wa=147.48, wm=2.4, group_w=328),
+    "regnety_128gf": RegNetCfg(depth=27, w0=456, wa=160.83, wm=2.52, group_w=264),
+    # SEER's RG-256 -- not ClassyVision's regnet_y_256gf (wa 124.47, wm 2.04, group_w 848), a different model.
+    "regnety_256gf": RegNetCfg(depth=27, w0=640, wa=230.83, wm=2.53, group_w=373),
+    "regnety_10b": RegNetCfg(depth=27, w0=1744, wa=620.83, wm=2.52, group_w=1010),
+}
+
+# Names users bring from other libraries: torchvision (regnet_y_1_6gf), timm (regnety_016), SEER (rg-256), dotted.
+_ALIASES: dict[str, str] = {}
+for _name in PRESETS:
+    _size = _name.split("_", 1)[1]  # "1_6gf"
+    _ALIASES[_name.replace("regnety_", "regnet_y_")] = _name
+    _ALIASES[f"regnety_{_size.replace('_', '.')}"] = _name
+for _timm, _ours in {
+    "002": "200mf", "004": "400mf", "006": "600mf", "008": "800mf", "016": "1_6gf", "032": "3_2gf",
+    "040": "4gf", "064": "6_4gf", "080": "8gf", "120": "12gf", "160": "16gf", "320": "32gf", "640": "64gf",
+    "1280": "128gf", "2560": "256gf",
+}.items():  # fmt: skip
+    _ALIASES[f"regnety_{_timm}"] = f"regnety_{_ours}"
+for _seer, _ours in {"32": "32gf", "64": "64gf", "128": "128gf", "256": "256gf"}.items():
+    _ALIASES[f"rg-{_seer}"] = _ALIASES[f"rg{_seer}"] = f"regnety_{_ours}"
+_ALIASES["seer-10b"] = _ALIASES["regnet_y_10b"] = "regnety_10b"
+
+
+def get_preset(name: str) -> RegNetCfg:
+    """Look up a preset by our name or a torchvision / timm / SEER alias; unknown names list close matches."""
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key in PRESETS:
+        return PRESETS[key]
+    candidates = list(PRESETS) + list(_ALIASES)
+    close = difflib.get_close_matches(key, candidates, n=4, cutoff=0.6)
+    close = list(dict.fromkeys(_ALIASES.get(c, c) for c in close))
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known presets: {', '.join(PRESETS)}"
+    raise ValueError(f"unknown RegNet preset {name!r}{hint}")
+
+
+def resolve_cfg(preset_or_cfg: str | RegNetCfg | dict) -> RegNetCfg:
+    """A preset name, a ``RegNetCfg`` or a dict of its fields -> ``RegNetCfg``."""
+    if isinstance(preset_or_cfg, RegNetCfg):
+        return preset_or_cfg
+    if isinstance(preset_or_cfg, str):
+        return get_preset(preset_or_cfg)
+    if isinstance(preset_or_cfg, dict):
+        known = {f.name for f in dataclasses.fields(RegNetCfg)}
+        unknown = sorted(set(preset_or_cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown RegNetCfg field(s) {unknown}; known fields: {sorted(known)}")
+        return RegNetCfg(**preset_or_cfg)
+    raise TypeError(f"expected a preset name, RegNetCfg or dict, got {type(preset_or_cfg).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------------------
+# True while torch.utils.checkpoint recomputes a segment: batch norms must not update their running statistics a
+# second time (plain checkpointing would apply the momentum twice per step and drift from the uncheckpointed run).
+_RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("seer_regnet_recomputing", default=False)
+
+
+@contextlib.contextmanager
+def _recompute_context():
+    token = _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
+
+
+def _checkpoint_contexts():
+    return contextlib.nullcontext(), _recompute_context()
+
+
+class ConvBN(nn.Module):
+    """Conv2d (no bias) -> BatchNorm2d [-> ReLU].
+
+    In eval mode the batch norm is folded into the convolution weights on the fly (a weight-sized computation),
+    which saves one full pass over the activations; the result equals conv -> bn up to float rounding.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, groups: int = 1,
+                 act: bool = False) -> None:  # fmt: skip
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs, eps=1e-5, momentum=0.1)
+        self.act = act
+        self.fold_bn = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        if not self.training and self.fold_bn and bn.running_var is not None:
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            weight = self.conv.weight * scale.reshape(-1, 1, 1, 1).to(self.conv.weight.dtype)
+            bias = bn.bias - bn.running_mean * scale
+            x = F.conv2d(x, weight, bias.to(weight.dtype), self.conv.stride, self.conv.padding, 1, self.conv.groups)
+        elif self.training and _RECOMPUTING.get() and bn.running_mean is not None:
+            x = F.batch_norm(self.conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, True, 0.0, bn.eps)
+        else:
+            x = bn(self.conv(x))
+        return F.relu(x, inplace=True) if self.act else x
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: global pool -> 1x1 conv -> ReLU -> 1x1 conv -> sigmoid gate."""
+
+    def __init__(self, chs: int, se_chs: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(chs, se_chs, 1, bias=True)
+        self.fc2 = nn.Conv2d(se_chs, chs, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        s = self.fc2(F.relu(self.fc1(s), inplace=True))
+        return x * s.sigmoid()
+
+
+class Bottleneck(nn.Module):
+    """RegNetY block: 1x1 -> 3x3 grouped (stride) -> SE -> 1x1, plus a projection shortcut when shapes change."""
+
+    def __init__(self, in_chs: int, out_chs: int, stride: int, group_w: int, bottleneck: float,
+                 se_ratio: float) -> None:  # fmt: skip
+        super().__init__()
+        mid = int(round(out_chs * bottleneck))
+        groups = mid // group_w
+        self.conv1 = ConvBN(in_chs, mid, 1, act=True)
+        self.conv2 = ConvBN(mid, mid, 3, stride, groups=groups, act=True)
+        se_chs = int(round(in_chs * se_ratio))
+        self.se = SqueezeExcite(mid, se_chs) if se_chs > 0 else nn.Identity()
+        self.conv3 = ConvBN(mid, out_chs, 1)
+        self.downsample = ConvBN(in_chs, out_chs, 1, stride) if (in_chs != out_chs or stride != 1) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        x = self.conv3(self.se(self.conv2(self.conv1(x))))
+        return F.relu(x + shortcut, inplace=True)
+
+
+class RegNetStage(nn.Module):
+    """A run of blocks of one width, named b1..bN as in timm."""
+
+    def __init__(self, in_chs: int, out_chs: int, depth: int, group_w: int, bottleneck: float,
+                 se_ratio: float) -> None:  # fmt: skip
+        super().__init__()
+        for i in range(depth):
+            block = Bottleneck(in_chs if i == 0 else out_chs, out_chs, 2 if i == 0 else 1, group_w, bottleneck,
+                               se_ratio)  # fmt: skip
+            self.add_module(f"b{i + 1}", block)
+
+    @property
+    def blocks(self) -> list[Bottleneck]:
+        return list(self.children())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.children():
+            x = block(x)
+        return x
+
+
+CheckpointSpec = bool | str | Sequence[Sequence[int]] | None
+
+
+class RegNetTrunk(nn.Module):
+    """RegNetY trunk: ``trunk(x)`` -> pooled features ``[B, num_features]``.
+
+    ``forward_stages(x)`` returns the four stage outputs ``res2..res5``; ``forward_features(x)`` the last map.
+    Inputs are taken in channels_last memory format by default, which is 1.5-2x faster on CPU and GPU.
+    """
+
+    def __init__(self, cfg: RegNetCfg, zero_init_last_bn: bool = False, channels_last: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.channels_last = channels_last
+        widths, depths, group_ws = cfg.stages()
+        self.widths, self.depths = widths, depths
+        self.stem = ConvBN(3, cfg.stem_width, 3, stride=2, act=True)
+        in_chs = cfg.stem_width
+        for i, (w, d, g) in enumerate(zip(widths, depths, group_ws)):
+            self.add_module(f"s{i + 1}", RegNetStage(in_chs, w, d, g, cfg.bottleneck, cfg.se_ratio))
+            in_chs = w
+        self.num_features = in_chs
+        self.stage_names = tuple(f"res{i + 2}" for i in range(len(widths)))
+        self._ckpt_plan: list[list[tuple[int, int, bool]]] = [[(0, d, False)] for d in depths]
+        self.init_weights(zero_init_last_bn)
+
+    # -- construction -------------------------------------------------------------------------------------------
+    @property
+    def stages(self) -> list[RegNetStage]:
+        return [getattr(self, f"s{i + 1}") for i in range(len(self.depths))]
+
+    def blocks(self) -> list[Bottleneck]:
+        """All blocks in forward order (the unit of FSDP sharding and activation checkpointing)."""
+        return [b for stage in self.stages for b in stage.blocks]
+
+    @torch.no_grad()
+    def init_weights(self, zero_init_last_bn: bool = False) -> None:
+        """ClassyVision / VISSL init: conv ~ N(0, sqrt(2 / fan_out)), BN weight 1 bias 0 (last BN 0 if asked)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                m.weight.normal_(0.0, math.sqrt(2.0 / fan_out))
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        if zero_init_last_bn:
+            for block in self.blocks():
+                block.conv3.bn.weight.zero_()
+
+    def set_grad_checkpointing(self, enable: CheckpointSpec = True) -> None:
+        """Activation checkpointing (non-reentrant ``torch.utils.checkpoint``).
+
+        Args:
+            enable: ``False``/``None`` off; ``True`` or ``"block"`` one segment per block; ``"stage"`` one per
+                stage; or SEER-style groups, one list per stage of segment end indices, e.g. ``[[2], [7], [9, 17],
+                []]`` checkpoints blocks 0-1 of stage 1, 0-6 of stage 2, 0-8 and 9-16 of stage 3, nothing in
+                stage 4. Blocks after the last end index run without checkpointing.
+        """
+        plan: list[list[tuple[int, int, bool]]] = []
+        if enable is None or enable is False:
+            plan = [[(0, d, False)] for d in self.depths]
+        elif enable is True or enable == "block":
+            plan = [[(j, j + 1, True) for j in range(d)] for d in self.depths]
+        elif enable == "stage":
+            plan = [[(0, d, True)] for d in self.depths]
+        elif isinstance(enable, str):
+            raise ValueError(f"activation_checkpointing must be a bool, 'block', 'stage' or groups, got {enable!r}")
+        else:
+            groups = [list(g) for g in enable]
+            if len(groups) != len(self.depths):
+                raise ValueError(
+                    f"activation_checkpointing groups need one list per stage ({len(self.depths)}), got {groups}"
+                )
+            for s, (ends, depth) in enumerate(zip(groups, self.depths)):
+                segs, start = [], 0
+                for end in ends:
+                    if not isinstance(end, int) or not start < end <= depth:
+                        raise ValueError(
+                            f"activation_checkpointing groups: stage {s + 1} (depth {depth}) has end index {end!r};"
+                            f" ends must increase within 1..{depth}"
+                        )
+                    segs.append((start, end, True))
+                    start = end
+                if start < depth:
+                    segs.append((start, depth, False))
+                plan.append(segs)
+        self._ckpt_plan = plan
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        return any(ck for segs in self._ckpt_plan for _, _, ck in segs)
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def _run_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        blocks = self.stages[index].blocks
+        for start, end, ck in self._ckpt_plan[index]:
+            seg = blocks[start:end]
+            if ck and torch.is_grad_enabled():
+                x = checkpoint(_run_blocks, seg, x, use_reentrant=False, context_fn=_checkpoint_contexts)
+            else:
+                x = _run_blocks(seg, x)
+        return x
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"RegNetTrunk expects images [B, 3, H, W], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"RegNetTrunk expects a floating-point tensor, got {x.dtype}")
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.stem(x)
+
+    def forward_stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Feature maps after each stage: ``{"res2": [B, w1, H/4, W/4], ..., "res5": [B, w4, H/32, W/32]}``."""
+        x = self._prepare(x)
+        out = {}
+        for i, name in enumerate(self.stage_names):
+            x = self._run_stage(i, x)
+            out[name] = x
+        return out
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's feature map ``[B, num_features, H/32, W/32]``."""
+        x = self._prepare(x)
+        for i in range(len(self.stage_names)):
+            x = self._run_stage(i, x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).mean((2, 3))
+
+
+def _run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for block in blocks:
+        x = block(x)
+    return x
+
+
+def build_trunk(preset_or_cfg: str | RegNetCfg | dict, *, device: torch.device | str | None = None,
+                activation_checkpointing: CheckpointSpec = False, zero_init_last_bn: bool = False,
+                channels_last: bool = True) -> RegNetTrunk:  # fmt: skip
+    """Build a randomly initialized RegNetY trunk.
+
+    Args:
+        preset_or_cfg: a name from ``PRESETS`` (or a timm / torchvision alias), a ``RegNetCfg`` or its dict.
+        device: where to allocate; ``"meta"`` builds any size (10B included) without allocating memory.
+        activation_checkpointing: see ``RegNetTrunk.set_grad_checkpointing``.
+        zero_init_last_bn: start each residual branch at zero (its last BN weight = 0).
+        channels_last: convert inputs to channels_last memory format (faster convolutions).
+    """
+    cfg = resolve_cfg(preset_or_cfg)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        trunk = RegNetTrunk(cfg, zero_init_last_bn=zero_init_last_bn, channels_last=channels_last)
+    if activation_checkpointing:
+        trunk.set_grad_checkpointing(activation_checkpointing)
+    return trunk
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Complexity (arithmetic: nothing is allocated)
+# ----------------------------------------------------------------------------------------------------------------
+def _conv_out(size: int, stride: int) -> int:
+    return (size - 1) // stride + 1  # k=3 pad=1 and k=1 pad=0 give the same size
+
+
+def complexity(preset_or_cfg: str | RegNetCfg | dict, resolution: int = 224) -> dict:
+    """Parameters and multiply-accumulates of the trunk at ``resolution`` (convolutions and SE, as pycls counts).
+
+    Returns ``{"params", "macs", "activations", "widths", "depths", "group_widths", "groups"}``; ``activations``
+    counts the elements of every conv / BN output per image (the basis of the memory planner).
+    """
+    cfg = resolve_cfg(preset_or_cfg)
+    widths, depths, group_ws = cfg.stages()
+    params = macs = acts = 0
+
+    def conv(cin: int, cout: int, k: int, groups: int, hw: int) -> None:
+        nonlocal params, macs, acts
+        params += k * k * cin // groups * cout + 2 * cout  # conv weight + BN affine
+        macs += k * k * cin // groups * cout * hw * hw
+        acts += 2 * cout * hw * hw  # conv output and BN output
+
+    size = _conv_out(resolution, 2)
+    conv(3, cfg.stem_width, 3, 1, size)
+    in_chs = cfg.stem_width
+    groups_per_stage = []
+    for w, d, g in zip(widths, depths, group_ws):
+        mid = int(round(w * cfg.bottleneck))
+        groups_per_stage.append(mid // g)
+        for j in range(d):
+            stride = 2 if j == 0 else 1
+            out_size = _conv_out(size, stride)
+            conv(in_chs, mid, 1, 1, size)
+            conv(mid, mid, 3, mid // g, out_size)
+            se = int(round(in_chs * cfg.se_ratio))
+            if se:
+                params += mid * se + se + se * mid + mid
+                macs += mid * se + se * mid
+                acts += mid * out_size * out_size  # gated output
+            conv(mid, w, 1, 1, out_size)
+            if in_chs != w or stride != 1:
+                conv(in_chs, w, 1, 1, out_size)
+            acts += w * out_size * out_size  # residual sum
+            in_chs, size = w, out_size
+    return {
+        "params": int(params),
+        "macs": int(macs),
+        "activations": int(acts),
+        "widths": widths,
+        "depths": depths,
+        "group_widths": group_ws,
+        "groups": groups_per_stage,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `seer presets`
+# ----------------------------------------------------------------------------------------------------------------
+def _fmt_count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def presets_table(cfgs: dict[str, RegNetCfg] | None = None, resolution: int = 224) -> str:
+    """Markdown table of presets: stage widths, depths, groups, params, GMACs."""
+    cfgs = PRESETS if cfgs is None else cfgs
+    rows = [f"| preset | widths | depths | groups | params | GMACs@{resolution} |", "|---|---|---|---|---|---|"]
+    for name, cfg in cfgs.items():
+        c = complexity(cfg, resolution)
+        rows.append(
+            f"| {name} | {', '.join(map(str, c['widths']))} | {', '.join(map(str, c['depths']))} "
+            f"| {', '.join(map(str, c['groups']))} | {_fmt_count(c['params'])} | {c['macs'] / 1e9:.2f} |"
+        )
+    return "\n".join(rows)
+
+
+def _parse_cfg_overrides(items: list[str]) -> dict:
+    fields = {f.name: f.type for f in dataclasses.fields(RegNetCfg)}
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--cfg expects key=value pairs, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=2)
+            raise ValueError(f"unknown RegNetCfg field {key!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+        kind = fields[key] if isinstance(fields[key], str) else fields[key].__name__
+        try:
+            out[key] = int(value) if kind == "int" else float(value)
+        except ValueError:
+            raise ValueError(f"RegNetCfg.{key} must be a {kind}, got {value!r}") from None
+    return out
+
+
+def cli_presets(argv: list[str]) -> int:
+    """`seer presets [--resolution R] [--cfg depth=.. w0=.. wa=.. wm=.. group_w=..]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="seer presets", description=cli_presets.__doc__)
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--cfg", nargs="+", metavar="KEY=VALUE", help="a custom RegNetCfg instead of the presets")
+    args = parser.parse_args(argv)
+    try:
+        cfgs = {"custom": RegNetCfg(**_parse_cfg_overrides(args.cfg))} if args.cfg else None
+    except (ValueError, TypeError) as exc:
+        print(f"seer presets: {exc}", file=sys.stderr)
+        return 2
+    print(presets_table(cfgs, args.resolution))
+    return 0
