@@ -212,6 +212,16 @@ def _checkpoint_contexts():
     return contextlib.nullcontext(), _recompute_context()
 
 
+def _like_input(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The weight in channels_last when the input is: oneDNN / cuDNN pick their fast NHWC kernels only then.
+
+    Parameters themselves stay contiguous (FSDP2 shards only contiguous parameters); the copy is weight-sized.
+    """
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and weight.size(2) * weight.size(3) > 1:
+        return weight.contiguous(memory_format=torch.channels_last)
+    return weight
+
+
 class ConvBN(nn.Module):
     """Conv2d (no bias) -> BatchNorm2d [-> ReLU].
 
@@ -228,16 +238,21 @@ class ConvBN(nn.Module):
         self.fold_bn = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bn = self.bn
+        bn, conv = self.bn, self.conv
+        weight = conv.weight
         if not self.training and self.fold_bn and bn.running_var is not None:
             scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-            weight = self.conv.weight * scale.reshape(-1, 1, 1, 1).to(self.conv.weight.dtype)
-            bias = bn.bias - bn.running_mean * scale
-            x = F.conv2d(x, weight, bias.to(weight.dtype), self.conv.stride, self.conv.padding, 1, self.conv.groups)
-        elif self.training and _RECOMPUTING.get() and bn.running_mean is not None:
-            x = F.batch_norm(self.conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, True, 0.0, bn.eps)
+            weight = weight * scale.reshape(-1, 1, 1, 1).to(weight.dtype)
+            bias = (bn.bias - bn.running_mean * scale).to(weight.dtype)
+            return self._act(F.conv2d(x, _like_input(weight, x), bias, conv.stride, conv.padding, 1, conv.groups))
+        x = F.conv2d(x, _like_input(weight, x), None, conv.stride, conv.padding, 1, conv.groups)
+        if self.training and _RECOMPUTING.get() and bn.running_mean is not None:
+            x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, 0.0, bn.eps)
         else:
-            x = bn(self.conv(x))
+            x = bn(x)
+        return self._act(x)
+
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x, inplace=True) if self.act else x
 
 
@@ -447,11 +462,17 @@ def build_trunk(preset_or_cfg: str | RegNetCfg | dict, *, device: torch.device |
         device: where to allocate; ``"meta"`` builds any size (10B included) without allocating memory.
         activation_checkpointing: see ``RegNetTrunk.set_grad_checkpointing``.
         zero_init_last_bn: start each residual branch at zero (its last BN weight = 0).
-        channels_last: convert inputs to channels_last memory format (faster convolutions).
+        channels_last: store 3x3 conv weights and take inputs in channels_last memory format (faster on CPU and
+            GPU). ``state_dict()`` tensors are then non-contiguous: call ``.contiguous()`` before serializing.
     """
     cfg = resolve_cfg(preset_or_cfg)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         trunk = RegNetTrunk(cfg, zero_init_last_bn=zero_init_last_bn, channels_last=channels_last)
+    if channels_last:
+        # Channels-last weights are ~15% faster to train than converting them each step. FSDP2 shards only
+        # contiguous parameters: seer.distributed.parallel converts back before fully_shard (the forward then
+        # converts each gathered weight, a weight-sized copy).
+        trunk.to(memory_format=torch.channels_last)
     if activation_checkpointing:
         trunk.set_grad_checkpointing(activation_checkpointing)
     return trunk
