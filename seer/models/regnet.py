@@ -65,6 +65,33 @@ class RegNetCfg:
     se_ratio: float = 0.25
     bottleneck: float = 1.0
     stem_width: int = 32
+    # Explicit per-stage layout, for checkpoints whose widths do not come from (w0, wa, wm): torchvision's
+    # regnet_y_800mf rounds 136 / 16 half-up (stage 2 width 144; pycls and timm give 128). Set by ``from_stages``.
+    stage_widths: tuple[int, ...] | None = None
+    stage_depths: tuple[int, ...] | None = None
+    stage_group_widths: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_stages(cls, widths: Sequence[int], depths: Sequence[int], group_widths: Sequence[int] | int,
+                    se_ratio: float = 0.25, stem_width: int = 32) -> RegNetCfg:  # fmt: skip
+        """A configuration given by its stage widths, depths and group widths instead of (w0, wa, wm)."""
+        if isinstance(group_widths, int):
+            group_widths = [group_widths] * len(widths)
+        if not (len(widths) == len(depths) == len(group_widths)) or not widths:
+            raise ValueError(
+                f"RegNetCfg.from_stages needs equally long non-empty widths, depths and group_widths, got "
+                f"{list(widths)}, {list(depths)}, {list(group_widths)}"
+            )
+        for w, g in zip(widths, group_widths):
+            if w < 1 or g < 1 or w % g:
+                raise ValueError(f"RegNetCfg.stage_widths: width {w} is not a positive multiple of group width {g}")
+        if any(d < 1 for d in depths):
+            raise ValueError(f"RegNetCfg.stage_depths must all be >= 1, got {list(depths)}")
+        w0 = max(8, int(widths[0]) // 8 * 8)  # placeholders that pass validation; the stages above rule
+        return cls(depth=int(sum(depths)), w0=w0, wa=0.0, wm=2.0, group_w=int(group_widths[0]), se_ratio=se_ratio,
+                   stem_width=stem_width, stage_widths=tuple(int(w) for w in widths),
+                   stage_depths=tuple(int(d) for d in depths),
+                   stage_group_widths=tuple(int(g) for g in group_widths))  # fmt: skip
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> ValueError:
@@ -97,6 +124,8 @@ class RegNetCfg:
 
     def stages(self) -> tuple[list[int], list[int], list[int]]:
         """Per-stage (widths, depths, group widths) after width/group compatibility."""
+        if self.stage_widths is not None:
+            return list(self.stage_widths), list(self.stage_depths), list(self.stage_group_widths)
         widths, depths = generate_widths(self.w0, self.wa, self.wm, self.depth)
         group_ws = [self.group_w] * len(widths)
         # pycls adjust_block_compatibility: group width <= bottleneck width, bottleneck width a multiple of it.
@@ -107,7 +136,14 @@ class RegNetCfg:
         return widths, depths, group_ws
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain dict (JSON/YAML-safe); explicit stage fields only when set."""
+        d = dataclasses.asdict(self)
+        for key in ("stage_widths", "stage_depths", "stage_group_widths"):
+            if d[key] is None:
+                del d[key]
+            else:
+                d[key] = list(d[key])
+        return d
 
 
 def generate_widths(w0: int, wa: float, wm: float, depth: int, q: int = 8) -> tuple[list[int], list[int]]:
@@ -187,7 +223,8 @@ def resolve_cfg(preset_or_cfg: str | RegNetCfg | dict) -> RegNetCfg:
         unknown = sorted(set(preset_or_cfg) - known)
         if unknown:
             raise ValueError(f"unknown RegNetCfg field(s) {unknown}; known fields: {sorted(known)}")
-        return RegNetCfg(**preset_or_cfg)
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in preset_or_cfg.items()}
+        return RegNetCfg(**fields)
     raise TypeError(f"expected a preset name, RegNetCfg or dict, got {type(preset_or_cfg).__name__}")
 
 
