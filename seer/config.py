@@ -1,0 +1,443 @@
+"""Pretraining configuration: a dataclass tree with defaults in code, yaml overrides, dotted CLI overrides.
+
+    cfg = load_config("configs/pretrain/tiny_cpu.yaml", ["optim.base_lr=0.1", "train.total_steps=50"])
+
+A yaml file holds only the keys it changes (``yaml.safe_load``: configs are data, never code). Unknown keys and
+values of the wrong type are rejected with the full dotted key and a close-match suggestion; impossible values
+(negative learning rate, crops larger than the synthetic images, ...) are rejected by ``validate``. The resolved
+config is written next to the run's outputs with ``dump_config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+__all__ = [
+    "ModelConfig",
+    "SwAVConfig",
+    "DataConfig",
+    "OptimConfig",
+    "FSDPConfig",
+    "TrainConfig",
+    "PretrainConfig",
+    "ConfigError",
+    "CROP_PRESETS",
+    "load_config",
+    "dump_config",
+    "config_to_dict",
+    "config_from_dict",
+    "validate",
+    "crop_shapes",
+    "batch_per_gpu",
+    "trunk_cfg",
+]
+
+# Multi-crop presets as (count, resolution) runs, large crops first. They mirror
+# seer.data.transforms.MultiCrop.from_preset; the synthetic source and the planner read them from here.
+CROP_PRESETS: dict[str, list[tuple[int, int]]] = {
+    "swav": [(2, 224), (6, 96)],
+    "seer": [(2, 224), (4, 96)],
+    "seer_10b": [(2, 160), (4, 96)],
+    "cpu_tiny": [(2, 64), (2, 32)],
+}
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the full dotted key."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tree
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    """The RegNetY trunk."""
+
+    preset: str = "regnety_400mf"
+    # RegNetCfg fields overriding the preset (e.g. {"depth": 4, "w0": 16, ...}); a full dict needs no preset.
+    cfg: dict | None = None
+    # False | True/"block" | "stage" | SEER-style groups (one list of segment end indices per stage).
+    activation_checkpointing: bool | str | list = False
+    zero_init: bool = True  # zero the last BN of every residual branch
+
+
+@dataclass
+class SwAVConfig:
+    """The SwAV head and loss (see seer.ssl.swav.SwAV); ``head_dims`` follow the trunk width."""
+
+    head_dims: list = field(default_factory=lambda: [2048, 128])
+    use_bn: bool = True
+    n_prototypes: int = 3000
+    temperature: float = 0.1
+    sinkhorn_iters: int = 3
+    epsilon: float = 0.05
+    crops_for_assign: list = field(default_factory=lambda: [0, 1])
+    freeze_prototypes_iters: int = 313
+    queue_length: int = 0
+    queue_start_iter: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are cropped."""
+
+    source: str = "synthetic"  # synthetic | shards
+    urls: str | None = None  # webdataset pattern for source=shards, e.g. "data/train-{000000..000099}.tar"
+    multicrop: str = "cpu_tiny"  # a CROP_PRESETS / MultiCrop.from_preset name
+    crops: list | None = None  # explicit [[count, resolution], ...] instead of the preset (synthetic source only)
+    batch_size_per_gpu: int = 32
+    # When > 0, the global batch; the per-GPU batch is then global_batch_size / world size (must divide).
+    global_batch_size: int = 0
+    workers: int = 0
+    shuffle_buffer: int = 1000
+    image_size: int = 96  # side of the generated images (synthetic source)
+    synthetic_classes: int = 16  # number of procedural image families (synthetic source)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule; ``lr = base_lr * global_batch / reference_batch``."""
+
+    name: str = "lars"  # lars | sgd
+    base_lr: float = 0.3
+    reference_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-6
+    exclude_bn_bias: bool = False  # BN and bias parameters: no weight decay and no LARS adaptation
+    trust_coeff: float = 0.001
+    warmup_iters: int = 0
+    start_warmup_lr: float = 0.0  # as a fraction of the peak lr
+    final_lr_ratio: float = 0.001  # cosine ends at base lr x this
+    clip_grad: float = 0.0  # max global grad norm; 0 disables
+
+
+@dataclass
+class FSDPConfig:
+    """FSDP2 options (applied when a process group is initialized)."""
+
+    reshard_after_forward: bool = True
+    cpu_offload: bool = False
+    shard_unit: str = "block"  # block | group (the activation-checkpointing groups, or stages)
+
+
+@dataclass
+class TrainConfig:
+    """Length, logging, checkpointing, numerics."""
+
+    total_steps: int = 0  # 0 -> epochs x steps_per_epoch
+    epochs: int = 1
+    steps_per_epoch: int = 100
+    log_every: int = 10
+    ckpt_every_steps: int = 0  # 0 disables step-based checkpoints (one is always written at the end)
+    ckpt_every_minutes: float = 0.0
+    keep_last: int = 3
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    # Emulate N ranks' BatchNorm batches in one process (ghost batch norm): the trunk sees each crop batch in N
+    # equal chunks, as N FSDP ranks without SyncBN would.
+    bn_splits: int = 1
+    tensorboard: bool = True
+    crash_at_step: int = 0  # testing: hard-exit right after this step, as a kill would; 0 disables
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+
+
+@dataclass
+class PretrainConfig:
+    """The whole pretraining run."""
+
+    run_dir: str = "runs/pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    swav: SwAVConfig = field(default_factory=SwAVConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return self.train.total_steps or self.train.epochs * self.train.steps_per_epoch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Typed merge of plain dicts into the tree
+# ----------------------------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats. Raises naming ``key``."""
+    origin = typing.get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is Any:
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _merge(node: Any, updates: dict, prefix: str = "") -> None:
+    """Apply a nested dict of overrides to a dataclass node in place, checking keys and types."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(node))
+    names = [f.name for f in dataclasses.fields(node)]
+    for name, value in updates.items():
+        key = f"{prefix}{name}"
+        if name not in names:
+            close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]!s}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        current = getattr(node, name)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, f"{key}.")
+        else:
+            setattr(node, name, _coerce(value, hints[name], key))
+
+
+def _dotted_to_nested(items: list[str] | tuple[str, ...]) -> dict:
+    nested: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.base_lr=0.1)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part!r} is both a value and a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """The config tree as plain dicts (yaml/json-ready)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> PretrainConfig:
+    """Defaults updated by a (possibly partial) nested dict, validated."""
+    cfg = PretrainConfig()
+    _merge(cfg, data or {})
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
+    """Defaults <- yaml file (overrides only) <- dotted ``key=value`` overrides; validated.
+
+    Raises:
+        ConfigError: naming the dotted key of an unknown key, a wrong type or an impossible value.
+        FileNotFoundError: when ``path`` does not exist.
+    """
+    cfg = PretrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid yaml: {exc}") from None
+        try:
+            _merge(cfg, data or {})
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    _merge(cfg, _dotted_to_nested(list(overrides)))
+    validate(cfg)
+    return cfg
+
+
+def dump_config(cfg: PretrainConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as yaml (atomically: temp file then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------
+def crop_shapes(data: DataConfig) -> list[tuple[int, int]]:
+    """The multi-crop runs ``[(count, resolution), ...]`` of a data config."""
+    if data.crops is not None:
+        return [(int(c), int(r)) for c, r in data.crops]
+    return list(CROP_PRESETS[data.multicrop])
+
+
+def _bad(key: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"{key}: {why}, got {value!r}")
+
+
+def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
+    """Reject impossible values, naming the dotted key. ``world_size`` adds the checks that depend on it."""
+    from seer.models.regnet import resolve_cfg
+
+    m, s, d, o, t = cfg.model, cfg.swav, cfg.data, cfg.optim, cfg.train
+    # model
+    try:
+        if m.cfg is not None:
+            base = {} if set(m.cfg) >= {"depth", "w0", "wa", "wm", "group_w"} else resolve_cfg(m.preset).to_dict()
+            resolve_cfg({**base, **m.cfg})
+        else:
+            resolve_cfg(m.preset)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model.{'cfg' if m.cfg is not None else 'preset'}: {exc}") from None
+    ac = m.activation_checkpointing
+    if isinstance(ac, str) and ac not in ("block", "stage"):
+        raise _bad("model.activation_checkpointing", ac, "must be a bool, 'block', 'stage' or a list of groups")
+    if isinstance(ac, list) and not all(isinstance(g, list) for g in ac):
+        raise _bad("model.activation_checkpointing", ac, "groups must be one list of end indices per stage")
+    # data
+    if d.source not in ("synthetic", "shards"):
+        raise _bad("data.source", d.source, "must be 'synthetic' or 'shards'")
+    if d.source == "shards" and not d.urls:
+        raise _bad("data.urls", d.urls, "is required when data.source is 'shards'")
+    if d.crops is None and d.multicrop not in CROP_PRESETS:
+        close = difflib.get_close_matches(d.multicrop, CROP_PRESETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise _bad("data.multicrop", d.multicrop, f"must be one of {sorted(CROP_PRESETS)}{hint}")
+    if d.crops is not None:
+        ok = all(isinstance(c, list) and len(c) == 2 and all(isinstance(v, int) and v > 0 for v in c) for c in d.crops)
+        if not ok or not d.crops:
+            raise _bad("data.crops", d.crops, "must be a list of [count, resolution] pairs of positive integers")
+    shapes = crop_shapes(d)
+    n_crops = sum(c for c, _ in shapes)
+    for key in ("batch_size_per_gpu", "image_size", "synthetic_classes", "shuffle_buffer"):
+        if getattr(d, key) < 1:
+            raise _bad(f"data.{key}", getattr(d, key), "must be >= 1")
+    if d.workers < 0:
+        raise _bad("data.workers", d.workers, "must be >= 0")
+    if d.source == "synthetic" and max(r for _, r in shapes) > d.image_size:
+        raise _bad(
+            "data.image_size", d.image_size, f"is smaller than the largest crop ({max(r for _, r in shapes)} px)"
+        )
+    # swav
+    if not s.head_dims or any(not isinstance(v, int) or v < 1 for v in s.head_dims):
+        raise _bad("swav.head_dims", s.head_dims, "must be a non-empty list of positive integers")
+    for key in ("n_prototypes", "sinkhorn_iters"):
+        if getattr(s, key) < 1:
+            raise _bad(f"swav.{key}", getattr(s, key), "must be >= 1")
+    for key in ("temperature", "epsilon"):
+        if not getattr(s, key) > 0:
+            raise _bad(f"swav.{key}", getattr(s, key), "must be > 0")
+    if not s.crops_for_assign or any(not isinstance(i, int) or not 0 <= i < n_crops for i in s.crops_for_assign):
+        raise _bad("swav.crops_for_assign", s.crops_for_assign, f"must be crop indices in [0, {n_crops})")
+    if n_crops < 2:
+        raise _bad("data.crops", shapes, "need at least 2 crops per image")
+    for key in ("freeze_prototypes_iters", "queue_length", "queue_start_iter"):
+        if getattr(s, key) < 0:
+            raise _bad(f"swav.{key}", getattr(s, key), "must be >= 0")
+    # optim
+    if o.name not in ("lars", "sgd"):
+        raise _bad("optim.name", o.name, "must be 'lars' or 'sgd'")
+    if not (math.isfinite(o.base_lr) and o.base_lr > 0):
+        raise _bad("optim.base_lr", o.base_lr, "must be a finite number > 0")
+    if o.reference_batch < 1:
+        raise _bad("optim.reference_batch", o.reference_batch, "must be >= 1")
+    if not 0 <= o.momentum < 1:
+        raise _bad("optim.momentum", o.momentum, "must be in [0, 1)")
+    if o.weight_decay < 0:
+        raise _bad("optim.weight_decay", o.weight_decay, "must be >= 0")
+    if not o.trust_coeff > 0:
+        raise _bad("optim.trust_coeff", o.trust_coeff, "must be > 0")
+    if not 0 <= o.final_lr_ratio <= 1:
+        raise _bad("optim.final_lr_ratio", o.final_lr_ratio, "must be in [0, 1]")
+    if not 0 <= o.start_warmup_lr <= 1:
+        raise _bad("optim.start_warmup_lr", o.start_warmup_lr, "must be in [0, 1] (a fraction of the peak lr)")
+    if o.clip_grad < 0:
+        raise _bad("optim.clip_grad", o.clip_grad, "must be >= 0 (0 disables clipping)")
+    # train
+    if t.total_steps < 0 or t.epochs < 1 or t.steps_per_epoch < 1:
+        raise _bad("train.total_steps", t.total_steps, "needs total_steps >= 0, epochs >= 1, steps_per_epoch >= 1")
+    if not 0 <= o.warmup_iters < cfg.total_steps:
+        raise _bad("optim.warmup_iters", o.warmup_iters, f"must be in [0, total steps = {cfg.total_steps})")
+    for key in ("log_every", "keep_last", "bn_splits"):
+        if getattr(t, key) < 1:
+            raise _bad(f"train.{key}", getattr(t, key), "must be >= 1")
+    if t.ckpt_every_steps < 0 or t.ckpt_every_minutes < 0 or t.crash_at_step < 0:
+        raise _bad("train.ckpt_every_steps", t.ckpt_every_steps, "step/minute intervals must be >= 0")
+    if t.precision not in ("fp32", "bf16"):
+        raise _bad("train.precision", t.precision, "must be 'fp32' or 'bf16'")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise _bad("train.device", t.device, "must be 'auto', 'cpu' or 'cuda'")
+    if t.fsdp.shard_unit not in ("block", "group"):
+        raise _bad("train.fsdp.shard_unit", t.fsdp.shard_unit, "must be 'block' or 'group'")
+    if d.global_batch_size < 0:
+        raise _bad("data.global_batch_size", d.global_batch_size, "must be >= 0 (0: batch_size_per_gpu x world)")
+    if world_size is not None:
+        if world_size < 1:
+            raise ConfigError(f"world size must be >= 1, got {world_size}")
+        per_gpu = batch_per_gpu(cfg, world_size)
+        if per_gpu % t.bn_splits:
+            raise _bad("train.bn_splits", t.bn_splits, f"must divide the per-GPU batch ({per_gpu})")
+
+
+def batch_per_gpu(cfg: PretrainConfig, world_size: int) -> int:
+    """Images per GPU per step: ``data.global_batch_size / world_size`` if set, else ``data.batch_size_per_gpu``."""
+    g = cfg.data.global_batch_size
+    if g <= 0:
+        return cfg.data.batch_size_per_gpu
+    if g % world_size:
+        raise _bad("data.global_batch_size", g, f"is not divisible by the world size {world_size}")
+    return g // world_size
+
+
+def trunk_cfg(model: ModelConfig):
+    """The RegNetCfg a model config describes (preset, updated by ``model.cfg``)."""
+    from seer.models.regnet import resolve_cfg
+
+    if model.cfg is None:
+        return resolve_cfg(model.preset)
+    if set(model.cfg) >= {"depth", "w0", "wa", "wm", "group_w"}:
+        return resolve_cfg(dict(model.cfg))
+    return resolve_cfg({**resolve_cfg(model.preset).to_dict(), **model.cfg})

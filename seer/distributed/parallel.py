@@ -1,0 +1,157 @@
+"""Parallelism applied to a built model, in one function (torchtitan's ``parallelize`` habit).
+
+Order: SyncBatchNorm (CUDA, several ranks) -> activation checkpointing -> torch.compile per block -> FSDP2
+``fully_shard`` per BatchNorm (fp32 units on bf16 runs) -> per block or group -> the head -> the root.
+The model files never import any of this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["parallelize", "block_groups", "sync_bn_stats", "is_fsdp"]
+
+
+def block_groups(trunk: nn.Module, activation_checkpointing=False, shard_unit: str = "block") -> list[list[nn.Module]]:
+    """The trunk's blocks grouped into FSDP units.
+
+    ``shard_unit="block"``: one unit per block. ``"group"``: SEER-style groups: the activation-checkpointing
+    segments when ``activation_checkpointing`` is a list of per-stage end indices, otherwise one unit per stage.
+    """
+    stages = [s.blocks for s in trunk.stages]
+    if shard_unit == "block":
+        return [[b] for blocks in stages for b in blocks]
+    if shard_unit != "group":
+        raise ValueError(f"shard_unit must be 'block' or 'group', got {shard_unit!r}")
+    groups: list[list[nn.Module]] = []
+    if isinstance(activation_checkpointing, Sequence) and not isinstance(activation_checkpointing, str):
+        for blocks, ends in zip(stages, activation_checkpointing):
+            start = 0
+            for end in list(ends) + ([len(blocks)] if not ends or ends[-1] < len(blocks) else []):
+                groups.append(blocks[start:end])
+                start = end
+    else:
+        groups = [list(blocks) for blocks in stages]
+    return [g for g in groups if g]
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def parallelize(
+    model: nn.Module,
+    *,
+    activation_checkpointing=False,
+    compile: bool = False,
+    precision: str = "fp32",
+    fsdp: bool | None = None,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+    shard_unit: str = "block",
+    sync_bn: bool = True,
+    mesh=None,
+) -> nn.Module:
+    """Apply activation checkpointing, optional compile and FSDP2 to ``model`` in place and return it.
+
+    Args:
+        model: a module with a RegNet ``trunk`` attribute (and optionally a ``head``), or a trunk itself.
+        activation_checkpointing: passed to ``trunk.set_grad_checkpointing`` (False, True/"block", "stage", groups).
+        compile: ``torch.compile`` each block (after checkpointing, before sharding).
+        precision: "fp32" or "bf16" (FSDP MixedPrecisionPolicy: bf16 params/compute, fp32 gradient reduction;
+            BatchNorm layers get their own fp32 units).
+        fsdp: shard with FSDP2; default: when a process group is initialized.
+        reshard_after_forward: free the gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2).
+        cpu_offload: keep sharded parameters, gradients and optimizer state in CPU memory.
+        shard_unit: "block" or "group" (see ``block_groups``).
+        sync_bn: convert BatchNorm to SyncBatchNorm on CUDA with several ranks (FSDP does not sync statistics).
+        mesh: a 1-D DeviceMesh; default: all ranks on the model's device type.
+    """
+    trunk = getattr(model, "trunk", model)
+    distributed = dist.is_available() and dist.is_initialized()
+    fsdp = distributed if fsdp is None else fsdp
+    device_type = next(model.parameters()).device.type
+    world_size = dist.get_world_size() if distributed else 1
+
+    # 1. SyncBatchNorm: CUDA-only in torch; on CPU every rank normalizes its own batch.
+    if sync_bn and distributed and world_size > 1 and device_type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        trunk = getattr(model, "trunk", model)
+
+    # 2. Activation checkpointing (the trunk's own segments: per block, per stage or SEER groups).
+    trunk.set_grad_checkpointing(activation_checkpointing or False)
+
+    # 3. torch.compile per block (keeps graph breaks at block boundaries, where FSDP hooks live).
+    if compile:
+        for block in trunk.blocks():
+            block.compile()
+
+    if not fsdp:
+        return model
+
+    # 4. FSDP2.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if mesh is None:
+        mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp",))
+    if precision == "bf16":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    elif precision == "fp32":
+        mp = MixedPrecisionPolicy()
+    else:
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    common = dict(mesh=mesh, offload_policy=offload)
+    # FSDP2 shards only contiguous parameters; the trunk keeps 3x3 weights channels_last for speed, and its forward
+    # converts each gathered weight back (a weight-sized copy).
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+
+    if precision == "bf16":
+        # BatchNorm statistics and affine parameters stay fp32: each BN is its own unit. Inputs are not cast
+        # (BN takes bf16 activations with fp32 parameters and returns bf16). Its parameters are tiny, so they
+        # stay gathered between forward and backward: activation-checkpoint recomputation reads them directly.
+        bn_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
+                fully_shard(module, mp_policy=bn_mp, reshard_after_forward=False, **common)
+
+    for group in block_groups(trunk, activation_checkpointing, shard_unit):
+        fully_shard(group if len(group) > 1 else group[0], mp_policy=mp,
+                    reshard_after_forward=reshard_after_forward, **common)  # fmt: skip
+    head = getattr(model, "head", None)
+    if head is not None:
+        fully_shard(head, mp_policy=mp, reshard_after_forward=reshard_after_forward, **common)
+    # The root keeps the stem; its parameters are needed again first in backward, so never reshard them.
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False, **common)
+    return model
+
+
+@torch.no_grad()
+def sync_bn_stats(model: nn.Module) -> None:
+    """Average BatchNorm running statistics over ranks (FSDP2 leaves them per rank); no-op in one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    tensors = []
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            tensors += [module.running_mean, module.running_var]
+    if not tensors:
+        return
+    flat = torch.cat([t.detach().float().reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset : offset + n].view_as(t))
+        offset += n

@@ -1,0 +1,290 @@
+"""Sharded, atomic, resumable checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout of a run directory::
+
+    run_dir/config.yaml
+    run_dir/metrics.jsonl
+    run_dir/checkpoints/step_00001000/{.metadata, __0_0.distcp, ..., meta.json}
+
+Every rank writes its shards under ``checkpoints/.tmp-step_XXXXXXXX``; after a barrier rank 0 writes ``meta.json``
+(step, data position, RNG states of every rank, config) and renames the directory, so a ``step_*`` directory is
+always complete. DCP stores global tensor shapes, so a checkpoint saved by N ranks loads on M ranks (or on one
+process with no process group).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "read_trunk_state",
+    "read_meta",
+    "cli_export",
+]
+
+_STEP_RE = re.compile(r"^step_(\d{8,})$")
+META_NAME = "meta.json"
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist() else 0
+
+
+def _barrier() -> None:
+    if _dist():
+        dist.barrier()
+
+
+def _ckpt_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = _ckpt_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / META_NAME).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint directory of a run (``None`` if there is none)."""
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def read_meta(ckpt_dir: str | os.PathLike) -> dict:
+    with open(Path(ckpt_dir) / META_NAME) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# RNG states (json-friendly)
+# ----------------------------------------------------------------------------------------------------------------
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode()
+
+
+def rng_state() -> dict:
+    """This process's torch / CUDA / numpy / python RNG states as json-ready values."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": _b64(torch.get_rng_state()),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = _b64(torch.cuda.get_rng_state())
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    def tensor(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+    torch.set_rng_state(tensor(state["torch"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(state["cuda"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Save / load
+# ----------------------------------------------------------------------------------------------------------------
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    meta: dict | None = None,
+    keep_last: int = 3,
+) -> Path:
+    """Save model + optimizer (sharded, DCP) and metadata as ``checkpoints/step_{step:08d}``; keep the last K.
+
+    Collective: every rank must call it. BN running statistics are averaged over ranks first.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from seer.distributed.parallel import sync_bn_stats
+
+    root = _ckpt_root(run_dir)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)  # a crash left it half-written
+    _barrier()
+    sync_bn_stats(model)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    states = [None] * dist.get_world_size() if _dist() else None
+    if _dist():
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    _barrier()  # every rank's shards are on disk
+    if _rank() == 0:
+        info = {"step": step, "world_size": len(states), **(meta or {}), "rng": states}
+        tmp_meta = tmp / f".{META_NAME}.tmp"
+        with open(tmp_meta, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp_meta, tmp / META_NAME)
+        if final.exists():  # the same step saved again (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def clean_partial(run_dir: str | os.PathLike) -> None:
+    """Remove half-written ``.tmp-step_*`` directories (rank 0 only) left by a killed run."""
+    root = _ckpt_root(run_dir)
+    if _rank() == 0 and root.is_dir():
+        for p in root.glob(".tmp-step_*"):
+            shutil.rmtree(p, ignore_errors=True)
+    _barrier()
+
+
+def _checkpoint_keys(ckpt_dir: Path) -> set[str]:
+    return set(dcp.FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
+
+
+def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Load model (+ optimizer) state in place from a checkpoint saved at any world size; returns its metadata.
+
+    Optimizer entries absent from the checkpoint (parameters that had never been stepped, e.g. frozen prototypes)
+    stay absent, so the resumed run takes exactly the same updates as the uninterrupted one. RNG states are
+    restored when the world size matches.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    saved = _checkpoint_keys(ckpt_dir)
+    if optimizer is None:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+        model_sd = get_model_state_dict(model)
+        dcp.load({"model": model_sd}, checkpoint_id=str(ckpt_dir))
+        set_model_state_dict(model, model_sd)
+        return meta
+    model_sd, optim_sd = get_state_dict(model, optimizer)  # creates optimizer state to load into
+    missing = sorted(
+        fqn for fqn, st in optim_sd["state"].items() if any(f"optim.state.{fqn}.{k}" not in saved for k in st)
+    )
+    for fqn in missing:
+        optim_sd["state"].pop(fqn)
+    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir))
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    if missing:
+        by_name = dict(model.named_parameters())
+        for fqn in missing:
+            optimizer.state.pop(by_name[fqn], None)
+    world = dist.get_world_size() if _dist() else 1
+    if meta.get("world_size") == world and meta.get("rng"):
+        set_rng_state(meta["rng"][_rank()])
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the trunk back in one process (export, seer.load_trunk)
+# ----------------------------------------------------------------------------------------------------------------
+def _resolve_ckpt(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if (path / ".metadata").is_file():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"no such run or checkpoint directory: {path}")
+    ckpt = latest_checkpoint(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint (expected {path}/checkpoints/step_*/{META_NAME})")
+    return ckpt
+
+
+def read_trunk_state(path: str | os.PathLike, prefix: str = "trunk.") -> tuple[dict[str, torch.Tensor], dict]:
+    """The trunk's full (unsharded) state dict and its ``RegNetCfg`` dict from a run or checkpoint directory.
+
+    Works in a single process without a process group, whatever the world size that saved it.
+    Keys are ours (timm's regnety names: ``stem.conv.weight``, ``s1.b1.conv1.conv.weight`` ...).
+    """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    ckpt = _resolve_ckpt(path)
+    meta = read_meta(ckpt)
+    md = dcp.FileSystemReader(str(ckpt)).read_metadata()
+    want = f"model.{prefix}"
+    state: dict[str, torch.Tensor] = {}
+    for key, item in md.state_dict_metadata.items():
+        if key.startswith(want) and isinstance(item, TensorStorageMetadata):
+            state[key[len(want) :]] = torch.empty(item.size, dtype=item.properties.dtype)
+    if not state:
+        raise ValueError(f"{ckpt}: no tensors under 'model.{prefix}' in the checkpoint")
+    dcp.load({"model": {prefix + k: v for k, v in state.items()}}, checkpoint_id=str(ckpt), no_dist=True)
+    cfg = meta.get("regnet_cfg")
+    if cfg is None:
+        raise ValueError(f"{ckpt}/{META_NAME} has no 'regnet_cfg'")
+    return state, cfg
+
+
+def cli_export(argv: list[str] | None = None) -> int:
+    """`seer export RUN_DIR OUT [--format seer|hf|timm]`: write a pretraining run's trunk for ``seer.load_trunk``."""
+    ap = argparse.ArgumentParser(prog="seer export", description=cli_export.__doc__)
+    ap.add_argument("run_dir", help="a pretraining run directory (latest checkpoint) or one checkpoint directory")
+    ap.add_argument("out", help="output path (a .safetensors file for --format seer, a directory for hf)")
+    ap.add_argument("--format", default="seer", choices=["seer", "hf", "timm"])
+    args = ap.parse_args(argv)
+    try:
+        trunk = load_trunk_from_run(args.run_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"seer export: {exc}", file=sys.stderr)
+        return 1
+    from seer.weights import save_trunk  # written by the weights module; imported lazily
+
+    save_trunk(trunk, args.out, format=args.format)
+    print(f"wrote {args.out} ({args.format}) from {_resolve_ckpt(args.run_dir)}")
+    return 0
+
+
+def load_trunk_from_run(path: str | os.PathLike) -> Any:
+    """A ``RegNetTrunk`` (eval mode, CPU) holding a run's latest (or the given) checkpoint's trunk weights."""
+    from seer.models.regnet import build_trunk
+
+    state, cfg = read_trunk_state(path)
+    trunk = build_trunk(cfg)
+    trunk.load_state_dict(state)
+    return trunk.eval()

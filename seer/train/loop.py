@@ -1,0 +1,370 @@
+"""SwAV pretraining loop: flat, top to bottom, one screen per section (nanoGPT habit).
+
+    seer pretrain --config configs/pretrain/tiny_cpu.yaml train.total_steps=200
+    torchrun --nproc_per_node 8 -m seer.cli pretrain --config configs/pretrain/seer_rg32.yaml
+
+One process with no launcher variables trains without a process group; under torchrun / SLURM the model is
+sharded with FSDP2 (``seer.distributed.parallel.parallelize``). The run resumes from the latest complete checkpoint
+in ``cfg.run_dir`` automatically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from seer.config import PretrainConfig, batch_per_gpu, crop_shapes, dump_config, load_config, trunk_cfg, validate
+
+__all__ = ["pretrain", "cli_main", "SwAVModel", "SyntheticMultiCrop", "build_model", "peak_memory_bytes"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model: trunk + SwAV head behind one forward (FSDP2's root unit needs one)
+# ----------------------------------------------------------------------------------------------------------------
+class SwAVModel(nn.Module):
+    """``forward(crops, iteration) -> SwAV output dict`` with ``trunk`` and ``head`` submodules.
+
+    ``bn_splits > 1`` runs the trunk on each crop batch in that many chunks (ghost batch norm): one process then
+    sees exactly the BatchNorm batches that ``bn_splits`` FSDP ranks without SyncBN would.
+    """
+
+    def __init__(self, trunk: nn.Module, head: nn.Module, bn_splits: int = 1) -> None:
+        super().__init__()
+        self.trunk, self.head, self.bn_splits = trunk, head, bn_splits
+
+    def features(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        from seer.ssl.swav import multicrop_forward
+
+        if self.bn_splits == 1:
+            return multicrop_forward(self.trunk, crops)
+        chunks = [multicrop_forward(self.trunk, list(part)) for part in zip(*(c.chunk(self.bn_splits) for c in crops))]
+        n = len(crops)  # crop-major [n * b, D] per chunk -> crop-major over the whole batch
+        return torch.cat([c.reshape(n, -1, c.shape[-1]) for c in chunks], dim=1).reshape(-1, chunks[0].shape[-1])
+
+    def forward(self, crops: list[torch.Tensor], iteration: int = 0) -> dict:
+        return self.head(self.features(crops), len(crops), iteration)
+
+
+def build_model(cfg: PretrainConfig) -> SwAVModel:
+    """The randomly initialized trunk + SwAV head a config describes (on CPU, fp32)."""
+    from seer.models.regnet import build_trunk
+    from seer.ssl.swav import SwAV
+
+    trunk = build_trunk(trunk_cfg(cfg.model), zero_init_last_bn=cfg.model.zero_init)
+    s = cfg.swav
+    head = SwAV(
+        [trunk.num_features, *s.head_dims],
+        use_bn=s.use_bn,
+        n_prototypes=s.n_prototypes,
+        temperature=s.temperature,
+        sinkhorn_iters=s.sinkhorn_iters,
+        epsilon=s.epsilon,
+        crops_for_assign=s.crops_for_assign,
+        freeze_prototypes_iters=s.freeze_prototypes_iters,
+        queue_length=s.queue_length,
+        queue_start_iter=s.queue_start_iter,
+    )
+    return SwAVModel(trunk, head, cfg.train.bn_splits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Synthetic data: procedural images through the multi-crop shapes, a pure function of (seed, sample index)
+# ----------------------------------------------------------------------------------------------------------------
+class SyntheticMultiCrop:
+    """Deterministic procedural images (``classes`` families of colored blobs and stripes) cut into random resized
+    crops. Sample ``n`` depends only on ``(seed, n)``, so any split of a global batch over ranks sees the same data.
+    """
+
+    def __init__(self, shapes: list[tuple[int, int]], image_size: int = 96, classes: int = 16, seed: int = 0) -> None:
+        self.shapes, self.size, self.seed = shapes, image_size, seed
+        g = torch.Generator().manual_seed(seed * 7919 + 17)
+        grids = torch.rand(classes, 3, 4, 4, generator=g)
+        self.bases = F.interpolate(grids, size=(image_size, image_size), mode="bicubic", align_corners=False)
+        yy, xx = torch.meshgrid(torch.linspace(0, 1, image_size), torch.linspace(0, 1, image_size), indexing="ij")
+        angle, freq = torch.rand(classes, generator=g) * math.pi, 2 + 6 * torch.rand(classes, generator=g)
+        for c in range(classes):
+            wave = torch.sin(2 * math.pi * freq[c] * (xx * angle[c].cos() + yy * angle[c].sin()))
+            self.bases[c] += 0.3 * wave
+        # scale ranges: SwAV's (0.14, 1) for the first (large) resolution, (0.05, 0.14) for the others
+        self.scales = [(0.14, 1.0) if i == 0 else (0.05, 0.14) for i in range(len(shapes))]
+
+    def sample(self, index: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        cls = int(torch.randint(len(self.bases), (1,), generator=g))
+        img = self.bases[cls].roll(tuple(torch.randint(self.size, (2,), generator=g).tolist()), dims=(1, 2))
+        img = img + 0.1 * torch.randn(img.shape, generator=g)
+        crops = []
+        for (count, res), (lo, hi) in zip(self.shapes, self.scales):
+            for _ in range(count):
+                area = self.size * self.size * float(lo + (hi - lo) * torch.rand(1, generator=g))
+                side = max(2, min(self.size, int(round(math.sqrt(area)))))
+                y, x = torch.randint(self.size - side + 1, (2,), generator=g).tolist()
+                crop = F.interpolate(img[None, :, y : y + side, x : x + side], size=(res, res), mode="bilinear")[0]
+                if bool(torch.rand(1, generator=g) < 0.5):
+                    crop = crop.flip(-1)
+                crops.append((crop - 0.5) / 0.25)
+        return crops
+
+    def batch(self, step: int, rank: int, batch_size: int, world_size: int) -> list[torch.Tensor]:
+        """The ``[B, 3, r, r]`` crop tensors of this rank's share of global step ``step``."""
+        first = (step * world_size + rank) * batch_size
+        samples = [self.sample(first + i) for i in range(batch_size)]
+        return [torch.stack(c) for c in zip(*samples)]
+
+
+def _batches(cfg: PretrainConfig, env, per_gpu: int, start_step: int):
+    """Infinite iterator of per-rank crop lists starting at global step ``start_step``."""
+    if cfg.data.source == "synthetic":
+        d = cfg.data
+        data = SyntheticMultiCrop(crop_shapes(d), d.image_size, d.synthetic_classes, cfg.train.seed)
+        step = start_step
+        while True:
+            yield data.batch(step, env.rank, per_gpu, env.world_size)
+            step += 1
+    from seer.data.shards import train_loader
+    from seer.data.transforms import MultiCrop, collate_multicrop
+
+    spe = cfg.train.steps_per_epoch
+    epoch, offset = divmod(start_step, spe)
+    while True:  # one loader per epoch, reseeded, started mid-epoch on resume
+        loader = train_loader(
+            cfg.data.urls,
+            MultiCrop.from_preset(cfg.data.multicrop),
+            batch_size=per_gpu,
+            seed=cfg.train.seed + epoch,
+            rank=env.rank,
+            world_size=env.world_size,
+            num_workers=cfg.data.workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            steps_per_epoch=spe,
+            start_step=offset,
+            collate_fn=collate_multicrop,
+        )
+        for crops, _labels in loader:
+            yield crops
+        epoch, offset = epoch + 1, 0
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA max allocated bytes, or the process RSS high-water mark on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+def pretrain(cfg: PretrainConfig) -> dict:
+    """Train (or resume) the run ``cfg`` describes; returns ``{"step", "loss", "run_dir", "checkpoint", ...}``.
+
+    Raises:
+        FloatingPointError: the loss became NaN/inf (on every rank); the last checkpoint is left as it was.
+    """
+    from seer.distributed.env import init_distributed
+    from seer.distributed.parallel import parallelize
+    from seer.train.checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint
+    from seer.train.optim import build_optimizer, clip_grad_norm, cosine_schedule, scaled_lr, set_lr
+
+    # -- setup: process group, config checks, run directory ----------------------------------------------------
+    env = init_distributed(device=cfg.train.device)
+    validate(cfg, env.world_size)
+    per_gpu = batch_per_gpu(cfg, env.world_size)
+    global_batch = per_gpu * env.world_size
+    total = cfg.total_steps
+    run_dir = Path(cfg.run_dir)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    clean_partial(run_dir)
+
+    def log(msg: str) -> None:
+        if env.is_main:
+            print(msg, flush=True)
+
+    # -- model, parallelism, optimizer, schedules ----------------------------------------------------------------
+    torch.manual_seed(cfg.train.seed)  # identical initialization on every rank before sharding
+    model = build_model(cfg).to(env.device)
+    fsdp = cfg.train.fsdp
+    model = parallelize(
+        model,
+        activation_checkpointing=cfg.model.activation_checkpointing,
+        compile=cfg.train.compile,
+        precision=cfg.train.precision,
+        reshard_after_forward=fsdp.reshard_after_forward,
+        cpu_offload=fsdp.cpu_offload,
+        shard_unit=fsdp.shard_unit,
+    )
+    optimizer = build_optimizer(model, cfg.optim)
+    peak_lr = scaled_lr(cfg.optim.base_lr, global_batch, cfg.optim.reference_batch)
+    o = cfg.optim
+    lrs = cosine_schedule(peak_lr, total, o.warmup_iters, o.start_warmup_lr * peak_lr, o.final_lr_ratio)
+    # Without FSDP, bf16 runs use autocast (FSDP runs get bf16 from the MixedPrecisionPolicy instead).
+    autocast = (
+        torch.autocast(env.device.type, dtype=torch.bfloat16)
+        if cfg.train.precision == "bf16" and not env.distributed
+        else contextlib.nullcontext()
+    )
+
+    # -- resume ---------------------------------------------------------------------------------------------------
+    start_step = 0
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        meta = load_checkpoint(ckpt, model, optimizer)
+        start_step = int(meta["step"])
+        log(f"resumed from {ckpt} (step {start_step}, saved by {meta.get('world_size')} ranks)")
+    n_params = sum(p.numel() for p in model.parameters())
+    log(
+        f"pretraining {cfg.model.preset if cfg.model.cfg is None else cfg.model.cfg} + SwAV: {n_params / 1e6:.2f}M "
+        f"params, world {env.world_size} ({env.backend or 'no process group'}, {env.device}), "
+        f"batch {per_gpu}/rank = {global_batch}, lr {peak_lr:.4g}, steps {start_step} -> {total}"
+    )
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if env.is_main else None
+    writer = None
+    if env.is_main and cfg.train.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+    ckpt_meta = {
+        "global_batch": global_batch,
+        "regnet_cfg": trunk_cfg(cfg.model).to_dict(),
+        "config": _as_plain(cfg),
+    }
+
+    # -- train ------------------------------------------------------------------------------------------------------
+    model.train()
+    batches = _batches(cfg, env, per_gpu, start_step)
+    last_save = time.time()
+    last_ckpt = ckpt
+    t_window, data_time, step_time, n_window, loss_val = time.time(), 0.0, 0.0, 0, float("nan")
+    t_run, done_steps = time.time(), 0
+    for step in range(start_step, total):
+        t0 = time.time()
+        crops = [c.to(env.device, non_blocking=True) for c in next(batches)]
+        t1 = time.time()
+
+        set_lr(optimizer, float(lrs[step]))
+        model.head.normalize_prototypes()
+        with autocast:
+            out = model(crops, step)
+        loss = out["loss"]
+
+        # Every rank must agree before anything is updated: average the loss and the "checkpoint by time" vote.
+        save_by_time = cfg.train.ckpt_every_minutes > 0 and time.time() - last_save >= 60 * cfg.train.ckpt_every_minutes
+        stats = torch.tensor([loss.detach().float().item(), float(save_by_time)], device=env.device)
+        if env.distributed:
+            dist.all_reduce(stats)
+            stats[0] /= env.world_size
+        loss_val, save_by_time = float(stats[0]), bool(stats[1] > 0)
+        if not math.isfinite(loss_val):
+            raise FloatingPointError(
+                f"loss is {loss_val} at step {step} (lr {lrs[step]:.4g}); stopping. The last good checkpoint "
+                f"({last_ckpt or 'none'}) is untouched: lower optim.base_lr or raise optim.warmup_iters and resume."
+            )
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        model.head.before_optimizer_step(step)  # frozen prototypes: grads set to None
+        if cfg.optim.clip_grad > 0:
+            clip_grad_norm(model.parameters(), cfg.optim.clip_grad)
+        optimizer.step()
+        done = step + 1
+        done_steps += 1
+        t2 = time.time()
+        data_time, step_time, n_window = data_time + (t1 - t0), step_time + (t2 - t1), n_window + 1
+
+        # -- log ----------------------------------------------------------------------------------------------------
+        if done % cfg.train.log_every == 0 or done == total:
+            elapsed = time.time() - t_window
+            rate = n_window * global_batch / max(elapsed, 1e-9)
+            sec_per_step = (time.time() - t_run) / done_steps
+            record = {
+                "step": done,
+                "loss": loss_val,
+                "lr": float(lrs[step]),
+                "images_per_sec": rate,
+                "step_time": step_time / n_window,
+                "data_time": data_time / n_window,
+                "peak_memory_gb": peak_memory_bytes(env.device) / 2**30,
+                "eta_min": (total - done) * sec_per_step / 60,
+            }
+            log(
+                f"step {done}/{total}  loss {loss_val:.4f}  lr {record['lr']:.4g}  {rate:.1f} img/s  "
+                f"step {record['step_time']:.3f}s  data {record['data_time']:.3f}s  "
+                f"peak {record['peak_memory_gb']:.2f} GB  eta {record['eta_min']:.1f} min"
+            )
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            if writer is not None:
+                for k, v in record.items():
+                    if k != "step":
+                        writer.add_scalar(f"train/{k}", v, done)
+            t_window, data_time, step_time, n_window = time.time(), 0.0, 0.0, 0
+
+        # -- checkpoint ---------------------------------------------------------------------------------------------
+        every = cfg.train.ckpt_every_steps
+        if (every > 0 and done % every == 0) or save_by_time or done == total:
+            meta = {**ckpt_meta, "data_position": done}
+            last_ckpt = save_checkpoint(run_dir, done, model, optimizer, meta=meta, keep_last=cfg.train.keep_last)
+            last_save = time.time()
+            log(f"saved {last_ckpt}")
+        if cfg.train.crash_at_step and done == cfg.train.crash_at_step:
+            os._exit(3)  # testing: die like a killed job (no cleanup, no final checkpoint)
+
+    if writer is not None:
+        writer.close()
+    if metrics_file is not None:
+        metrics_file.close()
+    return {
+        "step": max(total, start_step),
+        "loss": loss_val,
+        "run_dir": str(run_dir),
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "world_size": env.world_size,
+        "global_batch": global_batch,
+    }
+
+
+def _as_plain(cfg: PretrainConfig) -> dict:
+    from seer.config import config_to_dict
+
+    return config_to_dict(cfg)
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """`seer pretrain --config X [key=value ...]`."""
+    from seer.config import ConfigError
+    from seer.distributed.env import destroy_distributed
+
+    ap = argparse.ArgumentParser(prog="seer pretrain", description="SwAV pretraining of a RegNetY trunk.")
+    ap.add_argument("--config", help="yaml file of overrides (configs/pretrain/*.yaml)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=0.1 train.total_steps=100")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"seer pretrain: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = pretrain(cfg)
+    except FloatingPointError as exc:
+        print(f"seer pretrain: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        destroy_distributed()
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
+        print(json.dumps(summary))
+    return 0
