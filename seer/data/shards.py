@@ -1,0 +1,998 @@
+"""Webdataset tar shards: write them (`write_shards`, `seer shards`), stream them for training (`train_loader`) and
+evaluation (`eval_loader`), and survive bad data.
+
+Layout written by `write_shards` (one directory):
+
+    data-000000.tar ...  members `<key>.<jpg|png|...>` (the original bytes), `<key>.cls` (label, -1 if none),
+                         `<key>.json` ({"index", "label", "path", "width", "height", ...}); key = 10-digit source index
+    index.json           shard names, sample counts, total, class names; written last: its presence marks a complete run
+
+Reading never imports torch.distributed: rank and world size are arguments. Every skipped sample is counted by a
+per-worker `SkipLog` and its records travel to the main process together with the batches (through the DataLoader's
+own queues), so `loader.stats` / `loader.skipped` are exact whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import io
+import json
+import logging
+import os
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime, timezone
+from itertools import islice
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import braceexpand
+import torch
+import webdataset as wds
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.utils import make_seed
+
+from seer.data.sources import IMAGE_MEMBER_KEYS, Source, encode_item, item_description, resolve_source
+
+__all__ = [
+    "write_shards",
+    "expand_urls",
+    "read_index",
+    "train_loader",
+    "eval_loader",
+    "TrainLoader",
+    "EvalLoader",
+    "SkipLog",
+    "SampleError",
+    "make_nodesplitter",
+    "cli_main",
+]
+
+log = logging.getLogger("seer.data")
+
+INDEX_NAME = "index.json"
+_REMOTE_SCHEMES = {"http", "https", "gs", "s3", "ais", "sftp", "ftps", "scp", "hf", "htgs"}
+
+
+# ====================================================================================================================
+# Writing
+
+
+_POOL: dict[str, Any] = {}
+
+
+def _pool_init(source: Source, options: dict) -> None:
+    _POOL["source"], _POOL["options"] = source, options
+
+
+def _pool_encode(position: int) -> tuple[int, dict | None, str | None]:
+    try:
+        return position, encode_item(_POOL["source"], position, **_POOL["options"]), None
+    except Exception as exc:  # noqa: BLE001 - any unreadable item is recorded and skipped
+        return position, None, f"{type(exc).__name__}: {exc}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _prepare_output_dir(out: Path, prefix: str, overwrite: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    existing = sorted(p.name for p in out.iterdir())
+    if not existing:
+        return
+    if not overwrite:
+        shown = ", ".join(existing[:5]) + (" ..." if len(existing) > 5 else "")
+        raise FileExistsError(
+            f"output directory {str(out)!r} is not empty ({shown}); pass overwrite=True (--overwrite)"
+        )
+    # Remove the completion marker first, so an interrupted overwrite never looks like a complete old run.
+    (out / INDEX_NAME).unlink(missing_ok=True)
+    for pattern in (f"{prefix}-*.tar", f".{prefix}-*.tar.tmp", f".{INDEX_NAME}.tmp-*"):
+        for p in out.glob(pattern):
+            p.unlink()
+
+
+def write_shards(
+    source: Any,
+    out_dir: str | os.PathLike,
+    *,
+    prefix: str = "data",
+    max_samples_per_shard: int = 1000,
+    max_bytes_per_shard: float = 1e9,
+    shuffle: bool = False,
+    seed: int = 0,
+    workers: int = 1,
+    overwrite: bool = False,
+    max_image_side: int | None = None,
+    progress: bool = True,
+    jpeg_quality: int = 90,
+    image_format: str | None = None,
+) -> dict:
+    """Write `source` as webdataset tar shards into `out_dir` and return the index (also saved as `index.json`).
+
+    Args:
+        source: an image folder (class subfolders -> labels 0..C-1 in sorted order; a flat folder is unlabeled),
+            a CSV/TSV/TXT file list (`path[,label]`, labels may be integers or class names), or a torchvision-style
+            dataset (`ds[i] -> (image, label)`; folder datasets without a transform are read from their files).
+        out_dir: output directory; must be empty unless `overwrite=True` (which removes `<prefix>-*.tar` and the
+            index there, nothing else).
+        max_samples_per_shard, max_bytes_per_shard: a new shard starts when either limit is reached.
+        shuffle, seed: write the samples in a seeded random order (keys stay the source indices).
+        workers: processes reading (and optionally re-encoding) images; the parent only writes tar files.
+        max_image_side: images whose longer side exceeds this are downscaled and re-encoded as JPEG; other images
+            are stored byte for byte.
+        jpeg_quality, image_format: encoding of re-encoded images and of images returned by a dataset
+            (`image_format=None`: PNG up to 256 px, JPEG above).
+
+    Unreadable items are skipped and listed in the index (`skipped`). Each shard is written under a hidden temporary
+    name and renamed when closed; the index is written last (atomically), so an interrupted run leaves no partial
+    shard under a final name and no index.
+    """
+    if not prefix or "/" in prefix or os.sep in prefix or prefix.startswith("."):
+        raise ValueError(f"prefix {prefix!r} must be a plain, non-hidden file name prefix")
+    if max_samples_per_shard < 1 or max_bytes_per_shard <= 0:
+        raise ValueError("max_samples_per_shard and max_bytes_per_shard must be positive")
+    if max_image_side is not None and max_image_side < 8:
+        raise ValueError(f"max_image_side={max_image_side} is too small")
+    src = resolve_source(source)
+    out = Path(out_dir).expanduser()
+    _prepare_output_dir(out, prefix, overwrite)
+
+    order = list(range(len(src)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    options = {"max_image_side": max_image_side, "jpeg_quality": jpeg_quality, "image_format": image_format}
+    shards: list[dict] = []
+    skipped: list[dict] = []
+    writer: wds.ShardWriter | None = None
+
+    def on_shard_closed(tmp_name: str) -> None:
+        final = out / Path(tmp_name).name[1 : -len(".tmp")]
+        os.replace(tmp_name, final)  # atomic: a shard under its final name is always complete
+        shards.append({"name": final.name, "samples": writer.count, "bytes": final.stat().st_size})
+
+    from tqdm.auto import tqdm
+
+    workers = max(1, int(workers))
+    pbar = tqdm(total=len(order), unit="img", desc=f"shards -> {out}", disable=not progress, dynamic_ncols=True)
+    pool = None
+    started = time.perf_counter()
+    try:
+        if workers > 1:
+            import multiprocessing as mp
+
+            pool = mp.get_context().Pool(workers, initializer=_pool_init, initargs=(src, options))
+            chunk = max(1, min(64, len(order) // (workers * 8)))
+            results: Iterable = pool.imap(_pool_encode, order, chunksize=chunk)
+        else:
+            _pool_init(src, options)
+            results = map(_pool_encode, order)
+        for position, sample, error in results:
+            pbar.update(1)
+            if error is not None:
+                skipped.append({"index": position, "source": item_description(src, position), "error": error})
+                if len(skipped) <= 5:
+                    log.warning("skipping %s: %s", item_description(src, position), error)
+                continue
+            if writer is None:  # opened lazily: a source without a readable image must not produce an empty shard
+                writer = wds.ShardWriter(
+                    str(out / f".{prefix}-%06d.tar.tmp"),
+                    maxcount=max_samples_per_shard,
+                    maxsize=max_bytes_per_shard,
+                    post=on_shard_closed,
+                    verbose=0,
+                    encoder=False,
+                    mtime=0,  # reproducible tar bytes
+                )
+            writer.write(sample)
+            if shards:
+                pbar.set_postfix(shards=len(shards) + 1, refresh=False)
+        if writer is not None:
+            writer.close()
+    except BaseException:
+        # Interrupted or failed: drop the shard being written (never rename it) and write no index.
+        tarstream = getattr(writer, "tarstream", None) if writer is not None else None
+        if tarstream is not None:
+            writer.post = None
+            try:
+                tarstream.close()
+            finally:
+                Path(writer.fname).unlink(missing_ok=True)
+        raise
+    finally:
+        pbar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+    if not shards:
+        first = "; ".join(f"{s['source']}: {s['error']}" for s in skipped[:3])
+        raise ValueError(f"no readable image in {src.description!r} ({len(skipped)} items failed: {first})")
+    if skipped:
+        log.warning("write_shards: skipped %d unreadable item(s) of %d (listed in the index)", len(skipped), len(src))
+    last = len(shards) - 1
+    index = {
+        "format": "seer-shards",
+        "version": 1,
+        "prefix": prefix,
+        "pattern": f"{prefix}-{{000000..{last:06d}}}.tar" if last > 0 else f"{prefix}-000000.tar",
+        "shards": shards,
+        "num_shards": len(shards),
+        "total": sum(s["samples"] for s in shards),
+        "class_names": src.class_names,
+        "num_classes": len(src.class_names) if src.class_names is not None else None,
+        "source": src.description,
+        "source_kind": src.kind,
+        "shuffled": bool(shuffle),
+        "seed": seed,
+        "max_samples_per_shard": max_samples_per_shard,
+        "max_bytes_per_shard": max_bytes_per_shard,
+        "max_image_side": max_image_side,
+        "num_skipped": len(skipped),
+        "skipped": skipped[:1000],
+        "seconds": round(time.perf_counter() - started, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    _atomic_write_text(out / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+    return index
+
+
+# ====================================================================================================================
+# URLs
+
+
+def read_index(path: str | os.PathLike) -> dict:
+    """Read a shard directory's `index.json` (or the file itself); shard paths are returned in `index["urls"]`."""
+    path = Path(path).expanduser()
+    file = path / INDEX_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} has no {INDEX_NAME}: shard writing did not finish there, or it is not a shard directory "
+            f"(pass a pattern such as '{path}/data-{{000000..000009}}.tar' to read shards without an index)"
+        )
+    try:
+        index = json.loads(file.read_text(encoding="utf-8"))
+        names = [s["name"] for s in index["shards"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{str(file)!r} is not a valid shard index: {exc}") from exc
+    index["urls"] = [str(file.parent / n) for n in names]
+    return index
+
+
+def _expand_local(pattern: str, original: str) -> list[str]:
+    path = os.path.expanduser(pattern[len("file://") :] if pattern.startswith("file://") else pattern)
+    if os.path.isdir(path) or (path.endswith(".json") and os.path.isfile(path)):
+        urls = read_index(path)["urls"]
+        missing = [u for u in urls if not os.path.isfile(u)]
+        if missing:
+            raise FileNotFoundError(f"{original!r}: the index lists missing shard(s): {', '.join(missing[:3])}")
+        return urls
+    result, missing = [], []
+    for p in braceexpand.braceexpand(path):
+        if glob.has_magic(p):
+            result += sorted(glob.glob(p))
+        elif os.path.isfile(p):
+            result.append(p)
+        else:
+            missing.append(p)
+    if missing and result:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"shard pattern {original!r}: {len(missing)} file(s) do not exist: {shown}")
+    return result
+
+
+def expand_urls(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Expand shard patterns into a list of URLs.
+
+    Accepts brace patterns (`data-{000000..000127}.tar`), globs, `::`-separated or list-of patterns, a shard
+    directory or its `index.json`, `file://` URLs, `pipe:` commands and remote URLs (http(s), gs, s3, ...; not
+    checked). Local files must exist: a pattern matching no file raises `FileNotFoundError` naming the pattern.
+    """
+    if isinstance(pattern, (list, tuple)):
+        urls = [u for p in pattern for u in expand_urls(p)]
+        if not urls:
+            raise FileNotFoundError(f"no shard matches any of {list(pattern)!r}")
+        return urls
+    if not isinstance(pattern, (str, os.PathLike)) or not os.fspath(pattern).strip():
+        raise ValueError(f"a shard pattern must be a non-empty string, got {pattern!r}")
+    text = os.fspath(pattern).strip()
+    urls: list[str] = []
+    for part in text.split("::"):
+        scheme = urlparse(part).scheme
+        if part.startswith("pipe:") or scheme in _REMOTE_SCHEMES:
+            urls += list(braceexpand.braceexpand(part))
+        else:
+            urls += _expand_local(part, text)
+    if not urls:
+        raise FileNotFoundError(f"no shard matches the pattern {text!r}")
+    return urls
+
+
+# ====================================================================================================================
+# Skip accounting
+
+
+class SampleError(Exception):
+    """A bad sample, with where it came from. `kind` is one of `SKIP_KINDS`."""
+
+    def __init__(self, kind: str, key: str | None, url: str | None, message: str):
+        super().__init__(f"{kind}: {message} (key={key}, shard={url})")
+        self.kind, self.key, self.url, self.message = kind, key, url, message
+
+
+SKIP_KINDS = (
+    "unreadable_shard",  # the URL could not be opened
+    "bad_tar",  # truncated or corrupt tar data (the rest of that shard is lost)
+    "empty_shard",  # a shard with no member at all
+    "no_image",  # a sample without an image member (e.g. a stray non-image file)
+    "missing_label",  # no .cls member (when labels are required)
+    "bad_label",  # a .cls member that is not an integer
+    "corrupt_image",  # image bytes that do not decode
+    "transform_error",  # the transform raised on a decoded image
+    "bad_sample",  # anything else raised while grouping or preparing a sample
+)
+
+
+class SkipLog:
+    """Counts skipped samples in one worker, warns at a limited rate, and hands records to the batcher.
+
+    `handler` is the webdataset exception handler (returns True: skip and continue). After `max_consecutive`
+    skips in a row without a good sample it raises instead, so a stream where everything is bad (a wrong pattern,
+    a transform bug) fails loudly rather than spinning forever.
+    """
+
+    def __init__(self, max_consecutive: int | None = None, warn_first: int = 5, warn_every_s: float = 60.0):
+        self.max_consecutive = max_consecutive
+        self.warn_first, self.warn_every_s = warn_first, warn_every_s
+        self.counts: Counter[str] = Counter()
+        self.pending: list[dict] = []
+        self.consecutive = 0
+        self._last_warn = 0.0
+        self._since_warn = 0
+
+    def record(self, kind: str, key: str | None, url: str | None, error: Any) -> None:
+        message = str(error)[:300]
+        self.counts[kind] += 1
+        self.pending.append({"kind": kind, "key": key, "url": url, "error": message})
+        self.consecutive += 1
+        total = sum(self.counts.values())
+        self._since_warn += 1
+        now = time.monotonic()
+        if total <= self.warn_first:
+            log.warning("skipped %s sample (key=%s, shard=%s): %s", kind, key, url, message)
+            self._since_warn, self._last_warn = 0, now
+        elif now - self._last_warn >= self.warn_every_s:
+            log.warning(
+                "skipped %d more bad samples (%d in this worker so far: %s)", self._since_warn, total, dict(self.counts)
+            )
+            self._since_warn, self._last_warn = 0, now
+        if self.max_consecutive is not None and self.consecutive >= self.max_consecutive:
+            raise RuntimeError(
+                f"{self.consecutive} bad samples or shards in a row (last: {kind} key={key} shard={url}: {message}); "
+                "check the shard pattern, the data and the transform"
+            )
+
+    def handler(self, exn: BaseException) -> bool:
+        if isinstance(exn, SampleError):
+            self.record(exn.kind, exn.key, exn.url, exn.message)
+        else:
+            self.record("bad_sample", None, None, f"{type(exn).__name__}: {exn}")
+        return True
+
+    def ok(self) -> None:
+        self.consecutive = 0
+
+    def drain(self) -> list[dict]:
+        out, self.pending = self.pending, []
+        return out
+
+
+# ====================================================================================================================
+# Pipeline stages (classes, so a pipeline pickles into spawned DataLoader workers)
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def make_nodesplitter(rank: int, world_size: int) -> Callable[[Iterable], Iterator]:
+    """webdataset nodesplitter for an explicit rank (no torch.distributed): every `world_size`-th item from `rank`."""
+
+    def nodesplitter(src: Iterable) -> Iterator:
+        yield from islice(src, rank, None, world_size)
+
+    return nodesplitter
+
+
+def split_by_worker(src: Iterable) -> Iterator:
+    """Every `num_workers`-th item from this DataLoader worker's id (webdataset's version also reads
+    torch.distributed state, which data code must not touch)."""
+    wid, nw = _worker()
+    yield from islice(src, wid, None, nw)
+
+
+class _ShardList(IterableDataset):
+    """Finite shard list for evaluation: this rank's, then this worker's share (each shard read once overall)."""
+
+    def __init__(self, urls: list[str], rank: int, world_size: int):
+        super().__init__()
+        self.urls, self.rank, self.world_size = urls, rank, world_size
+
+    def __iter__(self) -> Iterator[dict]:
+        mine = make_nodesplitter(self.rank, self.world_size)(self.urls)
+        for url in split_by_worker(mine):
+            yield {"url": url}
+
+
+class _ResampledShardList(IterableDataset):
+    """Infinite resampled shard stream for training, seeded from (seed, rank, worker, segment start step).
+
+    With at least as many shards as ranks (and workers), each rank (worker) resamples from its own disjoint subset,
+    so ranks do not read the same shard at the same time; otherwise everyone resamples from the full list."""
+
+    def __init__(self, urls: list[str], rank: int, world_size: int, seed: int, start_step: int):
+        super().__init__()
+        self.urls, self.rank, self.world_size, self.seed, self.start_step = urls, rank, world_size, seed, start_step
+
+    def __iter__(self) -> Iterator[dict]:
+        wid, nw = _worker()
+        mine = self.urls
+        if len(mine) >= self.world_size:
+            mine = list(make_nodesplitter(self.rank, self.world_size)(mine))
+        if len(mine) >= nw:
+            mine = mine[wid::nw]
+        stream_seed = make_seed(self.seed, self.rank, wid, self.start_step)
+        yield from wds.ResampledShards(mine, seed=stream_seed, worker_seed=lambda: 0, deterministic=True)
+
+
+class _TarMembers:
+    """dict(url) -> tar members, recording unreadable, truncated and empty shards; an end-of-shard marker `{}`
+    keeps a truncated shard's partial sample from merging with the next shard's first one."""
+
+    def __init__(self, skips: SkipLog):
+        self.skips = skips
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        for item in src:
+            url = item["url"]
+            try:
+                stream = wds.gopen(url)
+            except Exception as exc:  # noqa: BLE001
+                self.skips.record("unreadable_shard", None, url, f"{type(exc).__name__}: {exc}")
+                continue
+            n = 0
+            try:
+                for member in tar_file_iterator(stream):
+                    member["__url__"] = url
+                    n += 1
+                    yield member
+                if n == 0:
+                    self.skips.record("empty_shard", None, url, "the shard has no members")
+            except Exception as exc:  # noqa: BLE001 - tarfile raises ReadError, EOFError, OSError, ...
+                if n == 0 and "empty file" in str(exc):  # a 0-byte shard
+                    self.skips.record("empty_shard", None, url, "the shard file is empty (0 bytes)")
+                else:
+                    self.skips.record("bad_tar", None, url, f"{type(exc).__name__}: {exc} (after {n} members)")
+            finally:
+                try:
+                    stream.close()
+                except Exception:  # noqa: BLE001 - a failing pipe: command reports here; already recorded
+                    pass
+            yield {}
+
+
+class _GroupByKeys:
+    def __init__(self, skips: SkipLog):
+        self.skips = skips
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        return group_by_keys(src, handler=self.skips.handler)
+
+
+class _Shuffle:
+    """webdataset's shuffle buffer with an rng seeded inside the worker from (seed, rank, worker, start step)."""
+
+    def __init__(self, bufsize: int, seed: int, rank: int, start_step: int):
+        self.bufsize, self.seed, self.rank, self.start_step = bufsize, seed, rank, start_step
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        wid, _ = _worker()
+        rng = random.Random(make_seed(self.seed, self.rank, wid, self.start_step, 1))
+        initial = min(self.bufsize, max(1, self.bufsize // 10))
+        return wds.filters._shuffle(iter(src), bufsize=self.bufsize, initial=initial, rng=rng)
+
+
+def decode_pil(data: bytes) -> Image.Image:
+    """Decode image bytes to an RGB PIL image (EXIF orientation applied); raises on corrupt data."""
+    img = Image.open(io.BytesIO(data))
+    img = ImageOps.exif_transpose(img)
+    return img.convert("RGB")  # forces the full decode, so truncated data raises here
+
+
+class _Prepare:
+    """Sample dict -> (transform(image), label[, key, index]); raises SampleError (counted by the handler)."""
+
+    def __init__(self, transform: Callable | None, decode: str, require_label: bool, with_meta: bool):
+        if decode not in ("pil", "bytes"):
+            raise ValueError(f"decode must be 'pil' or 'bytes', got {decode!r}")
+        self.transform, self.decode = transform, decode
+        self.require_label, self.with_meta = require_label, with_meta
+        self.skips: SkipLog | None = None  # set by the pipeline builder, to reset the consecutive-skip counter
+
+    def __call__(self, sample: dict) -> tuple:
+        key, url = sample.get("__key__"), sample.get("__url__")
+        image_key = next((k for k in IMAGE_MEMBER_KEYS if k in sample), None)
+        if image_key is None:
+            members = sorted(k for k in sample if not k.startswith("__"))
+            raise SampleError("no_image", key, url, f"no image member (members: {members})")
+        raw = sample.get("cls")
+        if raw is None:
+            if self.require_label:
+                raise SampleError("missing_label", key, url, "no .cls member")
+            label = -1
+        else:
+            try:
+                label = int(bytes(raw).decode("ascii").strip())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise SampleError("bad_label", key, url, f".cls is not an integer: {bytes(raw)[:20]!r}") from exc
+        data = sample[image_key]
+        if self.decode == "pil":
+            try:
+                data = decode_pil(data)
+            except Exception as exc:  # noqa: BLE001 - PIL raises many exception types on bad data
+                raise SampleError("corrupt_image", key, url, f"{type(exc).__name__}: {exc}") from exc
+        try:
+            out = self.transform(data) if self.transform is not None else data
+        except Exception as exc:  # noqa: BLE001
+            raise SampleError("transform_error", key, url, f"{type(exc).__name__}: {exc}") from exc
+        if self.skips is not None:
+            self.skips.ok()
+        if not self.with_meta:
+            return out, label
+        return out, label, key, _sample_index(sample, key)
+
+
+def _sample_index(sample: dict, key: str | None) -> int:
+    """The global sample index: `index` in the .json member (written by write_shards), else a numeric key, else -1."""
+    meta = sample.get("json")
+    if meta is not None:
+        try:
+            return int(json.loads(meta)["index"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    return int(key) if key is not None and key.isdigit() else -1
+
+
+class _Seeded:
+    """Seeds the augmentation RNGs of the process that runs the transform.
+
+    In a DataLoader worker (its own process) the global torch / random / numpy RNGs are seeded once per stream. In
+    the main process (num_workers=0) the caller's RNG state must not be disturbed, so each sample runs under
+    `torch.random.fork_rng` with its own seed."""
+
+    def __init__(self, prepare: _Prepare, seed: int, rank: int, start_step: int):
+        self.prepare, self.seed, self.rank, self.start_step = prepare, seed, rank, start_step
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[tuple]:
+        info = get_worker_info()
+        wid = 0 if info is None else info.id
+        base = make_seed(self.seed, self.rank, wid, self.start_step, 2)
+        if info is not None:
+            import numpy as np
+
+            torch.manual_seed(base)
+            random.seed(base)
+            np.random.seed(base)
+            yield from wds.filters._map(src, self.prepare, handler=self.prepare.skips.handler)
+            return
+
+        def seeded(sample: dict, counter=iter(range(sys.maxsize))) -> tuple:
+            state = random.getstate()
+            with torch.random.fork_rng(devices=[]):
+                s = make_seed(base, next(counter))
+                torch.manual_seed(s)
+                random.seed(s)
+                try:
+                    return self.prepare(sample)
+                finally:
+                    random.setstate(state)
+
+        yield from wds.filters._map(src, seeded, handler=self.prepare.skips.handler)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class _Batcher:
+    """Collates samples into batches, each yielded as ("batch", batch, skip records since the last batch).
+
+    With `steps` set (training), this worker yields its share of the per-rank step count and stops, so a rank's
+    DataLoader yields exactly `steps` batches whatever the shard sizes. Skip records left after the last batch are
+    sent as ("skips", None, records)."""
+
+    def __init__(self, batch_size: int, collate_fn: Callable, partial: bool, skips: SkipLog, steps: int | None):
+        self.batch_size, self.collate_fn, self.partial, self.skips, self.steps = (
+            batch_size,
+            collate_fn,
+            partial,
+            skips,
+            steps,
+        )
+
+    def __call__(self, src: Iterable[tuple]) -> Iterator[tuple]:
+        quota = None
+        if self.steps is not None:
+            wid, nw = _worker()
+            quota = self.steps // nw + (1 if wid < self.steps % nw else 0)
+        done, buf = 0, []
+        if quota != 0:
+            for sample in src:
+                buf.append(sample)
+                if len(buf) == self.batch_size:
+                    yield "batch", self.collate_fn(buf), self.skips.drain()
+                    buf, done = [], done + 1
+                    if quota is not None and done >= quota:
+                        break
+            if buf and self.partial:
+                yield "batch", self.collate_fn(buf), self.skips.drain()
+        records = self.skips.drain()
+        if records:
+            yield "skips", None, records
+
+
+# ====================================================================================================================
+# Loaders
+
+
+class _LoaderBase:
+    """Shared bookkeeping: skip statistics merged from the workers' in-band records."""
+
+    keep_skipped: int | None = None
+
+    def _reset_stats(self) -> None:
+        self.stats: dict[str, Any] = {"batches": 0, "samples": 0, "skipped": 0, "by_kind": {}}
+        self.skipped: list[dict] = []
+        self._last_summary = time.monotonic()
+
+    def _absorb(self, records: list[dict]) -> None:
+        if not records:
+            return
+        self.stats["skipped"] += len(records)
+        by_kind = self.stats["by_kind"]
+        for r in records:
+            by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + 1
+        self.skipped += records
+        if self.keep_skipped is not None and len(self.skipped) > self.keep_skipped:
+            del self.skipped[: len(self.skipped) - self.keep_skipped]
+        if time.monotonic() - self._last_summary > 300:
+            self.log_summary()
+
+    def log_summary(self) -> None:
+        """Log the skip counts so far (called at the end of every pass and at most every 5 minutes)."""
+        self._last_summary = time.monotonic()
+        if self.stats["skipped"]:
+            log.warning(
+                "%s: %d sample(s) or shard(s) skipped so far (%s) after %d batches",
+                type(self).__name__,
+                self.stats["skipped"],
+                ", ".join(f"{k}={v}" for k, v in sorted(self.stats["by_kind"].items())),
+                self.stats["batches"],
+            )
+
+    def _dataloader(self, pipeline: IterableDataset, num_workers: int, pin_memory: bool, prefetch_factor) -> Any:
+        if num_workers == 0:
+            return pipeline
+        kwargs = {"prefetch_factor": prefetch_factor} if prefetch_factor is not None else {}
+        return DataLoader(
+            pipeline, batch_size=None, num_workers=num_workers, collate_fn=_identity, pin_memory=pin_memory, **kwargs
+        )
+
+
+def _count(batch: Any, default: int) -> int:
+    """Samples in a batch: the length of its labels (second element), else the batch size."""
+    try:
+        return len(batch[1])
+    except (TypeError, IndexError, KeyError):
+        return default
+
+
+def _check_rank(rank: int, world_size: int, batch_size: int, num_workers: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+
+
+class TrainLoader(_LoaderBase):
+    """Infinite resampled training stream cut into passes of exactly `steps_per_epoch` batches per rank.
+
+    Each `iter()` starts a new pass ("segment") at the current step (`self.step`, starting at `start_step` and
+    advanced by every batch yielded). A segment's stream is a pure function of (urls, seed, rank, world_size,
+    num_workers, batch_size, segment start step): shard resampling, the shuffle buffer and the augmentation RNGs are
+    all seeded from it. A run resumed at step S (start_step=S) therefore sees a reproducible stream, different from
+    the one before S. Skips are in `.stats` (counts) and `.skipped` (the last 1000 records).
+    """
+
+    keep_skipped = 1000
+
+    def __init__(
+        self,
+        urls: Any,
+        transform: Callable | None,
+        *,
+        batch_size: int,
+        steps_per_epoch: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        start_step: int = 0,
+        collate_fn: Callable | None = None,
+        decode: str = "pil",
+        require_label: bool = True,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+        max_consecutive_skips: int = 1000,
+    ):
+        _check_rank(rank, world_size, batch_size, num_workers)
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        self.urls = expand_urls(urls)
+        self.transform, self.batch_size, self.steps_per_epoch = transform, batch_size, steps_per_epoch
+        self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
+        self.shuffle_buffer, self.step = shuffle_buffer, start_step
+        self.collate_fn = collate_fn or default_collate
+        self.decode, self.require_label = decode, require_label
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.max_consecutive_skips = max_consecutive_skips
+        _Prepare(transform, decode, require_label, False)  # validate arguments early
+        self._reset_stats()
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def pipeline(self, start_step: int) -> wds.DataPipeline:
+        """The webdataset pipeline of the segment starting at `start_step` (each worker runs its own copy)."""
+        skips = SkipLog(max_consecutive=self.max_consecutive_skips)
+        prepare = _Prepare(self.transform, self.decode, self.require_label, with_meta=False)
+        prepare.skips = skips
+        stages: list[Any] = [
+            _ResampledShardList(self.urls, self.rank, self.world_size, self.seed, start_step),
+            _TarMembers(skips),
+            _GroupByKeys(skips),
+        ]
+        if self.shuffle_buffer > 1:
+            stages.append(_Shuffle(self.shuffle_buffer, self.seed, self.rank, start_step))
+        stages += [
+            _Seeded(prepare, self.seed, self.rank, start_step),
+            _Batcher(self.batch_size, self.collate_fn, partial=False, skips=skips, steps=self.steps_per_epoch),
+        ]
+        return wds.DataPipeline(*stages)
+
+    def __iter__(self) -> Iterator[Any]:
+        loader = self._dataloader(self.pipeline(self.step), self.num_workers, self.pin_memory, self.prefetch_factor)
+        yielded = 0
+        for tag, batch, records in loader:
+            self._absorb(records)
+            if tag == "batch":
+                self.step += 1
+                yielded += 1
+                self.stats["batches"] += 1
+                self.stats["samples"] += _count(batch, self.batch_size)
+                yield batch
+        if yielded != self.steps_per_epoch:  # cannot happen unless a worker died silently; never hand out fewer
+            raise RuntimeError(f"rank {self.rank}: the stream produced {yielded} of {self.steps_per_epoch} batches")
+        self.log_summary()
+
+
+class EvalLoader(_LoaderBase):
+    """Finite evaluation stream: each sample of `urls` exactly once across ranks x workers, in batches of
+    `(images, labels, keys, indices)`. Shards are split over ranks, then workers, so ranks may get different
+    numbers of batches (do not run per-batch collectives on it). Skipped samples are listed in `.skipped` with
+    their keys (or shard URL for shard-level failures) and counted in `.stats`."""
+
+    def __init__(
+        self,
+        urls: Any,
+        transform: Callable | None,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        collate_fn: Callable | None = None,
+        decode: str = "pil",
+        require_label: bool = True,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+    ):
+        _check_rank(rank, world_size, batch_size, num_workers)
+        self.urls = expand_urls(urls)
+        self.transform, self.batch_size = transform, batch_size
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.collate_fn = collate_fn or default_collate
+        self.decode, self.require_label = decode, require_label
+        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        _Prepare(transform, decode, require_label, True)
+        self._reset_stats()
+
+    def pipeline(self) -> wds.DataPipeline:
+        skips = SkipLog(max_consecutive=None)
+        prepare = _Prepare(self.transform, self.decode, self.require_label, with_meta=True)
+        prepare.skips = skips
+        return wds.DataPipeline(
+            _ShardList(self.urls, self.rank, self.world_size),
+            _TarMembers(skips),
+            _GroupByKeys(skips),
+            wds.map(prepare, handler=skips.handler),
+            _Batcher(self.batch_size, self.collate_fn, partial=True, skips=skips, steps=None),
+        )
+
+    def __iter__(self) -> Iterator[Any]:
+        self._reset_stats()
+        for tag, batch, records in self._dataloader(
+            self.pipeline(), self.num_workers, self.pin_memory, self.prefetch_factor
+        ):
+            self._absorb(records)
+            if tag == "batch":
+                self.stats["batches"] += 1
+                self.stats["samples"] += _count(batch, self.batch_size)
+                yield batch
+        self.log_summary()
+
+    @property
+    def skipped_keys(self) -> list[str]:
+        """Keys of the samples skipped in the last pass (shard-level failures have no key: see `.skipped`)."""
+        return [r["key"] for r in self.skipped if r["key"] is not None]
+
+
+def train_loader(
+    urls: Any,
+    transform: Callable | None,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    shuffle_buffer: int = 1000,
+    steps_per_epoch: int,
+    start_step: int = 0,
+    collate_fn: Callable | None = None,
+    **kwargs: Any,
+) -> TrainLoader:
+    """Training stream over shards: resampled (infinite), shuffled, decoded and transformed in the loader workers;
+    every `iter()` yields exactly `steps_per_epoch` batches `(images_or_crops, labels)` on every rank.
+
+    `urls`: anything `expand_urls` accepts. `transform(PIL.Image) -> tensor or list of crops` (with
+    `decode="bytes"` it receives the raw bytes). Default collation is torch's `default_collate`, which stacks a list
+    of crops per position (the multi-crop layout). Extra keywords: `decode`, `require_label` (False: missing labels
+    become -1), `pin_memory`, `prefetch_factor`, `max_consecutive_skips`. See `TrainLoader`.
+    """
+    return TrainLoader(
+        urls,
+        transform,
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        shuffle_buffer=shuffle_buffer,
+        start_step=start_step,
+        collate_fn=collate_fn,
+        **kwargs,
+    )
+
+
+def eval_loader(
+    urls: Any,
+    transform: Callable | None,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    **kwargs: Any,
+) -> EvalLoader:
+    """Evaluation stream over shards: finite batches `(images, labels, keys, indices)`, each sample exactly once
+    across ranks and workers; skipped keys in `.skipped` / `.skipped_keys` after a pass. See `EvalLoader`."""
+    return EvalLoader(
+        urls, transform, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers, **kwargs
+    )
+
+
+# ====================================================================================================================
+# CLI
+
+
+def _dataset_from_spec(spec: str) -> Any:
+    """`tv:NAME:ROOT[:SPLIT]` -> a torchvision dataset already on disk (never downloads)."""
+    parts = spec.split(":", 3)
+    if len(parts) < 3:
+        raise ValueError(f"{spec!r}: expected tv:NAME:ROOT[:SPLIT], e.g. tv:CIFAR10:/data/cifar:train")
+    import inspect
+
+    import torchvision.datasets as tvd
+
+    name, root = parts[1], parts[2]
+    split = parts[3] if len(parts) > 3 else "train"
+    cls = getattr(tvd, name, None)
+    if cls is None:
+        raise ValueError(f"torchvision.datasets has no dataset {name!r}")
+    params = inspect.signature(cls).parameters
+    kwargs: dict[str, Any] = {}
+    if "split" in params:
+        kwargs["split"] = split
+    elif "train" in params:
+        kwargs["train"] = split == "train"
+    if "download" in params:
+        kwargs["download"] = False
+    return cls(root, **kwargs)
+
+
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    """`seer shards SOURCE OUT_DIR [options]`: write webdataset shards (see `write_shards`)."""
+    parser = argparse.ArgumentParser(
+        prog="seer shards",
+        description="Write webdataset tar shards from an image folder (class subfolders -> labels), a CSV/TXT file "
+        "list (path[,label]) or a torchvision dataset on disk (tv:NAME:ROOT[:SPLIT]).",
+    )
+    parser.add_argument("source", help="image folder, .csv/.tsv/.txt file list, or tv:NAME:ROOT[:SPLIT]")
+    parser.add_argument("out_dir", help="output directory (must be empty unless --overwrite)")
+    parser.add_argument("--prefix", default="data", help="shard file prefix (default: data)")
+    parser.add_argument("--max-samples", type=int, default=1000, help="samples per shard (default: 1000)")
+    parser.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard (default: 1e9)")
+    parser.add_argument("--shuffle", action="store_true", help="write samples in a seeded random order")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="reader processes")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards and index already in OUT_DIR")
+    parser.add_argument("--max-image-side", type=int, default=None, help="downscale + re-encode larger images")
+    parser.add_argument("--jpeg-quality", type=int, default=90)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    source: Any = _dataset_from_spec(args.source) if args.source.startswith("tv:") else args.source
+    try:
+        index = write_shards(
+            source,
+            args.out_dir,
+            prefix=args.prefix,
+            max_samples_per_shard=args.max_samples,
+            max_bytes_per_shard=args.max_bytes,
+            shuffle=args.shuffle,
+            seed=args.seed,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            max_image_side=args.max_image_side,
+            progress=not args.no_progress,
+            jpeg_quality=args.jpeg_quality,
+        )
+    except (FileExistsError, FileNotFoundError, ValueError, TypeError) as exc:
+        print(f"seer shards: error: {exc}", file=sys.stderr)
+        return 2
+    classes = f", {index['num_classes']} classes" if index["num_classes"] else ""
+    skipped = f", {index['num_skipped']} unreadable item(s) skipped" if index["num_skipped"] else ""
+    print(
+        f"wrote {index['total']} samples in {index['num_shards']} shards ({index['pattern']}{classes}{skipped}) "
+        f"to {args.out_dir} in {index['seconds']:.1f}s"
+    )
+    return 0
