@@ -1,1 +1,13 @@
-"""seer.evaluation."""
+"""Frozen-feature evaluation: one public function per protocol.
+
+- ``eval_knn``: weighted kNN (DINO protocol), exact blocked search, banks larger than memory, few-shot.
+- ``eval_linear``: many linear heads trained in one pass on cached features, selection on a held-out split of
+  train, scikit-learn logistic regression for low-shot.
+"""
+
+from __future__ import annotations
+
+from seer.evaluation.knn import eval_knn, knn_search, write_json
+from seer.evaluation.linear import eval_linear, eval_linear_online
+
+__all__ = ["eval_knn", "eval_linear", "eval_linear_online", "knn_search", "write_json"]
