@@ -191,7 +191,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer: to
     stay absent, so the resumed run takes exactly the same updates as the uninterrupted one. RNG states are
     restored when the world size matches.
     """
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
@@ -210,7 +210,9 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer: to
     for fqn in missing:
         optim_sd["state"].pop(fqn)
     dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir))
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    # strict=False only tolerates the missing optimizer entries; every model key was loaded by dcp.load above.
+    options = StateDictOptions(strict=not missing)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
     if missing:
         by_name = dict(model.named_parameters())
         for fqn in missing:
