@@ -1,0 +1,298 @@
+"""SwAV (Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments"), in one module.
+
+Everything the method needs lives here: the projection head, the prototypes, the Sinkhorn-Knopp codes, the queue and
+the swapped-prediction loss. It runs in one process as well as on many: the only collectives are the Sinkhorn sums,
+guarded by ``dist.is_available() and dist.is_initialized()``, which make the codes of a batch split over ranks equal
+to the codes of the whole batch in one process (as in SwAV's ``distributed_sinkhorn``).
+
+Typical step (what ``seer.train.loop`` does)::
+
+    head.normalize_prototypes()
+    out = head(multicrop_forward(trunk, crops), n_crops=len(crops), iteration=step)
+    out["loss"].backward()
+    head.before_optimizer_step(step)   # no update reaches frozen prototypes
+    optimizer.step()
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["sinkhorn", "SwAV", "multicrop_forward", "build_projection"]
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce ("sum" or "max") when a process group is up; identity in one process."""
+    if _dist_on():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sinkhorn-Knopp
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, n_iters: int = 3, epsilon: float = 0.05) -> torch.Tensor:
+    """Soft codes of a batch: SwAV's ``distributed_sinkhorn`` made numerically safe.
+
+    ``Q = exp(scores / epsilon)`` is scaled so that, over the global batch (every rank's rows), each prototype gets
+    the same total mass and each sample a total of 1. Under torch.distributed the sums are all-reduced, so splitting
+    a batch over ranks gives the same codes as the whole batch in one process.
+
+    Numerical safety (the results equal SwAV's on ordinary inputs):
+      * computed in fp32 whatever the input dtype (bf16 autocast included);
+      * each prototype's global max score is subtracted before ``exp`` (the first row normalization cancels any
+        per-prototype factor exactly, so this changes nothing but overflow);
+      * zero sums are clamped; a sample whose every entry underflowed (scores ~100 epsilon below every prototype's
+        best sample: only possible with unnormalized embeddings) gets ``softmax(scores / epsilon + log row scaling)``,
+        the value Sinkhorn's final column normalization tends to, instead of a row of zeros;
+      * NaN scores are read as 0 and infinities as the largest finite value, so the codes are always finite (the loss,
+        computed from the raw scores, still shows a NaN).
+
+    Args:
+        scores: ``[B, K]`` sample-prototype similarities of this rank's rows.
+        n_iters: Sinkhorn iterations (>= 1; SwAV 3, SEER 10).
+        epsilon: entropic regularization (SwAV 0.05, SEER-10B 0.03).
+
+    Returns:
+        ``[B, K]`` fp32 codes; every row sums to 1, and every column sums to ``B_global / K`` over the global batch
+        up to the accuracy of ``n_iters`` iterations.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"sinkhorn: scores must be [B, K], got shape {tuple(scores.shape)}")
+    if n_iters < 1:
+        raise ValueError(f"sinkhorn: n_iters must be >= 1, got {n_iters}")
+    if not epsilon > 0:
+        raise ValueError(f"sinkhorn: epsilon must be > 0, got {epsilon}")
+    with torch.autocast(device_type=scores.device.type, enabled=False):
+        logits = torch.nan_to_num(scores.detach().float() / epsilon)  # [B, K]
+        n_local, n_protos = logits.shape
+        tiny = torch.finfo(torch.float32).tiny
+
+        # Per-prototype max over the global batch (a sample-free shift: cancelled by the first row normalization).
+        shift = logits.max(dim=0).values if n_local else logits.new_full((n_protos,), -torch.inf)
+        _all_reduce(shift, "max")
+        shift = torch.nan_to_num(shift)  # a rank with no rows anywhere: -inf -> finite
+        q = torch.exp(logits - shift)  # entries in [0, 1], each prototype has a 1 somewhere
+
+        # Total mass and global sample count in one collective.
+        totals = torch.stack([q.sum(), q.new_tensor(float(n_local))])
+        _all_reduce(totals)
+        total, n_global = totals[0].clamp_min(tiny), totals[1]
+        q /= total
+        log_u = -shift - total.log()  # log of the per-prototype scaling applied so far (for the underflow fallback)
+
+        for _ in range(n_iters):
+            # each prototype (column of q) gets total mass 1/K
+            col = q.sum(dim=0)
+            _all_reduce(col)
+            col = col.clamp_min(tiny) * n_protos
+            q /= col
+            log_u -= col.log()
+            # each sample (row of q) gets total mass 1/B_global
+            q /= q.sum(dim=1, keepdim=True).clamp_min(tiny) * n_global
+        q *= n_global  # rows sum to 1: a distribution over prototypes per sample
+
+        # Fallback for samples whose every entry underflowed to 0 (see above). Local: no collective, no desync.
+        dead = q.sum(dim=1) == 0
+        if bool(dead.any()):
+            fix = torch.softmax(logits[dead].double() + log_u.double(), dim=1)
+            q[dead] = torch.nan_to_num(fix, nan=1.0 / n_protos).float()
+    return q
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Head
+# ----------------------------------------------------------------------------------------------------------------
+def build_projection(dims: Sequence[int], use_bn: bool = True) -> nn.Sequential:
+    """``Linear -> [BN] -> ReLU`` for every hidden layer, then a last ``Linear`` (SwAV / VISSL's ``swav_head``).
+
+    The layer indices match VISSL's ``projection_head`` (``0`` Linear, ``1`` BN, ``2`` ReLU, ...), so its weights load
+    by index. ``dims = [D, out]`` is a single linear layer.
+    """
+    dims = [int(d) for d in dims]
+    if len(dims) < 2 or any(d < 1 for d in dims):
+        raise ValueError(f"head_dims must list at least [in, out] positive widths, got {list(dims)}")
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
+        layers.append(nn.Linear(d_in, d_out))
+        if i < len(dims) - 2:
+            if use_bn:
+                layers.append(nn.BatchNorm1d(d_out))
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class SwAV(nn.Module):
+    """The SwAV head and swapped-prediction loss over multi-crop features.
+
+    Args:
+        head_dims: projection widths, first = trunk width (``[2048, 2048, 128]`` SwAV RN50,
+            ``[3712, 4096, 4096, 256]`` SEER RG-32, ``[28280, 8192, 8192, 256]`` SEER 10B with ``use_bn=False``).
+        use_bn: BatchNorm1d after each hidden linear layer.
+        n_prototypes: K (SwAV 3000, SEER 16000).
+        temperature: softmax temperature of the predictions (0.1).
+        sinkhorn_iters: Sinkhorn iterations (SwAV 3, SEER 10).
+        epsilon: Sinkhorn regularization (0.05; SEER-10B 0.03).
+        crops_for_assign: crops whose codes are targets (the two large crops).
+        freeze_prototypes_iters: ``before_optimizer_step`` drops the prototypes' gradients before this iteration.
+        queue_length: embeddings kept per assignment crop over *all* ranks (0: no queue); each rank keeps
+            ``queue_length // world_size`` rounded down to a multiple of its batch, as SwAV does.
+        queue_start_iter: the queue is filled from this iteration on and used as soon as it is full.
+
+    ``forward`` returns ``{"loss", "codes" [n_assign, B, K] (detached), "queue_used" (bool)}``.
+    """
+
+    def __init__(
+        self,
+        head_dims: Sequence[int],
+        *,
+        use_bn: bool = True,
+        n_prototypes: int = 3000,
+        temperature: float = 0.1,
+        sinkhorn_iters: int = 3,
+        epsilon: float = 0.05,
+        crops_for_assign: Sequence[int] = (0, 1),
+        freeze_prototypes_iters: int = 313,
+        queue_length: int = 0,
+        queue_start_iter: int = 0,
+    ) -> None:
+        super().__init__()
+        if n_prototypes < 1:
+            raise ValueError(f"n_prototypes must be >= 1, got {n_prototypes}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not crops_for_assign or len(set(crops_for_assign)) != len(crops_for_assign):
+            raise ValueError(f"crops_for_assign must list distinct crop indices, got {list(crops_for_assign)}")
+        if queue_length < 0 or queue_start_iter < 0:
+            raise ValueError(f"queue_length and queue_start_iter must be >= 0, got {queue_length}, {queue_start_iter}")
+        self.projection = build_projection(head_dims, use_bn)
+        self.embed_dim = int(head_dims[-1])
+        self.prototypes = nn.Linear(self.embed_dim, n_prototypes, bias=False)
+        self.n_prototypes = n_prototypes
+        self.temperature = temperature
+        self.sinkhorn_iters = sinkhorn_iters
+        self.epsilon = epsilon
+        self.crops_for_assign = tuple(int(c) for c in crops_for_assign)
+        self.freeze_prototypes_iters = freeze_prototypes_iters
+        self.queue_length = queue_length
+        self.queue_start_iter = queue_start_iter
+        # Per-rank queue [n_assign, L, d], newest first; allocated at the first step that needs it. Not persistent:
+        # every rank holds different rows, so it is not part of the (rank-agnostic) state dict; ``queue_filled``
+        # counts valid rows (it is used once full, like SwAV's "last row non-zero" test).
+        self.register_buffer("queue", None, persistent=False)
+        self.queue_filled = 0
+        self.normalize_prototypes()
+
+    # -- prototypes ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        """L2-normalize every prototype row in place (call each step before the forward).
+
+        Works on FSDP2-sharded weights: they are row shards (``Shard(0)``), so each rank normalizes its own rows.
+        """
+        w = self.prototypes.weight
+        local = w.to_local() if hasattr(w, "to_local") else w  # DTensor under FSDP2
+        local.copy_(F.normalize(local.float(), dim=1).to(local.dtype))
+
+    def before_optimizer_step(self, iteration: int) -> None:
+        """Drop the prototypes' gradient while frozen, so neither the update nor weight decay reaches them."""
+        if iteration < self.freeze_prototypes_iters:
+            self.prototypes.weight.grad = None
+
+    # -- queue --------------------------------------------------------------------------------------------------
+    def _queue_rows(self, batch: int) -> int:
+        world = dist.get_world_size() if _dist_on() else 1
+        rows = (self.queue_length // world) // batch * batch
+        if rows < batch:
+            raise ValueError(
+                f"queue_length {self.queue_length} is smaller than the global batch {batch * world} "
+                f"({batch} per rank x {world} ranks): it must hold at least one batch per rank"
+            )
+        return rows
+
+    def reset_queue(self) -> None:
+        """Forget the queue (it refills from the next step at or after ``queue_start_iter``)."""
+        self.queue, self.queue_filled = None, 0
+
+    # -- loss ---------------------------------------------------------------------------------------------------
+    def forward(self, feats: torch.Tensor, n_crops: int, iteration: int = 0) -> dict:
+        """Swapped-prediction loss of crop-major features ``[n_crops * B, D]`` (crop 0's batch, then crop 1's ...)."""
+        if feats.dim() != 2 or n_crops < 2 or feats.shape[0] % n_crops:
+            raise ValueError(
+                f"SwAV expects crop-major features [n_crops * B, D] with n_crops >= 2, got shape "
+                f"{tuple(feats.shape)} for n_crops={n_crops}"
+            )
+        if max(self.crops_for_assign) >= n_crops or min(self.crops_for_assign) < 0:
+            raise ValueError(f"crops_for_assign {list(self.crops_for_assign)} out of range for {n_crops} crops")
+        bs = feats.shape[0] // n_crops
+        emb = F.normalize(self.projection(feats), dim=1)
+        scores = self.prototypes(emb)  # [n_crops * B, K]
+        log_p = F.log_softmax(scores.float() / self.temperature, dim=1).view(n_crops, bs, -1)
+
+        use_queue = self.queue_length > 0 and iteration >= self.queue_start_iter
+        if use_queue and self.queue is None:
+            rows = self._queue_rows(bs)
+            self.queue = emb.new_zeros(len(self.crops_for_assign), rows, emb.shape[1], dtype=torch.float32)
+            self.queue_filled = 0
+        queue_used = use_queue and self.queue_filled >= self.queue.shape[1]
+
+        loss = scores.new_zeros((), dtype=torch.float32)
+        codes = []
+        for i, c in enumerate(self.crops_for_assign):
+            with torch.no_grad():
+                out = scores[c * bs : (c + 1) * bs].detach()
+                if queue_used:  # queue scores with today's prototypes, batch last: only its codes are kept
+                    out = torch.cat([self.prototypes(self.queue[i].to(emb.dtype)).detach(), out])
+                if use_queue:  # newest first, as in SwAV
+                    self.queue[i, bs:] = self.queue[i, :-bs].clone()
+                    self.queue[i, :bs] = emb[c * bs : (c + 1) * bs].detach().float()
+                q = sinkhorn(out, self.sinkhorn_iters, self.epsilon)[-bs:]
+            codes.append(q)
+            others = [v for v in range(n_crops) if v != c]
+            # mean over samples of -sum_k q log p, averaged over the other crops
+            loss = loss - (q.unsqueeze(0) * log_p[others]).sum(dim=2).mean()
+        if use_queue:
+            self.queue_filled = min(self.queue_filled + bs, self.queue.shape[1])
+        loss = loss / len(self.crops_for_assign)
+        return {"loss": loss, "codes": torch.stack(codes), "queue_used": queue_used}
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_prototypes={self.n_prototypes}, temperature={self.temperature}, sinkhorn_iters={self.sinkhorn_iters}, "
+            f"epsilon={self.epsilon}, crops_for_assign={self.crops_for_assign}, "
+            f"freeze_prototypes_iters={self.freeze_prototypes_iters}, queue_length={self.queue_length}, "
+            f"queue_start_iter={self.queue_start_iter}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-crop trunk forward
+# ----------------------------------------------------------------------------------------------------------------
+def multicrop_forward(trunk: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Crop-major trunk features ``[n_crops * B, D]`` with one trunk call per run of equal-resolution crops.
+
+    As in SwAV, consecutive crops of the same size are concatenated along the batch (fewer, larger calls; BatchNorm
+    sees all crops of a resolution together).
+    """
+    if not crops:
+        raise ValueError("multicrop_forward: no crops")
+    batch = crops[0].shape[0]
+    for i, c in enumerate(crops):
+        if c.dim() != 4 or c.shape[0] != batch:
+            raise ValueError(f"crop {i} has shape {tuple(c.shape)}; expected [B={batch}, C, H, W] for every crop")
+    outs = []
+    for _, group in itertools.groupby(crops, key=lambda t: tuple(t.shape[-2:])):
+        group = list(group)
+        outs.append(trunk(group[0] if len(group) == 1 else torch.cat(group)))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
