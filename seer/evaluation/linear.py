@@ -592,7 +592,7 @@ def trunk_features(trunk: torch.nn.Module, images: torch.Tensor, layers: Sequenc
                 raise KeyError(f"unknown layer {lay!r}; expected 'avgpool' or one of {sorted(maps)}")
             out[lay] = maps[lay].float().mean((2, 3))
         if "avgpool" in layers:
-            out["avgpool"] = maps["res5"].float().mean((2, 3))
+            out["avgpool"] = list(maps.values())[-1].float().mean((2, 3))  # the last stage, as trunk(x) pools
     elif "avgpool" in layers:
         out["avgpool"] = trunk(images).float()
     return out
