@@ -116,14 +116,20 @@ def parallelize(
             if not p.is_contiguous():
                 p.data = p.data.contiguous()
 
+    bn_units: list[nn.Module] = []
     if precision == "bf16":
         # BatchNorm statistics and affine parameters stay fp32: each BN is its own unit. Inputs are not cast
-        # (BN takes bf16 activations with fp32 parameters and returns bf16). Its parameters are tiny, so they
-        # stay gathered between forward and backward: activation-checkpoint recomputation reads them directly.
+        # (BN takes bf16 activations with fp32 parameters and returns bf16). Their parameters are tiny, so they
+        # stay gathered through forward and backward: activation-checkpoint recomputation reads a BN's parameters
+        # without calling the module (no FSDP hook runs), and with several trunk calls per step (multi-crop) the
+        # later call's backward would otherwise reshard them before the earlier call is recomputed. They are
+        # resharded at the start of every root forward, so each step gathers the updated values once.
         bn_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
         for module in model.modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine:
                 fully_shard(module, mp_policy=bn_mp, reshard_after_forward=False, **common)
+                module.set_reshard_after_backward(False)
+                bn_units.append(module)
 
     for group in block_groups(trunk, activation_checkpointing, shard_unit):
         fully_shard(group if len(group) > 1 else group[0], mp_policy=mp,
@@ -133,6 +139,13 @@ def parallelize(
         fully_shard(head, mp_policy=mp, reshard_after_forward=reshard_after_forward, **common)
     # The root keeps the stem; its parameters are needed again first in backward, so never reshard them.
     fully_shard(model, mp_policy=mp, reshard_after_forward=False, **common)
+    if bn_units:
+
+        def _reshard_bn_units(module, args):
+            for bn in bn_units:
+                bn.reshard()
+
+        model.register_forward_pre_hook(_reshard_bn_units)
     return model
 
 

@@ -148,6 +148,7 @@ def save_checkpoint(
             shutil.rmtree(tmp)  # a crash left it half-written
     _barrier()
     sync_bn_stats(model)
+    _reshard(model)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     states = [None] * dist.get_world_size() if _dist() else None
@@ -169,6 +170,16 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def _reshard(model: nn.Module) -> None:
+    """Put every FSDP unit back into its sharded state (units kept gathered across steps, like bf16 BatchNorms,
+    would otherwise expose their gathered copies to the state dict)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def clean_partial(run_dir: str | os.PathLike) -> None:
@@ -203,6 +214,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer: to
         dcp.load({"model": model_sd}, checkpoint_id=str(ckpt_dir))
         set_model_state_dict(model, model_sd)
         return meta
+    _reshard(model)
     model_sd, optim_sd = get_state_dict(model, optimizer)  # creates optimizer state to load into
     missing = sorted(
         fqn for fqn, st in optim_sd["state"].items() if any(f"optim.state.{fqn}.{k}" not in saved for k in st)
