@@ -1,0 +1,139 @@
+"""A small image dataset with learnable structure, for demos and tests ("shapes and textures").
+
+Each class is a shape or texture family (disc, square, triangle, cross, ring, stripes, checkerboard, dots, ...)
+drawn at a random position, scale, rotation and colour over a random smooth colour gradient with pixel noise.
+The class is decided by geometry alone, never by colour or position, so raw-pixel kNN is weak (colour and
+placement dominate pixel distances) while a network that learned the invariances SwAV's augmentations teach
+(colour jitter, crops, flips) separates the classes well.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASSES = (
+    "disc",
+    "square",
+    "triangle",
+    "cross",
+    "ring",
+    "hstripes",
+    "vstripes",
+    "checker",
+    "dots",
+    "star",
+)
+
+
+def _random_color(rng: np.random.Generator) -> tuple[int, int, int]:
+    return tuple(int(c) for c in rng.integers(0, 256, size=3))
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    c0, c1 = rng.integers(0, 256, size=(2, 3)).astype(np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / max(size - 1, 1)
+    t = (xx * math.cos(angle) + yy * math.sin(angle) + 1.5) / 3.0
+    return c0[None, None] * (1 - t[..., None]) + c1[None, None] * t[..., None]
+
+
+def _polygon(cx: float, cy: float, r: float, n: int, rot: float, inner: float | None = None) -> list[tuple]:
+    pts = []
+    steps = n * 2 if inner else n
+    for i in range(steps):
+        rad = r if (inner is None or i % 2 == 0) else r * inner
+        a = rot + 2 * math.pi * i / steps
+        pts.append((cx + rad * math.cos(a), cy + rad * math.sin(a)))
+    return pts
+
+
+def _draw_shape(kind: str, size: int, rng: np.random.Generator) -> Image.Image:
+    """A mask (mode L) of one class instance at a random position, scale and rotation."""
+    mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(mask)
+    r = rng.uniform(0.22, 0.4) * size
+    cx, cy = rng.uniform(r * 0.8, size - r * 0.8, size=2)
+    rot = rng.uniform(0, 2 * math.pi)
+    if kind == "disc":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    elif kind == "square":
+        draw.polygon(_polygon(cx, cy, r, 4, rot), fill=255)
+    elif kind == "triangle":
+        draw.polygon(_polygon(cx, cy, r, 3, rot), fill=255)
+    elif kind == "star":
+        draw.polygon(_polygon(cx, cy, r, 5, rot, inner=0.45), fill=255)
+    elif kind == "ring":
+        w = max(2, int(r * 0.35))
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=255, width=w)
+    elif kind == "cross":
+        w = r * 0.35
+        for a in (rot, rot + math.pi / 2):
+            dx, dy = math.cos(a), math.sin(a)
+            px, py = -dy * w, dx * w
+            draw.polygon(
+                [(cx - dx * r + px, cy - dy * r + py), (cx + dx * r + px, cy + dy * r + py),
+                 (cx + dx * r - px, cy + dy * r - py), (cx - dx * r - px, cy - dy * r - py)],
+                fill=255,
+            )  # fmt: skip
+    else:  # textures fill the whole image
+        period = rng.uniform(0.12, 0.22) * size
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        phase = rng.uniform(0, period, size=2)
+        if kind == "hstripes":
+            on = ((yy + phase[0]) % period) < period / 2
+        elif kind == "vstripes":
+            on = ((xx + phase[1]) % period) < period / 2
+        elif kind == "checker":
+            on = (((yy + phase[0]) // (period / 1.4)) + ((xx + phase[1]) // (period / 1.4))) % 2 == 0
+        elif kind == "dots":
+            dy = ((yy + phase[0]) % period) - period / 2
+            dx = ((xx + phase[1]) % period) - period / 2
+            on = (dx * dx + dy * dy) < (period * 0.28) ** 2
+        else:
+            raise ValueError(f"unknown synthetic class {kind!r}; known: {CLASSES}")
+        mask = Image.fromarray((on * 255).astype(np.uint8), "L")
+    return mask
+
+
+def make_image(label: int, size: int, rng: np.random.Generator) -> Image.Image:
+    """One RGB image of class ``label``."""
+    kind = CLASSES[label]
+    bg = _background(rng, size)
+    mask = np.asarray(_draw_shape(kind, size, rng), dtype=np.float32)[..., None] / 255.0
+    fg = np.array(_random_color(rng), dtype=np.float32)
+    # keep foreground and background apart in brightness so shapes stay visible whatever the colours
+    if abs(fg.mean() - bg.mean()) < 60:
+        fg = np.clip(255 - fg, 0, 255)
+    img = bg * (1 - mask) + fg[None, None] * mask
+    img += rng.normal(0, 12, size=img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def make_dataset(n_per_class: int, size: int = 64, seed: int = 0, n_classes: int = len(CLASSES)
+                 ) -> tuple[list[Image.Image], np.ndarray]:  # fmt: skip
+    """``n_per_class`` images of each class (interleaved), and their labels."""
+    if not 1 <= n_classes <= len(CLASSES):
+        raise ValueError(f"n_classes must be in 1..{len(CLASSES)}, got {n_classes}")
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for _ in range(n_per_class):
+        for label in range(n_classes):
+            images.append(make_image(label, size, rng))
+            labels.append(label)
+    return images, np.asarray(labels, dtype=np.int64)
+
+
+def write_image_folder(root: str | Path, n_per_class: int, size: int = 64, seed: int = 0,
+                       n_classes: int = len(CLASSES), quality: int = 92) -> Path:  # fmt: skip
+    """Write ``root/<class>/<index>.jpg`` (ImageFolder layout: class subfolders become labels)."""
+    root = Path(root)
+    images, labels = make_dataset(n_per_class, size, seed, n_classes)
+    for name in CLASSES[:n_classes]:
+        (root / name).mkdir(parents=True, exist_ok=True)
+    for i, (img, label) in enumerate(zip(images, labels)):
+        img.save(root / CLASSES[label] / f"{i:06d}.jpg", quality=quality)
+    return root
