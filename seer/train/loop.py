@@ -136,25 +136,24 @@ def _batches(cfg: PretrainConfig, env, per_gpu: int, start_step: int):
     from seer.data.shards import train_loader
     from seer.data.transforms import MultiCrop, collate_multicrop
 
-    spe = cfg.train.steps_per_epoch
-    epoch, offset = divmod(start_step, spe)
-    while True:  # one loader per epoch, reseeded, started mid-epoch on resume
-        loader = train_loader(
-            cfg.data.urls,
-            MultiCrop.from_preset(cfg.data.multicrop),
-            batch_size=per_gpu,
-            seed=cfg.train.seed + epoch,
-            rank=env.rank,
-            world_size=env.world_size,
-            num_workers=cfg.data.workers,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            steps_per_epoch=spe,
-            start_step=offset,
-            collate_fn=collate_multicrop,
-        )
+    # Each pass over the loader yields steps_per_epoch batches and advances its step; the stream of a run resumed
+    # at step S is a pure function of (seed, rank, world size, S).
+    loader = train_loader(
+        cfg.data.urls,
+        MultiCrop.from_preset(cfg.data.multicrop),
+        batch_size=per_gpu,
+        seed=cfg.train.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        num_workers=cfg.data.workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        steps_per_epoch=cfg.train.steps_per_epoch,
+        start_step=start_step,
+        collate_fn=collate_multicrop,
+    )
+    while True:
         for crops, _labels in loader:
             yield crops
-        epoch, offset = epoch + 1, 0
 
 
 def peak_memory_bytes(device: torch.device) -> int:
