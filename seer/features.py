@@ -866,7 +866,8 @@ def _extract_shards(urls: Any, out: Path, setup: _Setup, rank: int, world_size: 
         with np.load(path) as z:
             done_keys.update(z["inputs"].tolist())
     k = len(existing)
-    loader = eval_loader(urls if isinstance(urls, (list, tuple)) else os.fspath(urls), _ShardTransform(setup.preprocess),
+    urls = [os.fspath(u) for u in urls] if isinstance(urls, (list, tuple)) else os.fspath(urls)
+    loader = eval_loader(urls, _ShardTransform(setup.preprocess),
                          batch_size=setup.batch_size, rank=rank, world_size=world_size,
                          num_workers=setup.num_workers, decode="bytes", require_label=False)  # fmt: skip
     feats: list[np.ndarray] = []
