@@ -34,7 +34,7 @@ from urllib.parse import urlparse
 import braceexpand
 import torch
 import webdataset as wds
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 from webdataset.utils import make_seed
@@ -519,16 +519,40 @@ class _Shuffle:
 def decode_pil(data: bytes) -> Image.Image:
     """Decode image bytes to an RGB PIL image (EXIF orientation applied); raises on corrupt data."""
     img = Image.open(io.BytesIO(data))
-    img = ImageOps.exif_transpose(img)
-    return img.convert("RGB")  # forces the full decode, so truncated data raises here
+    img.load()  # the full decode happens here, so truncated data raises here
+    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to rotate
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+# Exceptions a transform that decodes bytes itself raises on bad image data.
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    UnidentifiedImageError,
+    Image.DecompressionBombError,
+    OSError,
+    SyntaxError,
+)
+
+
+def _wants_bytes(transform: Any) -> bool:
+    """decode="auto": transforms that decode bytes themselves (seer's MultiCrop: reduced-size JPEG decoding) get the
+    raw bytes; any other transform gets a decoded PIL image. A transform can opt in with `accepts_bytes = True`."""
+    if getattr(transform, "accepts_bytes", False):
+        return True
+    try:
+        from seer.data.transforms import MultiCrop
+    except ImportError:
+        return False
+    return isinstance(transform, MultiCrop)
 
 
 class _Prepare:
     """Sample dict -> (transform(image), label[, key, index]); raises SampleError (counted by the handler)."""
 
     def __init__(self, transform: Callable | None, decode: str, require_label: bool, with_meta: bool):
-        if decode not in ("pil", "bytes"):
-            raise ValueError(f"decode must be 'pil' or 'bytes', got {decode!r}")
+        if decode not in ("auto", "pil", "bytes"):
+            raise ValueError(f"decode must be 'auto', 'pil' or 'bytes', got {decode!r}")
+        if decode == "auto":
+            decode = "bytes" if transform is not None and _wants_bytes(transform) else "pil"
         self.transform, self.decode = transform, decode
         self.require_label, self.with_meta = require_label, with_meta
         self.skips: SkipLog | None = None  # set by the pipeline builder, to reset the consecutive-skip counter
@@ -558,7 +582,11 @@ class _Prepare:
         try:
             out = self.transform(data) if self.transform is not None else data
         except Exception as exc:  # noqa: BLE001
-            raise SampleError("transform_error", key, url, f"{type(exc).__name__}: {exc}") from exc
+            decoding = self.decode == "bytes" and (
+                isinstance(exc, _DECODE_ERRORS) or type(exc).__name__ == "ImageDecodeError"
+            )
+            kind = "corrupt_image" if decoding else "transform_error"
+            raise SampleError(kind, key, url, f"{type(exc).__name__}: {exc}") from exc
         if self.skips is not None:
             self.skips.ok()
         if not self.with_meta:
@@ -604,7 +632,7 @@ class _Seeded:
             state = random.getstate()
             with torch.random.fork_rng(devices=[]):
                 s = make_seed(base, next(counter))
-                torch.manual_seed(s)
+                torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also queues CUDA/XPU seeding
                 random.seed(s)
                 try:
                     return self.prepare(sample)
@@ -746,7 +774,7 @@ class TrainLoader(_LoaderBase):
         shuffle_buffer: int = 1000,
         start_step: int = 0,
         collate_fn: Callable | None = None,
-        decode: str = "pil",
+        decode: str = "auto",
         require_label: bool = True,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
@@ -819,7 +847,7 @@ class EvalLoader(_LoaderBase):
         world_size: int = 1,
         num_workers: int = 0,
         collate_fn: Callable | None = None,
-        decode: str = "pil",
+        decode: str = "auto",
         require_label: bool = True,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
@@ -882,10 +910,12 @@ def train_loader(
     """Training stream over shards: resampled (infinite), shuffled, decoded and transformed in the loader workers;
     every `iter()` yields exactly `steps_per_epoch` batches `(images_or_crops, labels)` on every rank.
 
-    `urls`: anything `expand_urls` accepts. `transform(PIL.Image) -> tensor or list of crops` (with
-    `decode="bytes"` it receives the raw bytes). Default collation is torch's `default_collate`, which stacks a list
-    of crops per position (the multi-crop layout). Extra keywords: `decode`, `require_label` (False: missing labels
-    become -1), `pin_memory`, `prefetch_factor`, `max_consecutive_skips`. See `TrainLoader`.
+    `urls`: anything `expand_urls` accepts. `transform(PIL.Image) -> tensor or list of crops`; with
+    `decode="bytes"` it receives the raw bytes instead, and the default `decode="auto"` does that for seer's
+    `MultiCrop` (which decodes JPEGs at reduced size when its crops allow) and for transforms with
+    `accepts_bytes = True`. Default collation is torch's `default_collate`, which stacks a list of crops per
+    position (the multi-crop layout, same as `collate_multicrop`). Extra keywords: `decode`, `require_label`
+    (False: missing labels become -1), `pin_memory`, `prefetch_factor`, `max_consecutive_skips`. See `TrainLoader`.
     """
     return TrainLoader(
         urls,
