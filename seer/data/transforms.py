@@ -1,0 +1,530 @@
+"""Image transforms: SwAV / SEER multi-crop for pretraining and the resize + center-crop evaluation transform.
+
+``MultiCrop`` draws the same augmentations as SwAV's torchvision pipeline (``MultiCrop.torchvision_reference()``
+builds that pipeline with the same parameters) -- RandomResizedCrop, horizontal flip, ColorJitter(0.8, 0.8, 0.8, 0.2)
+with p 0.8, grayscale p 0.2, PIL Gaussian blur radius U(0.1, 2) with p 0.5, ImageNet normalization -- but computes
+them with fewer passes over the pixels:
+
+* bytes are decoded once; when every sampled crop box is at least twice its output size, the JPEG is decoded at
+  reduced size (PIL draft mode: DCT scaling) -- pixel values then differ slightly from full decoding + resize;
+* each crop is one antialiased bilinear resize of the box straight to the output size (torch's uint8 kernel, the
+  Pillow algorithm; values within +-1 of PIL's ``crop().resize()`` on average);
+* the whole color jitter (the four operations in their random order, each clamped like torchvision's float ops)
+  plus the optional grayscale is one 3D lookup table applied by PIL (``Color3DLUT``, trilinear interpolation of a
+  17^3 grid) on large crops, or computed exactly on the pixels of small crops (<= 100x100). The lookup table
+  interpolates HSV hue rotation, whose kinks it rounds off: mean error ~0.3 gray level, rare pixels up to ~10;
+  contrast takes its mean gray value from a 32x32 subsample of the crop;
+* only the crops drawn for blur are blurred (the same PIL ``GaussianBlur``);
+* flip, uint8 -> float and normalization are fused at the end.
+
+Random numbers come from Python's ``random`` module (reseeded per DataLoader worker by PyTorch); pass
+``rng=random.Random(seed)`` for reproducible crops.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter, ImageOps
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "PRESETS",
+    "ImageDecodeError",
+    "MultiCrop",
+    "collate_multicrop",
+    "decode_image",
+    "eval_transform",
+    "normalize_uint8",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# name -> (counts, sizes, scales); large crops first. Mirrors seer.config.CROP_PRESETS.
+PRESETS: dict[str, dict] = {
+    "swav": {"counts": (2, 6), "sizes": (224, 96), "scales": ((0.14, 1.0), (0.05, 0.14))},
+    "seer": {"counts": (2, 4), "sizes": (224, 96), "scales": ((0.14, 1.0), (0.05, 0.14))},
+    "seer_10b": {"counts": (2, 4), "sizes": (160, 96), "scales": ((0.14, 1.0), (0.05, 0.14))},
+    "cpu_tiny": {"counts": (2, 2), "sizes": (64, 32), "scales": ((0.14, 1.0), (0.05, 0.14))},
+}
+
+_EXIF_ORIENTATION = 0x0112
+_GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image PIL can decode (unknown format, truncated, corrupt)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------------------------
+def _open(data: bytes) -> Image.Image:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected image bytes, got {type(data).__name__}")
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError from plugins
+        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
+
+
+def _swaps_axes(img: Image.Image) -> bool:
+    """Whether the EXIF orientation (5..8) transposes the image."""
+    try:
+        return img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    except Exception:  # a broken EXIF block must not make the image unreadable
+        return False
+
+
+def _finish(img: Image.Image, nbytes: int) -> Image.Image:
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+    except Exception as exc:
+        raise ImageDecodeError(f"cannot decode image ({nbytes} bytes): {exc}") from exc
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(data: bytes, draft_size: int | tuple[int, int] | None = None) -> Image.Image:
+    """Decode image bytes to an RGB PIL image, EXIF orientation applied.
+
+    Args:
+        data: encoded image (JPEG, PNG, WebP, ...).
+        draft_size: when given, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, much faster) as long as
+            the result keeps its shorter side >= ``draft_size`` (an int) or its (width, height) >= the tuple, both in
+            displayed orientation. Pixel values differ slightly from a full decode followed by a resize.
+
+    Raises:
+        ImageDecodeError: the bytes are not a decodable image.
+    """
+    img = _open(data)
+    if draft_size is not None and img.format == "JPEG":
+        w, h = img.size
+        if _swaps_axes(img):
+            w, h = h, w
+        if isinstance(draft_size, int):
+            scale = draft_size / min(w, h)
+            want = (math.ceil(w * scale), math.ceil(h * scale))
+        else:
+            want = (int(draft_size[0]), int(draft_size[1]))
+        if _swaps_axes(img):
+            want = want[::-1]
+        img.draft("RGB", want)
+    return _finish(img, len(data))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Color operations on planar float pixels [3, N] in 0..255 (torchvision's float semantics, one clamp per op)
+# ----------------------------------------------------------------------------------------------------------------
+def _gray(x: np.ndarray) -> np.ndarray:
+    return x[0] * _GRAY[0] + x[1] * _GRAY[1] + x[2] * _GRAY[2]
+
+
+def _hue(x: np.ndarray, shift: float) -> np.ndarray:
+    """Rotate the HSV hue by ``shift`` turns, keeping value (max) and saturation; the same map as torchvision's."""
+    r, g, b = x
+    vmax = np.maximum(np.maximum(r, g), b)
+    vmin = np.minimum(np.minimum(r, g), b)
+    chroma = vmax - vmin
+    safe = np.where(chroma == 0, 1.0, chroma)
+    h = np.where(vmax == r, (g - b) / safe, np.where(vmax == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    h = np.mod(h + 6.0 * shift, 6.0)
+    out = np.empty_like(x)
+    np.clip(np.abs(h - 3.0) - 1.0, 0.0, 1.0, out=out[0])
+    np.clip(2.0 - np.abs(h - 2.0), 0.0, 1.0, out=out[1])
+    np.clip(2.0 - np.abs(h - 4.0), 0.0, 1.0, out=out[2])
+    out *= chroma
+    out += vmin
+    return out
+
+
+def _apply_color_ops(x: np.ndarray, ops: Sequence[tuple[str, float]], stats_from: int) -> np.ndarray:
+    """Apply ``ops`` ((name, factor) in order) to planar float pixels ``x`` [3, N] in 0..255.
+
+    Contrast blends with the mean gray value of columns ``stats_from:`` (the crop's pixels or a subsample of them).
+    """
+    for name, f in ops:
+        if name == "brightness":
+            x = np.minimum(x * f, 255.0)
+        elif name == "contrast":
+            mean = float(_gray(x[:, stats_from:]).mean())
+            x = np.clip(x * f + (1.0 - f) * mean, 0.0, 255.0)
+        elif name == "saturation":
+            x = np.clip(x * f + (1.0 - f) * _gray(x), 0.0, 255.0)
+        elif name == "hue":
+            x = _hue(x, f)
+        elif name == "gray":
+            x = np.broadcast_to(_gray(x), x.shape).copy()
+        else:  # pragma: no cover - internal names only
+            raise ValueError(name)
+    return x
+
+
+_GRIDS: dict[int, np.ndarray] = {}
+
+
+def _lut_grid(size: int) -> np.ndarray:
+    """Planar [3, size^3] lattice in 0..255, red fastest (PIL's Color3DLUT table order)."""
+    if size not in _GRIDS:
+        v = np.linspace(0.0, 255.0, size, dtype=np.float32)
+        b, g, r = np.meshgrid(v, v, v, indexing="ij")
+        _GRIDS[size] = np.stack([r.ravel(), g.ravel(), b.ravel()])
+    return _GRIDS[size]
+
+
+def _color_lut(ops: Sequence[tuple[str, float]], crop: np.ndarray, size: int) -> ImageFilter.Color3DLUT:
+    """The 3D lookup table of ``ops``; contrast statistics come from a ~32x32 subsample of ``crop`` (HWC uint8)."""
+    grid = _lut_grid(size)
+    step = max(1, min(crop.shape[:2]) // 32)
+    sample = crop[::step, ::step].reshape(-1, 3).T.astype(np.float32)
+    out = _apply_color_ops(np.concatenate([grid, sample], axis=1), ops, grid.shape[1])[:, : grid.shape[1]]
+    return ImageFilter.Color3DLUT(size, np.ascontiguousarray(out.T, dtype=np.float32).ravel() / 255.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-crop
+# ----------------------------------------------------------------------------------------------------------------
+def _rrc_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng) -> tuple:
+    """torchvision's RandomResizedCrop.get_params (same distribution), drawn with ``rng``: (top, left, h, w)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height  # fallback: central crop
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class _PILRandomGaussianBlur:
+    """SwAV's blur: PIL GaussianBlur with radius U(lo, hi), applied with probability p."""
+
+    def __init__(self, p: float, radius: tuple[float, float]) -> None:
+        self.p, self.radius = p, radius
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() >= self.p:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.radius)))
+
+
+class MultiCrop:
+    """SwAV multi-crop: ``counts[g]`` random resized crops of ``sizes[g]`` pixels for each group g (large first).
+
+    ``MultiCrop.from_preset("seer")(img)`` returns 6 tensors: 2 of ``[3, 224, 224]`` then 4 of ``[3, 96, 96]``,
+    float32 normalized with ImageNet statistics (``normalize=False``: uint8 ``[3, h, w]``, to normalize on the device
+    with ``normalize_uint8``).
+
+    Args:
+        counts, sizes, scales: crops per group, their output side and RandomResizedCrop area range.
+        ratio: RandomResizedCrop aspect-ratio range.
+        flip_p: horizontal flip probability.
+        jitter: ColorJitter (brightness, contrast, saturation, hue) strengths; SwAV's (0.8, 0.8, 0.8, 0.2).
+        jitter_p: probability of the color jitter (0.8). gray_p: probability of grayscale (0.2).
+        blur_p: Gaussian blur probability, one value for every crop or one per group (SwAV: 0.5 on every crop).
+        blur_radius: PIL GaussianBlur radius range (0.1, 2.0).
+        mean, std: normalization statistics. normalize: return float32 normalized (True) or uint8 (False).
+        draft: decode JPEG bytes at reduced size when every crop box allows it (see ``decode_image``).
+        lut_size: lattice size of the color lookup table for crops larger than ``exact_color_max`` pixels.
+        exact_color_max: crops with at most this many pixels get exact per-pixel color operations.
+        rng: a ``random.Random`` (default: the ``random`` module, reseeded in each DataLoader worker).
+    """
+
+    def __init__(
+        self,
+        counts: Sequence[int] = (2, 6),
+        sizes: Sequence[int] = (224, 96),
+        scales: Sequence[tuple[float, float]] = ((0.14, 1.0), (0.05, 0.14)),
+        *,
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip_p: float = 0.5,
+        jitter: tuple[float, float, float, float] = (0.8, 0.8, 0.8, 0.2),
+        jitter_p: float = 0.8,
+        gray_p: float = 0.2,
+        blur_p: float | Sequence[float] = 0.5,
+        blur_radius: tuple[float, float] = (0.1, 2.0),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        normalize: bool = True,
+        draft: bool = True,
+        lut_size: int = 17,
+        exact_color_max: int = 100 * 100,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not (len(counts) == len(sizes) == len(scales)) or not counts:
+            raise ValueError(f"counts {counts}, sizes {sizes} and scales {scales} must have the same non-zero length")
+        if any(c < 0 for c in counts) or any(s < 1 for s in sizes) or sum(counts) < 1:
+            raise ValueError(f"counts must be >= 0 with at least one crop and sizes >= 1, got {counts}, {sizes}")
+        for lo_hi in scales:
+            if not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+                raise ValueError(f"scale range {tuple(lo_hi)} must satisfy 0 < lo <= hi <= 1")
+        blur = [float(blur_p)] * len(counts) if isinstance(blur_p, (int, float)) else [float(p) for p in blur_p]
+        if len(blur) != len(counts):
+            raise ValueError(f"blur_p has {len(blur)} values for {len(counts)} crop groups")
+        self.counts, self.sizes = tuple(int(c) for c in counts), tuple(int(s) for s in sizes)
+        self.scales = tuple((float(lo), float(hi)) for lo, hi in scales)
+        self.ratio, self.flip_p, self.jitter, self.jitter_p = tuple(ratio), flip_p, tuple(jitter), jitter_p
+        self.gray_p, self.blur_p, self.blur_radius = gray_p, tuple(blur), tuple(blur_radius)
+        self.mean, self.std, self.normalize, self.draft = tuple(mean), tuple(std), normalize, draft
+        self.lut_size, self.exact_color_max = lut_size, exact_color_max
+        self.rng = rng if rng is not None else random
+        # per crop: (size, scale range, blur probability)
+        self.plan = [(s, sc, p) for c, s, sc, p in zip(self.counts, self.sizes, self.scales, blur) for _ in range(c)]
+        self._scale = torch.tensor([1.0 / (255.0 * v) for v in std]).view(3, 1, 1)
+        self._shift = torch.tensor([-m / v for m, v in zip(mean, std)]).view(3, 1, 1)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> MultiCrop:
+        """``"swav"`` (2x224 + 6x96), ``"seer"`` (2x224 + 4x96), ``"seer_10b"`` (2x160 + 4x96), ``"cpu_tiny"``
+        (2x64 + 2x32); keyword arguments override any constructor argument."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown multi-crop preset {name!r}; choose from {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @property
+    def n_crops(self) -> int:
+        return len(self.plan)
+
+    def __repr__(self) -> str:
+        groups = " + ".join(f"{c}x{s}" for c, s in zip(self.counts, self.sizes))
+        return f"MultiCrop({groups}, scales={self.scales}, blur_p={self.blur_p}, normalize={self.normalize})"
+
+    # -- the transform --------------------------------------------------------------------------------------------
+    def __call__(self, img: Image.Image | bytes) -> list[torch.Tensor]:
+        rng = self.rng
+        if isinstance(img, Image.Image):
+            pil = img if img.mode == "RGB" else img.convert("RGB")
+            boxes = [_rrc_box(*pil.size, sc, self.ratio, rng) for _, sc, _ in self.plan]
+            full, factor = torch.from_numpy(np.array(pil)).permute(2, 0, 1), (1.0, 1.0)
+        else:
+            full, boxes, factor = self._decode_for_boxes(img, rng)
+        full = full.unsqueeze(0)  # [1, 3, H, W] uint8
+        height, width = full.shape[-2:]
+        crops = []
+        for (size, _, blur_p), (top, left, h, w) in zip(self.plan, boxes):
+            if factor != (1.0, 1.0):  # box drawn on the full-size image, decoded at reduced size
+                top, h = _scale_span(top, h, factor[1], height)
+                left, w = _scale_span(left, w, factor[0], width)
+            region = full[:, :, top : top + h, left : left + w]
+            crop = F.interpolate(region, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            crops.append(self._augment(crop[0], blur_p, rng))
+        return crops
+
+    def _decode_for_boxes(self, data: bytes, rng) -> tuple[torch.Tensor, list[tuple], tuple[float, float]]:
+        """Draw the crop boxes on the header's size, then decode at the smallest JPEG scale every box allows.
+
+        Returns the decoded ``[3, H, W]`` uint8 image, the boxes and the decoded / header size ratios.
+        """
+        img = _open(data)
+        width, height = img.size
+        swap = _swaps_axes(img)
+        if swap:
+            width, height = height, width
+        boxes = [_rrc_box(width, height, sc, self.ratio, rng) for _, sc, _ in self.plan]
+        if img.format == "JPEG":
+            room = min(min(w, h) / size for (size, _, _), (_, _, h, w) in zip(self.plan, boxes))
+            if self.draft and room >= 2.0:
+                want = (math.ceil(width / room), math.ceil(height / room))
+                img.draft("RGB", want[::-1] if swap else want)
+            else:  # full-size JPEG: libjpeg-turbo straight into a tensor (no PIL -> numpy copy)
+                full = _decode_jpeg_tensor(data)
+                if full is not None and tuple(full.shape[-2:]) == (height, width):
+                    return full, boxes, (1.0, 1.0)
+        pil = _finish(img, len(data))
+        full = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
+        return full, boxes, (pil.size[0] / width, pil.size[1] / height)
+
+    def _augment(self, crop: torch.Tensor, blur_p: float, rng) -> torch.Tensor:
+        """Flip, color, blur and normalize one resized crop (``[3, h, w]`` uint8 tensor)."""
+        ops: list[tuple[str, float]] = []
+        if rng.random() < self.jitter_p:
+            b, c, s, h = self.jitter
+            order = [
+                ("brightness", rng.uniform(max(0.0, 1 - b), 1 + b)) if b else None,
+                ("contrast", rng.uniform(max(0.0, 1 - c), 1 + c)) if c else None,
+                ("saturation", rng.uniform(max(0.0, 1 - s), 1 + s)) if s else None,
+                ("hue", rng.uniform(-h, h)) if h else None,
+            ]
+            rng.shuffle(order)
+            ops = [op for op in order if op is not None]
+        if rng.random() < self.gray_p:
+            ops.append(("gray", 0.0))
+        flip = rng.random() < self.flip_p
+        radius = rng.uniform(*self.blur_radius) if rng.random() < blur_p else None
+        if not ops and radius is None:
+            return self._finish(crop, flip)
+
+        _, height, width = crop.shape
+        if ops and height * width <= self.exact_color_max:  # small crop: exact per-pixel ops, no lookup table
+            x = _apply_color_ops(crop.reshape(3, -1).numpy().astype(np.float32), ops, 0)
+            if radius is None:
+                return self._finish(torch.from_numpy(x).view(3, height, width), flip)
+            hwc = np.rint(x.T).astype(np.uint8).reshape(height, width, 3)
+            ops = []
+        else:
+            hwc = crop.permute(1, 2, 0).contiguous().numpy()
+        pil = Image.fromarray(hwc)
+        if ops == [("gray", 0.0)]:
+            pil = pil.convert("L").convert("RGB")
+        elif ops:
+            pil = pil.filter(_color_lut(ops, hwc, self.lut_size))
+        if radius is not None:
+            pil = pil.filter(ImageFilter.GaussianBlur(radius=radius))
+        return self._finish(torch.from_numpy(np.array(pil)).permute(2, 0, 1), flip)
+
+    def _finish(self, x: torch.Tensor, flip: bool) -> torch.Tensor:
+        """``[3, h, w]`` uint8, or float in 0..255 -> contiguous float32 normalized (or uint8 with normalize=False)."""
+        if flip:
+            x = x.flip(-1)
+        if not self.normalize:
+            return x.contiguous() if x.dtype == torch.uint8 else x.round().clamp(0, 255).to(torch.uint8)
+        out = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+        return out.mul_(self._scale).add_(self._shift)
+
+    # -- the plain reference ----------------------------------------------------------------------------------------
+    def torchvision_reference(self) -> Callable[[Image.Image | bytes], list[torch.Tensor]]:
+        """SwAV's own pipeline (PIL + torchvision.transforms, one Compose per crop) with this object's parameters.
+
+        The statistical reference ``MultiCrop`` is compared against (tests, ``benchmarks/multicrop.py``).
+        """
+        import torchvision.transforms as T
+
+        b, c, s, h = self.jitter
+        per_crop = []
+        for size, scale, blur_p in self.plan:
+            per_crop.append(
+                T.Compose(
+                    [
+                        T.RandomResizedCrop(size, scale=scale, ratio=self.ratio),
+                        T.RandomHorizontalFlip(p=self.flip_p),
+                        T.RandomApply([T.ColorJitter(b, c, s, h)], p=self.jitter_p),
+                        T.RandomGrayscale(p=self.gray_p),
+                        _PILRandomGaussianBlur(blur_p, self.blur_radius),
+                        T.ToTensor(),
+                        T.Normalize(mean=self.mean, std=self.std),
+                    ]
+                )
+            )
+
+        def reference(img: Image.Image | bytes) -> list[torch.Tensor]:
+            if not isinstance(img, Image.Image):
+                img = Image.open(io.BytesIO(img)).convert("RGB")
+            return [t(img) for t in per_crop]
+
+        return reference
+
+
+def _decode_jpeg_tensor(data: bytes) -> torch.Tensor | None:
+    """``[3, H, W]`` uint8 RGB via torchvision's libjpeg-turbo decoder, EXIF orientation applied; None if it fails."""
+    try:
+        # torchvision 0.29 deprecates its decoders (for torchcodec); if they go, PIL decodes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return decode_jpeg(buf, mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except Exception:  # unusual JPEG flavours: PIL decodes them (and reports errors clearly)
+        return None
+
+
+def _scale_span(start: int, length: int, factor: float, limit: int) -> tuple[int, int]:
+    """A box edge drawn at full size, in the coordinates of an image decoded ``factor`` times smaller (clamped)."""
+    lo = min(max(int(round(start * factor)), 0), limit - 1)
+    hi = min(max(int(round((start + length) * factor)), lo + 1), limit)
+    return lo, hi - lo
+
+
+def collate_multicrop(batch: list[tuple[list[torch.Tensor], int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``[(crops, label), ...]`` -> (``[B, 3, h, w]`` per crop index, labels ``[B]`` int64)."""
+    if not batch:
+        raise ValueError("collate_multicrop: empty batch")
+    n = len(batch[0][0])
+    for i, (crops, _) in enumerate(batch):
+        if len(crops) != n:
+            raise ValueError(f"collate_multicrop: sample {i} has {len(crops)} crops, sample 0 has {n}")
+    crops = [torch.stack([sample[0][k] for sample in batch]) for k in range(n)]
+    labels = torch.as_tensor([int(label) for _, label in batch], dtype=torch.int64)
+    return crops, labels
+
+
+def normalize_uint8(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """``[..., 3, h, w]`` uint8 -> normalized float (for ``MultiCrop(normalize=False)`` batches, on the device)."""
+    m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(3, 1, 1) * 255.0
+    s = torch.tensor(std, device=x.device, dtype=torch.float32).view(3, 1, 1) * 255.0
+    return ((x.float() - m) / s).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+_INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+                   "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}  # fmt: skip
+
+
+def eval_transform(
+    resolution: int = 224,
+    resize: int | None = None,
+    interpolation: str = "bicubic",
+    crop_pct: float | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    *,
+    draft: bool = False,
+) -> Callable[[Image.Image | bytes], torch.Tensor]:
+    """Resize the shorter side, center crop ``resolution``, normalize: ``(PIL | bytes) -> [3, r, r]`` float32.
+
+    The shorter side becomes ``resize`` if given, else ``floor(resolution / crop_pct)`` (timm's rule;
+    ``crop_pct`` defaults to 0.875, i.e. 256 for 224; timm's SEER models use 0.965). ``draft=True`` decodes JPEG
+    bytes at reduced size when that keeps the shorter side >= the resize target (faster, slightly different pixels).
+    """
+    if interpolation not in _INTERPOLATIONS:
+        raise ValueError(f"interpolation {interpolation!r} not in {sorted(_INTERPOLATIONS)}")
+    if resize is None:
+        pct = 0.875 if crop_pct is None else float(crop_pct)
+        if not 0 < pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        resize = int(math.floor(resolution / pct))
+    if resize < resolution:
+        raise ValueError(f"resize {resize} is smaller than the crop {resolution}")
+    mode = _INTERPOLATIONS[interpolation]
+    scale = torch.tensor([1.0 / (255.0 * v) for v in std]).view(3, 1, 1)
+    shift = torch.tensor([-m / v for m, v in zip(mean, std)]).view(3, 1, 1)
+
+    def transform(img: Image.Image | bytes) -> torch.Tensor:
+        if not isinstance(img, Image.Image):
+            img = decode_image(img, draft_size=resize if draft else None)
+        elif img.mode != "RGB":
+            img = img.convert("RGB")
+        w, h = img.size
+        if w <= h:
+            size = (resize, int(resize * h / w))
+        else:
+            size = (int(resize * w / h), resize)
+        img = img.resize(size, mode)
+        left = int(round((size[0] - resolution) / 2.0))
+        top = int(round((size[1] - resolution) / 2.0))
+        img = img.crop((left, top, left + resolution, top + resolution))
+        x = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+        return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).add_(shift)
+
+    return transform
