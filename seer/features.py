@@ -116,6 +116,8 @@ class Preprocess:
         r = self.resolution
         w, h = img.size
         resample = _RESAMPLE[self.interpolation]
+        # A draft-decoded JPEG may end in a partial row / column of padding: its true extent is a float.
+        w, h = img.info.get("seer_extent", (w, h))
         if self.resize_mode == "warp":
             box = (0.0, 0.0, float(w), float(h))
         else:
@@ -150,10 +152,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 def _open(data: str | os.PathLike | bytes, draft: int | None) -> Image.Image:
     img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data)
-    if draft and img.format == "JPEG":
+    if draft and img.format == "JPEG" and min(img.size) >= 2 * draft:
         # DCT-domain downscaling (1/2, 1/4, 1/8) while decoding: both sides stay >= draft, so any EXIF rotation
-        # and the resize that follows still have enough pixels.
-        img.draft("RGB", (draft, draft))
+        # and the resize that follows still have enough pixels. The scaled image may end in a partial pixel:
+        # keep its exact extent so the crop geometry matches a full decode.
+        orientation = img.getexif().get(0x0112, 1)
+        result = img.draft("RGB", (draft, draft))
+        if result is not None and img.size != (result[1][2], result[1][3]):
+            extent = (float(result[1][2]), float(result[1][3]))
+            img.info["seer_extent"] = extent[::-1] if orientation in (5, 6, 7, 8) else extent
     img.load()
     return img
 
@@ -850,7 +857,8 @@ class _ShardTransform:
         self.preprocess = preprocess
 
     def __call__(self, data: bytes) -> np.ndarray:
-        return self.preprocess(load_image(bytes(data), draft=self.preprocess.draft_size()))
+        # a writable copy: the loader's default_collate turns it into a tensor
+        return np.array(self.preprocess(load_image(bytes(data), draft=self.preprocess.draft_size())))
 
 
 def _extract_shards(urls: Any, out: Path, setup: _Setup, rank: int, world_size: int, chunk_size: int,
