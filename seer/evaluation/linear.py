@@ -84,6 +84,7 @@ class _Group:
         self.buf_b = torch.zeros_like(self.bias)
         self.lr = torch.tensor([cfg.lr for cfg in configs], device=device).repeat_interleave(c)
         self.wd = torch.tensor([cfg.weight_decay for cfg in configs], device=device).repeat_interleave(c)
+        self.has_wd = any(cfg.weight_decay != 0 for cfg in configs)
         self.bn = head == "bn"
         self.eps, self.bn_momentum = bn_eps, bn_momentum
         self.running_mean = torch.zeros(dim, device=device)
@@ -117,12 +118,14 @@ class _Group:
         g = logp.exp_()
         g.scatter_add_(2, yy, torch.full_like(yy, -1.0, dtype=g.dtype))
         g = g.div_(x.shape[0]).view(x.shape[0], self.h * self.c)
-        grad_w = torch.mm(xin.t(), g).add_(self.weight * self.wd)  # weight decay on weights, not biases
-        grad_b = g.sum(0)
-        self.buf_w.mul_(momentum).add_(grad_w)
-        self.buf_b.mul_(momentum).add_(grad_b)
-        self.weight.sub_(self.buf_w * (self.lr * lr_factor))
-        self.bias.sub_(self.buf_b * (self.lr * lr_factor))
+        # SGD with momentum (PyTorch semantics: buf = m * buf + grad + wd * w; w -= lr * buf), fused where possible:
+        # one addmm accumulates the weight gradient straight into the momentum buffer.
+        torch.addmm(self.buf_w, xin.t(), g, beta=momentum, out=self.buf_w)
+        if self.has_wd:  # weight decay on weights, not biases
+            self.buf_w.addcmul_(self.weight, self.wd)
+        self.buf_b.mul_(momentum).add_(g.sum(0))
+        self.weight.addcmul_(self.buf_w, self.lr, value=-lr_factor)
+        self.bias.addcmul_(self.buf_b, self.lr, value=-lr_factor)
         return loss
 
 
