@@ -277,7 +277,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         loss.backward()
         model.head.before_optimizer_step(step)  # frozen prototypes: grads set to None
         if cfg.optim.clip_grad > 0:
-            clip_grad_norm(model.parameters(), cfg.optim.clip_grad)
+            # the optimizer's parameters: the (sharded) ones that hold the reduced gradients
+            clip_grad_norm([p for g in optimizer.param_groups for p in g["params"]], cfg.optim.clip_grad)
         optimizer.step()
         done = step + 1
         done_steps += 1
