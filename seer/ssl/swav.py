@@ -75,15 +75,16 @@ def sinkhorn(scores: torch.Tensor, n_iters: int = 3, epsilon: float = 0.05) -> t
     if not epsilon > 0:
         raise ValueError(f"sinkhorn: epsilon must be > 0, got {epsilon}")
     with torch.autocast(device_type=scores.device.type, enabled=False):
-        logits = torch.nan_to_num(scores.detach().float() / epsilon)  # [B, K]
-        n_local, n_protos = logits.shape
+        # one [B, K] fp32 buffer, transformed in place: logits -> shifted -> exp -> codes
+        q = torch.nan_to_num_(scores.detach().to(torch.float32, copy=True).div_(epsilon))
+        n_local, n_protos = q.shape
         tiny = torch.finfo(torch.float32).tiny
 
         # Per-prototype max over the global batch (a sample-free shift: cancelled by the first row normalization).
-        shift = logits.max(dim=0).values if n_local else logits.new_full((n_protos,), -torch.inf)
+        shift = q.max(dim=0).values if n_local else q.new_full((n_protos,), -torch.inf)
         _all_reduce(shift, "max")
-        shift = torch.nan_to_num(shift)  # a rank with no rows anywhere: -inf -> finite
-        q = torch.exp(logits - shift)  # entries in [0, 1], each prototype has a 1 somewhere
+        shift = torch.nan_to_num(shift)  # no rows on any rank: -inf -> finite
+        q = q.sub_(shift).exp_()  # entries in [0, 1], each prototype has a 1 somewhere
 
         # Total mass and global sample count in one collective.
         totals = torch.stack([q.sum(), q.new_tensor(float(n_local))])
@@ -106,7 +107,8 @@ def sinkhorn(scores: torch.Tensor, n_iters: int = 3, epsilon: float = 0.05) -> t
         # Fallback for samples whose every entry underflowed to 0 (see above). Local: no collective, no desync.
         dead = q.sum(dim=1) == 0
         if bool(dead.any()):
-            fix = torch.softmax(logits[dead].double() + log_u.double(), dim=1)
+            logits = torch.nan_to_num(scores[dead].detach().float() / epsilon).double()
+            fix = torch.softmax(logits + log_u.double(), dim=1)
             q[dead] = torch.nan_to_num(fix, nan=1.0 / n_protos).float()
     return q
 
