@@ -17,6 +17,7 @@ import webdataset as wds
 from PIL import Image
 
 from seer.data.shards import (
+    _balanced_split,
     eval_loader,
     expand_urls,
     make_nodesplitter,
@@ -349,6 +350,21 @@ def test_eval_stream_each_key_once_with_index_and_label(colour_shards: str) -> N
 def test_nodesplitter() -> None:
     parts = [list(make_nodesplitter(r, 3)(range(10))) for r in range(3)]
     assert parts == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert [_balanced_split(n, 2) for n in (1, 2, 3, 4, 9, 16, 17)] == [False, True, False, True, False, True, True]
+
+
+def test_train_ranks_read_disjoint_shards_when_balanced(colour_shards: str) -> None:
+    # 5 shards on 5 ranks: each rank resamples only its own shard (shard 4 holds the single image 59 -> value 118)
+    values = {r: {v for b in _train_values(colour_shards, rank=r, world_size=5) for v in b} for r in range(5)}
+    assert all(abs(v - 118) <= 2 for v in values[4]) and all(108 <= v <= 118 for v in values[3])
+    assert all(v <= 50 for v in values[0])
+    # 5 shards on 2 ranks would split unevenly (3 + 2): both ranks resample from all shards
+    both = [
+        {v for b in _train_values(colour_shards, rank=r, world_size=2, seed=s) for v in b}
+        for r in range(2)
+        for s in range(3)
+    ]
+    assert any(v <= 48 for v in set().union(*both[3:])) and any(v >= 50 for v in set().union(*both[3:]))
 
 
 # --------------------------------------------------------------------------------------------------------------------

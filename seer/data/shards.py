@@ -438,11 +438,18 @@ class _ShardList(IterableDataset):
             yield {"url": url}
 
 
+def _balanced_split(n_items: int, parts: int) -> bool:
+    """Whether `n_items` shards split into `parts` disjoint subsets evenly enough (every subset within 1/8 of the
+    others, or exactly even). Resampling from uneven subsets would oversample the shards of the smaller ones."""
+    return parts > 1 and n_items >= parts and (n_items % parts == 0 or n_items >= 8 * parts)
+
+
 class _ResampledShardList(IterableDataset):
     """Infinite resampled shard stream for training, seeded from (seed, rank, worker, segment start step).
 
-    With at least as many shards as ranks (and workers), each rank (worker) resamples from its own disjoint subset,
-    so ranks do not read the same shard at the same time; otherwise everyone resamples from the full list."""
+    When the shards split evenly (see `_balanced_split`), each rank resamples from its own disjoint subset (the
+    nodesplitter), and each worker from its part of that, so that streams do not read the same shards; otherwise
+    they resample from the whole (rank's) list, each with its own seed."""
 
     def __init__(self, urls: list[str], rank: int, world_size: int, seed: int, start_step: int):
         super().__init__()
@@ -451,9 +458,9 @@ class _ResampledShardList(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         wid, nw = _worker()
         mine = self.urls
-        if len(mine) >= self.world_size:
+        if _balanced_split(len(mine), self.world_size):
             mine = list(make_nodesplitter(self.rank, self.world_size)(mine))
-        if len(mine) >= nw:
+        if _balanced_split(len(mine), nw):
             mine = mine[wid::nw]
         stream_seed = make_seed(self.seed, self.rank, wid, self.start_step)
         yield from wds.ResampledShards(mine, seed=stream_seed, worker_seed=lambda: 0, deterministic=True)
