@@ -1,0 +1,307 @@
+"""What runs inside a submitit task: the torch.distributed environment, the pretraining job, attempt records.
+
+A job directory (= the run directory of the pretraining) looks like::
+
+    JOB_DIR/
+      config.yaml                      resolved config (written at submission, again by the training loop)
+      metrics.jsonl  checkpoints/  tensorboard/      the run's outputs (seer.train.loop)
+      launch/
+        submission_000.json            one per `submit.py pretrain` call: argv, executor parameters, job id
+        submission_000.sh              the sbatch script submitit wrote (SLURM)
+        logs/<job_id>/                 submitit's folder: pickles, <job_id>_<task>_log.out / .err
+        attempts/attempt_000.json      one per start of the job (first run and each requeue), written by rank 0
+
+This module is imported by the workers; it imports submitit and the training loop only inside functions that
+need them, so ``launch.submit --dry-run`` stays light.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import random
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "export_torch_env",
+    "master_port",
+    "PretrainJob",
+    "attempts_dir",
+    "read_attempts",
+    "write_json_atomic",
+    "run_progress",
+]
+
+# Ranks 0..N-1 of every task agree on these without talking: they come from the job id and the requeue count.
+_PORT_LOW, _PORT_SPAN = 20000, 40000
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
+    """Write ``payload`` as JSON through a temporary file in the same directory (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# torch.distributed environment from the submitit / SLURM job
+# ----------------------------------------------------------------------------------------------------------------
+def master_port(job_id: str, requeue: int = 0) -> int:
+    """A port every task of a job derives alike: a function of the job id (as submitit's helper does), shifted by
+    the requeue count so a requeued local job never races the previous attempt's socket."""
+    base = random.Random(str(job_id)).randint(0, _PORT_SPAN - 1)
+    return _PORT_LOW + (base + 7 * requeue) % _PORT_SPAN
+
+
+def export_torch_env(requeue: int = 0, *, always: bool = False) -> dict:
+    """Export RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT for ``init_method=env://``.
+
+    The values come from submitit's ``TorchDistributedEnvironment`` (which reads the SLURM / local job environment:
+    ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, the first host of ``SLURM_JOB_NODELIST``). Differences
+    from ``TorchDistributedEnvironment().export()``: the port moves with ``requeue`` unless ``MASTER_PORT`` is set,
+    a local job rendezvouses on 127.0.0.1 (the hostname may not resolve), variables left by an enclosing job are
+    overwritten, and ``CUDA_VISIBLE_DEVICES`` is left alone (``init_distributed`` picks ``cuda:LOCAL_RANK``).
+
+    A one-task job exports nothing unless ``always``: it then trains without a process group, exactly like
+    ``seer pretrain`` in one process.
+
+    Must be called inside a submitit job (``SUBMITIT_EXECUTOR`` set). Returns the values (as str) and ``"exported"``.
+    """
+    from submitit.helpers import TorchDistributedEnvironment
+
+    user_port = os.environ.get("SEER_MASTER_PORT")  # an explicit choice survives; a stale MASTER_PORT does not
+    os.environ.pop("MASTER_PORT", None)
+    tde = TorchDistributedEnvironment()
+    job_id = tde._job_env.job_id  # the array id "123_4" for array tasks: different tasks, different ports
+    local = tde._job_env.cluster == "local"
+    values = {
+        "RANK": str(tde.rank),
+        "WORLD_SIZE": str(tde.world_size),
+        "LOCAL_RANK": str(tde.local_rank),
+        "LOCAL_WORLD_SIZE": str(tde.local_world_size),
+        "MASTER_ADDR": "127.0.0.1" if local else str(tde.master_addr),
+        "MASTER_PORT": str(int(user_port) if user_port else master_port(job_id, requeue)),
+    }
+    exported = always or tde.world_size > 1
+    if exported:
+        os.environ.update(values)
+    else:
+        for key in values:
+            os.environ.pop(key, None)  # stale values from an enclosing job would make init_distributed start a group
+    return {**values, "exported": exported, "job_id": job_id, "hostnames": list(tde._job_env.hostnames)}
+
+
+def _limit_threads_locally(local_world_size: int) -> None:
+    """N CPU tasks on one machine each default to all cores: split them (only when the user did not choose)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // max(1, local_world_size)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attempt records
+# ----------------------------------------------------------------------------------------------------------------
+def attempts_dir(job_dir: str | os.PathLike) -> Path:
+    return Path(job_dir) / "launch" / "attempts"
+
+
+def read_attempts(job_dir: str | os.PathLike) -> list[dict]:
+    """Every attempt record of a job directory, oldest first."""
+    root = attempts_dir(job_dir)
+    out = []
+    for p in sorted(root.glob("attempt_*.json")) if root.is_dir() else []:
+        with open(p) as f:
+            out.append(json.load(f))
+    return out
+
+
+def run_progress(job_dir: str | os.PathLike) -> int:
+    """The step of the latest complete checkpoint of the run in ``job_dir`` (0 when there is none)."""
+    from seer.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(job_dir)
+    if ckpt is None:
+        return 0
+    m = re.search(r"(\d+)$", ckpt.name)
+    return int(m.group(1)) if m else 0
+
+
+class _Attempt:
+    """The record of one start of the job (rank 0 only); rewritten atomically as its status changes."""
+
+    def __init__(self, job_dir: Path, **fields: Any) -> None:
+        root = attempts_dir(job_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        index = len(list(root.glob("attempt_*.json")))
+        self.path = root / f"attempt_{index:03d}.json"
+        self.data = {"attempt": index, "status": "running", "started": _now(), "started_unix": time.time(), **fields}
+        write_json_atomic(self.path, self.data)
+
+    def update(self, **fields: Any) -> None:
+        if "ended" in fields:
+            fields["ended_unix"] = time.time()
+        self.data.update(fields)
+        write_json_atomic(self.path, self.data)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pretraining job
+# ----------------------------------------------------------------------------------------------------------------
+class PretrainJob:
+    """A checkpointable submitit callable: ``pretrain(cfg)`` in every task; requeued on timeout or preemption.
+
+    submitit calls ``checkpoint()`` on global rank 0 only, inside the USR2 signal handler: it runs no collectives and
+    saves nothing. The training loop checkpoints on its own schedule (``train.ckpt_every_steps`` /
+    ``train.ckpt_every_minutes``) and the requeued job resumes from the latest complete checkpoint on disk; the steps
+    since that checkpoint are recomputed (the data stream is a function of seed, rank and step, so identically).
+
+    Args:
+        config: the resolved config as a plain dict (``seer.config.config_to_dict``); ``run_dir`` is the job dir.
+        job_dir: the job directory (attempt records go to ``job_dir/launch/attempts``).
+        max_requeues: requeues allowed to this submission (timeouts and preemptions alike).
+        submission: index of the ``submit.py`` call that created the job (a manual resume is a new submission).
+        requeue: how many times this submission was requeued before (carried in the pickle submitit rewrites).
+    """
+
+    def __init__(
+        self, config: dict, job_dir: str, *, max_requeues: int = 20, submission: int = 0, requeue: int = 0
+    ) -> None:
+        self.config, self.job_dir = config, str(job_dir)
+        self.max_requeues, self.submission, self.requeue = int(max_requeues), int(submission), int(requeue)
+        self._attempt: _Attempt | None = None
+        self._finished = False
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_attempt"], state["_finished"] = None, False  # per-process state never travels
+        return state
+
+    def _requeues_used(self) -> int:
+        """Attempts of this submission already started, minus the first: counted on disk, so a requeue SLURM makes
+        on its own (node failure) counts too."""
+        mine = [a for a in read_attempts(self.job_dir) if a.get("submission") == self.submission]
+        return max(0, len(mine) - 1)
+
+    def __call__(self) -> dict:
+        import submitit
+
+        from seer.config import config_from_dict
+        from seer.distributed.env import destroy_distributed
+        from seer.train.loop import pretrain
+
+        job_env = submitit.JobEnvironment()
+        info = export_torch_env(self.requeue)
+        rank = job_env.global_rank
+        if job_env.cluster == "local":
+            _limit_threads_locally(int(info["LOCAL_WORLD_SIZE"]))
+        cfg = config_from_dict(self.config)
+        if rank == 0:
+            self._attempt = _Attempt(
+                Path(self.job_dir),
+                submission=self.submission,
+                requeue=self.requeue,
+                job_id=job_env.job_id,
+                executor=job_env.cluster,
+                hostnames=info["hostnames"],
+                world_size=int(info["WORLD_SIZE"]),
+                master=f"{info['MASTER_ADDR']}:{info['MASTER_PORT']}",
+                slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+                start_step=run_progress(self.job_dir),
+                total_steps=cfg.total_steps,
+                pid=os.getpid(),
+            )
+            print(f"[launch] attempt {self._attempt.data['attempt']} of {self.job_dir}: {job_env}", flush=True)
+        try:
+            summary = pretrain(cfg)
+        except SystemExit:
+            # rank 0 after checkpoint(): submitit requeues by exiting from the signal handler. The process group is
+            # left alone (other ranks may be blocked in a collective; the scheduler stops them).
+            raise
+        except BaseException as exc:
+            # (a "stopped" attempt -- checkpoint() refused to requeue -- ends here too: keep its status and reason)
+            if self._attempt is not None and self._attempt.data["status"] == "running":
+                self._attempt.update(status="failed", ended=_now(), end_step=run_progress(self.job_dir), error=repr(exc))
+            raise
+        self._finished = True
+        if rank == 0:
+            # A timeout signal arriving now must not requeue a finished run.
+            try:
+                signal.signal(submitit.JobEnvironment._usr_sig(), _ignore_late_signal)
+            except ValueError:  # not the main thread (debug executor): nothing was installed there either
+                pass
+        destroy_distributed()
+        if self._attempt is not None:
+            self._attempt.update(status="finished", ended=_now(), end_step=int(summary["step"]), summary=summary)
+        return summary
+
+    def checkpoint(self) -> Any:
+        """Called by submitit on global rank 0 in the preemption / timeout signal handler: no collectives here.
+
+        Returns the resubmission (the same job, requeue count + 1), or ``None`` (no requeue) when the run finished
+        or the requeue budget is spent.
+        """
+        import submitit
+
+        step = run_progress(self.job_dir)
+        total = _total_steps(self.config)
+        used = self._requeues_used()
+        if self._finished or (total and step >= total):
+            reason = "the run is finished"
+        elif used >= self.max_requeues:
+            reason = f"max requeues reached ({used} of {self.max_requeues})"
+        else:
+            reason = ""
+        if self._attempt is not None:
+            status = "stopped" if reason else "requeued"
+            self._attempt.update(status=status, ended=_now(), end_step=step, reason=reason or "timeout/preemption")
+        print(f"[launch] signal at step >= {step}: {'not requeued, ' + reason if reason else 'requeuing'}", flush=True)
+        sys.stdout.flush()
+        if reason:
+            return None
+        return submitit.helpers.DelayedSubmission(
+            self.__class__(
+                self.config,
+                self.job_dir,
+                max_requeues=self.max_requeues,
+                submission=self.submission,
+                requeue=self.requeue + 1,
+            )
+        )
+
+
+def _ignore_late_signal(signum: int, frame: Any) -> None:
+    print(f"[launch] ignoring signal {signum}: the run is finished", flush=True)
+
+
+def _total_steps(config: dict) -> int:
+    t = config.get("train", {})
+    return int(t.get("total_steps") or int(t.get("epochs", 1)) * int(t.get("steps_per_epoch", 1)))
+
+
+def wait_for_file(path: Path, timeout_s: float) -> bool:
+    """Poll until ``path`` exists (used by tests and ``--wait``)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if path.exists():
+            return True
+        time.sleep(0.5)
+    return path.exists()
+

@@ -1,0 +1,380 @@
+"""launch/submit.py: argument checks, the sbatch script, the torch.distributed environment, requeue and eval arrays.
+
+The SLURM side is checked through the script submitit renders (--dry-run) and a fake `sbatch` on PATH; the requeue
+side runs for real through submitit's LocalExecutor (2 gloo tasks, a time limit short enough to interrupt the run).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+import time
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+from launch import submit
+from launch.jobs import PretrainJob, export_torch_env, master_port, read_attempts
+from seer.distributed.env import detect_launcher
+
+REPO = Path(__file__).resolve().parents[1]
+RG256 = str(REPO / "configs/pretrain/seer_rg256.yaml")
+TENB = str(REPO / "configs/pretrain/seer_10b.yaml")
+TINY_CFG = str(REPO / "configs/pretrain/tiny_cpu.yaml")
+# A very small SwAV run (as in tests/test_pretrain.py): steps are dominated by process-group overheads.
+TINY = [
+    "model.cfg={depth: 4, w0: 16, wa: 8.0, wm: 2.0, group_w: 8}",
+    "swav.head_dims=[32, 16]",
+    "swav.n_prototypes=32",
+    "swav.freeze_prototypes_iters=3",
+    "data.crops=[[2, 32], [2, 16]]",
+    "data.image_size=48",
+    "data.synthetic_classes=8",
+    "data.batch_size_per_gpu=8",
+    "optim.base_lr=2.4",
+    "train.tensorboard=false",
+]
+
+
+def _sbatch_flags(script: str) -> dict[str, str]:
+    flags = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH --"):
+            key, _, value = line[len("#SBATCH --") :].partition("=")
+            flags[key] = value.strip("'")
+    return flags
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = submit.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --dry-run: the sbatch script
+# ----------------------------------------------------------------------------------------------------------------
+def test_dry_run_rg256_on_64_nodes(tmp_path, capsys):
+    job_dir = tmp_path / "rg256"
+    argv = ["pretrain", "--config", RG256, "--nodes", "64", "--gpus-per-node", "8", "--partition", "learnfair",
+            "--timeout-min", "4320", "--account", "ssl", "--qos", "high", "--constraint", "volta32gb",
+            "--exclude", "node[001-004]", "--comment", "seer rg256", "--mem-gb", "480", "--cpus-per-task", "10",
+            "--job-dir", str(job_dir), "--dry-run"]  # fmt: skip
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    flags = _sbatch_flags(out)
+    assert out.startswith("#!/bin/bash")
+    assert flags["nodes"] == "64"
+    assert flags["ntasks-per-node"] == "8"  # one task per GPU
+    assert flags["gpus-per-node"] == "8"
+    assert flags["signal"] == "USR2@120"  # submitit's preemption / timeout signal, 2 minutes before the limit
+    assert flags["time"] == "4320"
+    assert flags["partition"] == "learnfair" and flags["account"] == "ssl" and flags["qos"] == "high"
+    assert flags["constraint"] == "volta32gb" and flags["exclude"] == "node[001-004]"
+    assert flags["comment"] == "seer rg256" and flags["mem"] == "480GB" and flags["cpus-per-task"] == "10"
+    assert "requeue" in flags
+    assert flags["output"].startswith(str(job_dir / "launch" / "logs"))
+    assert "srun --unbuffered" in out and "-m submitit.core._submit" in out
+    assert "world size 512" in err and "nothing submitted" in err
+    assert not job_dir.exists()  # a dry run writes nothing
+
+
+def test_dry_run_10b_on_62_nodes_and_its_batch_check(tmp_path, capsys):
+    base = ["pretrain", "--config", TENB, "--gpus-per-node", "8", "--partition", "learnfair", "--timeout-min", "4320",
+            "--job-dir", str(tmp_path / "10b"), "--dry-run"]  # fmt: skip
+    code, out, err = _run([*base, "--nodes", "62"], capsys)
+    assert code == 0, err
+    flags = _sbatch_flags(out)
+    assert (flags["nodes"], flags["ntasks-per-node"], flags["gpus-per-node"]) == ("62", "8", "8")
+    assert "world size 496" in err
+    # 64 nodes = 512 GPUs: the recipe's global batch (7936 = 16 x 496) does not split evenly -> refused up front.
+    code, out, err = _run([*base, "--nodes", "64"], capsys)
+    assert code == 2 and out == ""
+    assert "global_batch_size" in err and "512" in err
+
+
+def test_dry_run_passes_extra_slurm_parameters_and_setup(tmp_path, capsys):
+    argv = ["pretrain", "--config", TINY_CFG, "--nodes", "2", "--gpus-per-node", "4", "--timeout-min", "60",
+            "--sbatch", "gres=gpu:4", "--sbatch", "exclusive=true", "--setup", "module load cuda/12.4",
+            "--signal-delay-s", "300", "--job-dir", str(tmp_path / "j"), "--dry-run"]  # fmt: skip
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    flags = _sbatch_flags(out)
+    assert flags["gres"] == "gpu:4" and "exclusive" in flags and flags["signal"] == "USR2@300"
+    assert flags["ntasks-per-node"] == "4" and flags["nodes"] == "2"
+    assert "module load cuda/12.4" in out.split("# command")[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bad arguments: clear errors, nothing submitted
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch):
+    """`sinfo` / `srun` / `sbatch` stand-ins on PATH; `sbatch` records each call and answers like SLURM."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "sbatch_calls"
+    scripts = {
+        "sinfo": "#!/bin/sh\nprintf 'learnfair*\\ndevlab\\nscavenge\\n'\n",
+        "srun": "#!/bin/sh\nexit 0\n",
+        "sbatch": f'#!/bin/sh\necho "$@" >> {calls}\necho "Submitted batch job 4242"\n',
+    }
+    for name, text in scripts.items():
+        (bindir / name).write_text(text)
+        (bindir / name).chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    return calls
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--nodes", "0"], "--nodes must be >= 1"),
+        (["--nodes", "-3"], "--nodes must be >= 1"),
+        (["--gpus-per-node", "-1"], "--gpus-per-node must be >= 0"),
+        (["--timeout-min", "0"], "--timeout-min must be > 0"),
+        (["--timeout-min", "90.5"], "whole number of minutes"),
+        (["--partition", "learnfiar"], "does not exist on this cluster (did you mean learnfair"),
+        (["--partition", ""], "--partition is empty"),
+        (["--sbatch", "gress=gpu:8"], "not a SLURM parameter submitit knows (did you mean gres"),
+        (["--sbatch", "partition=devlab"], "use the named option"),
+        (["--sbatch", "novalue"], "KEY=VALUE"),
+        (["--signal-delay-s", "99999"], "--signal-delay-s must be in"),
+        (["--max-requeues", "-1"], "--max-requeues must be >= 0"),
+        (["--local", "--nodes", "2"], "--nodes must be 1"),
+        (["optim.base_lr=-1"], "optim.base_lr"),
+        (["train.no_such_key=1"], "unknown config key 'train.no_such_key'"),
+    ],
+)
+def test_bad_arguments_fail_before_submitting(tmp_path, capsys, fake_slurm, extra, message):
+    job_dir = tmp_path / "job"
+    argv = ["pretrain", "--config", TINY_CFG, "--partition", "learnfair", "--timeout-min", "60", "--nodes", "1",
+            "--job-dir", str(job_dir), *extra]  # fmt: skip
+    code, out, err = _run(argv, capsys)
+    assert code == 2
+    assert message in err, err
+    assert not fake_slurm.exists() and not job_dir.exists()  # nothing submitted, nothing written
+
+
+def test_missing_config_and_unknown_options(tmp_path, capsys, fake_slurm):
+    code, _, err = _run(["pretrain", "--config", str(tmp_path / "nope.yaml"), "--partition", "learnfair"], capsys)
+    assert code == 2 and "nope.yaml: file not found" in err
+    code, _, err = _run(["pretrain", "--resume", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "no config.yaml there" in err
+    with pytest.raises(SystemExit) as exc:  # argparse: unknown flag (no abbreviations either)
+        submit.main(["pretrain", "--config", TINY_CFG, "--partiton", "learnfair"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --partiton" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        submit.main(["pretrain", "--config", TINY_CFG, "--part", "learnfair"])
+    assert submit.main(["pretrian"]) == 2 and "did you mean pretrain" in capsys.readouterr().err
+    assert not fake_slurm.exists()
+
+
+def test_no_slurm_here_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch / srun
+    code, _, err = _run(["pretrain", "--config", TINY_CFG, "--job-dir", str(tmp_path / "j")], capsys)
+    assert code == 2 and "no SLURM here" in err and "--dry-run" in err
+
+
+def test_submission_through_fake_sbatch_records_the_job(tmp_path, capsys, fake_slurm):
+    job_dir = tmp_path / "job"
+    argv = ["pretrain", "--config", TINY_CFG, "--nodes", "2", "--gpus-per-node", "8", "--partition", "devlab",
+            "--timeout-min", "120", "--max-requeues", "5", "--job-dir", str(job_dir), "train.total_steps=30"]  # fmt: skip
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    assert "submitted job 4242" in out
+    assert fake_slurm.read_text().count("\n") == 1  # sbatch called once
+    record = json.loads((job_dir / "launch" / "submission_000.json").read_text())
+    assert record["job_id"] == "4242" and record["executor"] == "slurm" and record["world_size"] == 16
+    assert record["options"]["max_requeues"] == 5 and record["options"]["partition"] == "devlab"
+    flags = _sbatch_flags((job_dir / "launch" / "submission_000.sh").read_text())
+    assert flags["nodes"] == "2" and flags["ntasks-per-node"] == "8" and flags["partition"] == "devlab"
+    cfg = (job_dir / "config.yaml").read_text()
+    assert f"run_dir: {job_dir}" in cfg and "total_steps: 30" in cfg
+
+    # Resume by hand: the same options by default, flags given now win; a second submission record.
+    code, out, err = _run(["pretrain", "--resume", str(job_dir), "--timeout-min", "60"], capsys)
+    assert code == 0, err
+    second = json.loads((job_dir / "launch" / "submission_001.json").read_text())
+    assert second["submission"] == 1 and second["options"]["nodes"] == 2 and second["options"]["timeout_min"] == 60
+    assert second["options"]["partition"] == "devlab"
+    # A new config into a job dir that holds a run is refused (the run has no checkpoint yet: allowed here).
+    (job_dir / "checkpoints" / "step_00000004").mkdir(parents=True)
+    (job_dir / "checkpoints" / "step_00000004" / "meta.json").write_text("{}")
+    code, _, err = _run([*argv[:-1], "train.total_steps=40"], capsys)
+    assert code == 2 and "different config" in err and "--resume" in err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the torch.distributed environment
+# ----------------------------------------------------------------------------------------------------------------
+SLURM_TASK = {
+    "SUBMITIT_EXECUTOR": "slurm",
+    "SLURM_JOB_ID": "81234",
+    "SLURM_NTASKS": "16",
+    "SLURM_JOB_NUM_NODES": "2",
+    "SLURM_NODEID": "1",
+    "SLURM_PROCID": "11",
+    "SLURM_LOCALID": "3",
+    "SLURM_JOB_NODELIST": "gpu-a[017-018]",
+}
+
+
+def _clean_env(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "SEER_MASTER_PORT", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):  # fmt: skip
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_export_from_a_slurm_task(monkeypatch):
+    _clean_env(monkeypatch)
+    for k, v in SLURM_TASK.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_PORT", "1")  # stale, from an enclosing job: replaced
+    info = export_torch_env()
+    env = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")}
+    assert env == {"RANK": "11", "WORLD_SIZE": "16", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "8",
+                   "MASTER_ADDR": "gpu-a017"}  # fmt: skip
+    port = int(os.environ["MASTER_PORT"])
+    assert 20000 <= port < 60000 and port == master_port("81234", 0) and info["exported"]
+    # Every task of the job derives the same address and port; the requeued job moves to another port.
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_LOCALID", "0")
+    monkeypatch.setenv("SLURM_NODEID", "0")
+    export_torch_env()
+    assert os.environ["MASTER_PORT"] == str(port) and os.environ["MASTER_ADDR"] == "gpu-a017"
+    assert os.environ["RANK"] == "0"
+    export_torch_env(requeue=1)
+    assert int(os.environ["MASTER_PORT"]) != port
+    # seer.distributed.env reads back exactly what was exported.
+    seen = detect_launcher()
+    assert (seen["rank"], seen["world_size"], seen["local_rank"], seen["master_addr"]) == (0, 16, 0, "gpu-a017")
+    assert seen["master_port"] == int(os.environ["MASTER_PORT"])
+    # An explicit port wins.
+    monkeypatch.setenv("SEER_MASTER_PORT", "29511")
+    export_torch_env(requeue=3)
+    assert os.environ["MASTER_PORT"] == "29511"
+
+
+def test_export_from_a_local_task_and_a_single_task(monkeypatch):
+    _clean_env(monkeypatch)
+    for k, v in {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "777", "SUBMITIT_LOCAL_NTASKS": "2",
+                 "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_GLOBALID": "1",
+                 "SUBMITIT_LOCAL_LOCALID": "1"}.items():  # fmt: skip
+        monkeypatch.setenv(k, v)
+    export_torch_env()
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "1")
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1"
+    # One task: nothing exported and stale variables removed, so the task trains without a process group.
+    monkeypatch.setenv("SUBMITIT_LOCAL_NTASKS", "1")
+    monkeypatch.setenv("SUBMITIT_LOCAL_GLOBALID", "0")
+    monkeypatch.setenv("SUBMITIT_LOCAL_LOCALID", "0")
+    info = export_torch_env()
+    assert not info["exported"] and "RANK" not in os.environ and "WORLD_SIZE" not in os.environ
+    assert detect_launcher() is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoint(): requeue decisions (no processes)
+# ----------------------------------------------------------------------------------------------------------------
+def _fake_attempts(job_dir: Path, n: int, submission: int = 0) -> None:
+    root = job_dir / "launch" / "attempts"
+    root.mkdir(parents=True, exist_ok=True)
+    start = len(list(root.glob("attempt_*.json")))
+    for i in range(start, start + n):
+        (root / f"attempt_{i:03d}.json").write_text(json.dumps({"attempt": i, "submission": submission}))
+
+
+def test_checkpoint_requeues_until_the_budget_or_the_end(tmp_path):
+    from submitit.helpers import DelayedSubmission
+
+    config = {"run_dir": str(tmp_path), "train": {"total_steps": 100}}
+    job = PretrainJob(config, str(tmp_path), max_requeues=2, submission=1, requeue=0)
+    _fake_attempts(tmp_path, 3, submission=0)  # an earlier submission's attempts do not count
+    _fake_attempts(tmp_path, 1, submission=1)
+    nxt = job.checkpoint()
+    assert isinstance(nxt, DelayedSubmission)
+    again = nxt.function
+    assert isinstance(again, PretrainJob) and again.requeue == 1 and again.submission == 1
+    assert again.config == config and again.max_requeues == 2
+    cloudpickle.loads(cloudpickle.dumps(nxt))  # what submitit writes to disk for the requeued job
+    _fake_attempts(tmp_path, 1, submission=1)
+    assert job.checkpoint() is not None  # 1 requeue used of 2
+    _fake_attempts(tmp_path, 1, submission=1)
+    assert job.checkpoint() is None  # 2 of 2 used
+    # A finished run never requeues.
+    fresh = PretrainJob(config, str(tmp_path), max_requeues=50, submission=2)
+    ckpt = tmp_path / "checkpoints" / "step_00000100"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text("{}")
+    assert fresh.checkpoint() is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a real requeue: LocalExecutor, 2 gloo tasks, a time limit that interrupts the run
+# ----------------------------------------------------------------------------------------------------------------
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def _local(job_dir: Path, steps: int, capsys, *extra: str) -> int:
+    argv = ["pretrain", "--config", TINY_CFG, "--local", "--tasks-per-node", "2", "--job-dir", str(job_dir),
+            *extra, *TINY, f"train.total_steps={steps}", "train.ckpt_every_steps=4", "train.log_every=2"]  # fmt: skip
+    code = submit.main(argv)
+    out = capsys.readouterr()
+    print(out.out, out.err)
+    return code
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(900)
+def test_local_job_requeues_on_timeout_and_finishes_on_the_uninterrupted_trajectory(tmp_path, capsys):
+    steps = 40
+    # 1. The uninterrupted run (generous limit): its timing sets the limit of the interrupted one.
+    ref = tmp_path / "straight"
+    t0 = time.time()
+    assert _local(ref, steps, capsys, "--timeout-min", "10") == 0
+    (a,) = read_attempts(ref)
+    assert a["status"] == "finished" and a["end_step"] == steps and a["world_size"] == 2
+    startup, train = a["started_unix"] - t0, a["ended_unix"] - a["started_unix"]
+
+    # 2. Same run, but USR2 arrives after the start-up plus ~40% of the training time: requeued until done.
+    delay = 2
+    limit_s = math.ceil(startup + 0.4 * train) + delay
+    cut = tmp_path / "requeued"
+    code = _local(cut, steps, capsys, "--timeout-min", f"{limit_s / 60:.4f}", "--signal-delay-s", str(delay),
+                  "--max-requeues", "8")  # fmt: skip
+    attempts = read_attempts(cut)
+    summary = [(x["status"], x["start_step"], x.get("end_step")) for x in attempts]
+    assert code == 0, summary
+    assert len(attempts) >= 2, summary  # interrupted at least once
+    assert [x["status"] for x in attempts] == ["requeued"] * (len(attempts) - 1) + ["finished"], summary
+    assert [x["requeue"] for x in attempts] == list(range(len(attempts)))
+    assert attempts[-1]["end_step"] == steps and attempts[-1]["summary"]["step"] == steps
+    starts = [x["start_step"] for x in attempts]
+    assert starts[0] == 0 and starts == sorted(starts) and starts[-1] > 0, summary  # resumed, not restarted
+    assert all(s % 4 == 0 for s in starts)  # each attempt starts from a complete checkpoint
+    ckpts = sorted(p.name for p in (cut / "checkpoints").iterdir())
+    assert ckpts[-1] == f"step_{steps:08d}" and not any(p.startswith(".tmp") for p in ckpts)
+    logs = "".join(p.read_text() for p in (cut / "launch" / "logs").rglob("*_0_log.err"))
+    assert logs.count("Requeued job") == len(attempts) - 1
+
+    # 3. What the workers wrote: every logged step, and the loss of every record (replayed steps after a resume
+    # included) equal to the uninterrupted run's -- same ranks, same data stream, restored optimizer and RNG.
+    straight = dict(_losses(ref))
+    records = _losses(cut)
+    assert sorted(straight) == list(range(2, steps + 1, 2))
+    assert {s for s, _ in records} == set(straight)
+    assert len(records) >= len(straight)
+    for step, loss in records:
+        assert loss == pytest.approx(straight[step], abs=1e-5), (step, loss, straight[step])
+
+    # 4. A finished run submitted again does not train (or requeue): one more attempt, finished at once.
+    assert _local(cut, steps, capsys, "--timeout-min", "5") == 0
+    last = read_attempts(cut)[-1]
+    assert last["status"] == "finished" and last["start_step"] == steps and last["submission"] == 1
