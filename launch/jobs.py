@@ -238,7 +238,8 @@ class PretrainJob:
         except BaseException as exc:
             # (a "stopped" attempt -- checkpoint() refused to requeue -- ends here too: keep its status and reason)
             if self._attempt is not None and self._attempt.data["status"] == "running":
-                self._attempt.update(status="failed", ended=_now(), end_step=run_progress(self.job_dir), error=repr(exc))
+                step = run_progress(self.job_dir)
+                self._attempt.update(status="failed", ended=_now(), end_step=step, error=repr(exc))
             raise
         self._finished = True
         if rank == 0:
@@ -304,4 +305,3 @@ def wait_for_file(path: Path, timeout_s: float) -> bool:
             return True
         time.sleep(0.5)
     return path.exists()
-

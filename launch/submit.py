@@ -95,7 +95,7 @@ def _add_resource_args(ap: argparse.ArgumentParser, *, gpus_default: int | None,
     )
     m = ap.add_argument_group("mode")
     m.add_argument("--local", action="store_true", help="run through submitit's LocalExecutor on this machine")
-    m.add_argument("--dry-run", action="store_true", help="print the sbatch script that would be submitted; submit nothing")
+    m.add_argument("--dry-run", action="store_true", help="print the sbatch script to be submitted; submit nothing")
     m.add_argument("--no-wait", action="store_true", help="--local: return once submitted instead of waiting")
 
 
@@ -194,7 +194,9 @@ def _check_partition(partition: str | None) -> None:
     if names and partition not in names:
         close = difflib.get_close_matches(partition, sorted(names), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise LaunchError(f"--partition {partition!r} does not exist on this cluster{hint}; sinfo lists: {sorted(names)}")
+        raise LaunchError(
+            f"--partition {partition!r} does not exist on this cluster{hint}; sinfo lists: {sorted(names)}"
+        )
 
 
 def executor_parameters(args: argparse.Namespace, *, name: str) -> dict:
@@ -413,9 +415,7 @@ def pretrain_main(argv: list[str] | None = None) -> int:
     name = args.job_name or Path(cfg.run_dir).name
     logs = job_dir / "launch" / "logs" / "%j"
     try:
-        executor = make_executor(
-            logs, args, name=name, max_num_timeout=args.max_requeues, render_only=args.dry_run
-        )
+        executor = make_executor(logs, args, name=name, max_num_timeout=args.max_requeues, render_only=args.dry_run)
     except LaunchError as exc:
         return _error("pretrain", exc)
     step = run_progress(job_dir)
@@ -509,7 +509,8 @@ def status_main(argv: list[str] | None = None) -> int:
         extra = f" [{a['reason']}]" if a.get("reason") else ""
         print(
             f"  attempt {a['attempt']} (submission {a.get('submission')}, requeue {a.get('requeue')}): {a['status']}"
-            f"{extra}, steps {a.get('start_step')} -> {a.get('end_step', '?')}, {a.get('started')} .. {a.get('ended', '')}"
+            f"{extra}, steps {a.get('start_step')} -> {a.get('end_step', '?')}, "
+            f"{a.get('started')} .. {a.get('ended', '')}"
         )
     print(f"latest checkpoint: step {run_progress(job_dir)}")
     return 0

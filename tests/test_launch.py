@@ -183,7 +183,8 @@ def test_no_slurm_here_is_a_clear_error(tmp_path, capsys, monkeypatch):
 def test_submission_through_fake_sbatch_records_the_job(tmp_path, capsys, fake_slurm):
     job_dir = tmp_path / "job"
     argv = ["pretrain", "--config", TINY_CFG, "--nodes", "2", "--gpus-per-node", "8", "--partition", "devlab",
-            "--timeout-min", "120", "--max-requeues", "5", "--job-dir", str(job_dir), "train.total_steps=30"]  # fmt: skip
+            "--timeout-min", "120", "--max-requeues", "5", "--job-dir", str(job_dir),
+            "train.total_steps=30"]  # fmt: skip
     code, out, err = _run(argv, capsys)
     assert code == 0, err
     assert "submitted job 4242" in out
