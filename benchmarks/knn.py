@@ -28,7 +28,7 @@ def _features(n: int, dim: int, centers: np.ndarray, rng: np.random.Generator) -
     out = np.empty((n, dim), np.float32)
     for a in range(0, n, 8192):
         b = min(n, a + 8192)
-        out[a:b] = centers[labels[a:b]] + rng.standard_normal((b - a, dim), dtype=np.float32) * 2.0
+        out[a:b] = centers[labels[a:b]] + rng.standard_normal((b - a, dim), dtype=np.float32) * 4.0
     return out, labels
 
 
@@ -71,8 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows: dict[str, dict] = {}
     # --- ours (the whole eval_knn; the search part is timed inside)
-    res = eval_knn(xtr, ytr, xte, yte, ks=(k,), device="cpu", backend="torch")
+    # best of two runs, as the mm peak is a best-of-several too (the machine is shared)
+    runs = [eval_knn(xtr, ytr, xte, yte, ks=(k,), device="cpu", backend="torch") for _ in range(2)]
+    res = min(runs, key=lambda r: r["timing"]["search_s"])
     ours_search = res["timing"]["search_s"]
+    peak_adjacent = measure_mm_peak(4096, repeat=3)
     rows["seer (torch blocked GEMM)"] = {
         "search_s": ours_search,
         "total_s": res["timing"]["total_s"],
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"sklearn: {t_sk:.2f}s ({flops / t_sk / 1e9:.1f} GFLOP/s)")
 
     peak_after = measure_mm_peak(4096, repeat=3)
-    peak = max(peak_before, peak_after)  # the stricter reference
+    peak = max(peak_before, peak_adjacent, peak_after)  # the strictest reference
     for r in rows.values():
         r["gflops"] = flops / r["search_s"] / 1e9
     frac = rows["seer (torch blocked GEMM)"]["gflops"] / peak
@@ -136,7 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     lines = [
         f"# kNN search, {n_tr} x {n_te} x {d}-d, k = {k} (fp32, exact)",
         "",
-        f"torch.mm fp32 peak in this run: {peak:.1f} GFLOP/s (before {peak_before:.1f}, after {peak_after:.1f}).",
+        f"torch.mm fp32 peak in this run: {peak:.1f} GFLOP/s (max of: start {peak_before:.1f}, right after seer "
+        f"{peak_adjacent:.1f}, end {peak_after:.1f}).",
         "",
         "| method | search s | GFLOP/s | % of mm peak | seer speed-up | kNN top-1 |",
         "|---|---|---|---|---|---|",
