@@ -372,7 +372,7 @@ class SkipLog:
         self._since_warn += 1
         now = time.monotonic()
         if total <= self.warn_first:
-            log.warning("skipped %s sample (key=%s, shard=%s): %s", kind, key, url, message)
+            log.warning("skipping %s (key=%s, shard=%s): %s", kind, key, url, message)
             self._since_warn, self._last_warn = 0, now
         elif now - self._last_warn >= self.warn_every_s:
             log.warning(
@@ -481,24 +481,26 @@ class _TarMembers:
             except Exception as exc:  # noqa: BLE001
                 self.skips.record("unreadable_shard", None, url, f"{type(exc).__name__}: {exc}")
                 continue
-            n = 0
+            n, problem = 0, None
             try:
                 for member in tar_file_iterator(stream):
                     member["__url__"] = url
                     n += 1
                     yield member
                 if n == 0:
-                    self.skips.record("empty_shard", None, url, "the shard has no members")
+                    problem = ("empty_shard", "the shard has no members")
             except Exception as exc:  # noqa: BLE001 - tarfile raises ReadError, EOFError, OSError, ...
                 if n == 0 and "empty file" in str(exc):  # a 0-byte shard
-                    self.skips.record("empty_shard", None, url, "the shard file is empty (0 bytes)")
+                    problem = ("empty_shard", "the shard file is empty (0 bytes)")
                 else:
-                    self.skips.record("bad_tar", None, url, f"{type(exc).__name__}: {exc} (after {n} members)")
+                    problem = ("bad_tar", f"{type(exc).__name__}: {exc} (after {n} members)")
             finally:
                 try:
                     stream.close()
-                except Exception:  # noqa: BLE001 - a failing pipe: command reports here; already recorded
-                    pass
+                except Exception as exc:  # noqa: BLE001 - a failing pipe: command reports its exit status here
+                    problem = ("unreadable_shard", f"{type(exc).__name__}: {exc} (after {n} members)")
+            if problem is not None:
+                self.skips.record(problem[0], None, url, problem[1])
             yield {}
 
 
