@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from seer.data.shards import (
@@ -23,6 +25,7 @@ from seer.data.shards import (
     make_nodesplitter,
     read_index,
     train_loader,
+    worker_quota,
     write_shards,
 )
 
@@ -355,6 +358,12 @@ def test_nodesplitter() -> None:
     parts = [list(make_nodesplitter(r, 3)(range(10))) for r in range(3)]
     assert parts == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
     assert [_balanced_split(n, 2) for n in (1, 2, 3, 4, 9, 16, 17)] == [False, True, False, True, False, True, True]
+
+
+@given(steps=st.integers(1, 10_000), num_workers=st.integers(1, 64))
+def test_worker_quotas_sum_to_the_step_count(steps: int, num_workers: int) -> None:
+    quotas = [worker_quota(steps, w, num_workers) for w in range(num_workers)]
+    assert sum(quotas) == steps and max(quotas) - min(quotas) <= 1
 
 
 def test_train_ranks_read_disjoint_shards_when_balanced(colour_shards: str) -> None:

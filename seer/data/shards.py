@@ -52,6 +52,7 @@ __all__ = [
     "SkipLog",
     "SampleError",
     "make_nodesplitter",
+    "worker_quota",
     "cli_main",
 ]
 
@@ -651,6 +652,11 @@ class _Seeded:
         yield from wds.filters._map(src, seeded, handler=self.prepare.skips.handler)
 
 
+def worker_quota(steps: int, worker: int, num_workers: int) -> int:
+    """Batches DataLoader worker `worker` of `num_workers` produces so that the rank yields exactly `steps`."""
+    return steps // num_workers + (1 if worker < steps % num_workers else 0)
+
+
 def _identity(x: Any) -> Any:
     return x
 
@@ -672,10 +678,7 @@ class _Batcher:
         )
 
     def __call__(self, src: Iterable[tuple]) -> Iterator[tuple]:
-        quota = None
-        if self.steps is not None:
-            wid, nw = _worker()
-            quota = self.steps // nw + (1 if wid < self.steps % nw else 0)
+        quota = None if self.steps is None else worker_quota(self.steps, *_worker())
         done, buf = 0, []
         if quota != 0:
             for sample in src:
