@@ -523,3 +523,14 @@ def test_rank_comes_from_arguments_not_the_environment(colour_shards: str, monke
     for name in ("shards.py", "sources.py"):
         src = (Path(__file__).parents[1] / "seer" / "data" / name).read_text()
         assert "import torch.distributed" not in src and "from torch.distributed" not in src
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_pipelines_pickle_into_spawned_workers(colour_shards: str) -> None:
+    """spawn / forkserver (Python 3.14's default) pickle the pipeline into the workers."""
+    loader = train_loader(colour_shards, to_tensor, batch_size=4, steps_per_epoch=3, num_workers=2,
+                          multiprocessing_context="spawn")  # fmt: skip
+    assert [tuple(x.shape) for x, _ in loader] == [(4, 3, 16, 16)] * 3
+    evl = eval_loader(colour_shards, to_tensor, batch_size=16, num_workers=2, multiprocessing_context="spawn")
+    assert sorted(k for _, _, ks, _ in evl for k in ks) == [f"{i:010d}" for i in range(60)]

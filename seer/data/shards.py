@@ -734,12 +734,19 @@ class _LoaderBase:
                 self.stats["batches"],
             )
 
-    def _dataloader(self, pipeline: IterableDataset, num_workers: int, pin_memory: bool, prefetch_factor) -> Any:
-        if num_workers == 0:
+    def _dataloader(self, pipeline: IterableDataset) -> Any:
+        if self.num_workers == 0:
             return pipeline
-        kwargs = {"prefetch_factor": prefetch_factor} if prefetch_factor is not None else {}
+        kwargs = {"prefetch_factor": self.prefetch_factor} if self.prefetch_factor is not None else {}
+        if self.multiprocessing_context is not None:
+            kwargs["multiprocessing_context"] = self.multiprocessing_context
         return DataLoader(
-            pipeline, batch_size=None, num_workers=num_workers, collate_fn=_identity, pin_memory=pin_memory, **kwargs
+            pipeline,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            pin_memory=self.pin_memory,
+            **kwargs,
         )
 
 
@@ -790,6 +797,7 @@ class TrainLoader(_LoaderBase):
         require_label: bool = True,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
+        multiprocessing_context: str | None = None,
         max_consecutive_skips: int = 1000,
     ):
         _check_rank(rank, world_size, batch_size, num_workers)
@@ -802,6 +810,7 @@ class TrainLoader(_LoaderBase):
         self.collate_fn = collate_fn or default_collate
         self.decode, self.require_label = decode, require_label
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.multiprocessing_context = multiprocessing_context
         self.max_consecutive_skips = max_consecutive_skips
         _Prepare(transform, decode, require_label, False)  # validate arguments early
         self._reset_stats()
@@ -828,7 +837,7 @@ class TrainLoader(_LoaderBase):
         return wds.DataPipeline(*stages)
 
     def __iter__(self) -> Iterator[Any]:
-        loader = self._dataloader(self.pipeline(self.step), self.num_workers, self.pin_memory, self.prefetch_factor)
+        loader = self._dataloader(self.pipeline(self.step))
         yielded = 0
         for tag, batch, records in loader:
             self._absorb(records)
@@ -863,6 +872,7 @@ class EvalLoader(_LoaderBase):
         require_label: bool = True,
         pin_memory: bool = False,
         prefetch_factor: int | None = None,
+        multiprocessing_context: str | None = None,
     ):
         _check_rank(rank, world_size, batch_size, num_workers)
         self.urls = expand_urls(urls)
@@ -871,6 +881,7 @@ class EvalLoader(_LoaderBase):
         self.collate_fn = collate_fn or default_collate
         self.decode, self.require_label = decode, require_label
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.multiprocessing_context = multiprocessing_context
         _Prepare(transform, decode, require_label, True)
         self._reset_stats()
 
@@ -888,9 +899,7 @@ class EvalLoader(_LoaderBase):
 
     def __iter__(self) -> Iterator[Any]:
         self._reset_stats()
-        for tag, batch, records in self._dataloader(
-            self.pipeline(), self.num_workers, self.pin_memory, self.prefetch_factor
-        ):
+        for tag, batch, records in self._dataloader(self.pipeline()):
             self._absorb(records)
             if tag == "batch":
                 self.stats["batches"] += 1
@@ -927,7 +936,8 @@ def train_loader(
     `MultiCrop` (which decodes JPEGs at reduced size when its crops allow) and for transforms with
     `accepts_bytes = True`. Default collation is torch's `default_collate`, which stacks a list of crops per
     position (the multi-crop layout, same as `collate_multicrop`). Extra keywords: `decode`, `require_label`
-    (False: missing labels become -1), `pin_memory`, `prefetch_factor`, `max_consecutive_skips`. See `TrainLoader`.
+    (False: missing labels become -1), `pin_memory`, `prefetch_factor`, `multiprocessing_context` (e.g. "spawn"),
+    `max_consecutive_skips`. See `TrainLoader`.
     """
     return TrainLoader(
         urls,
