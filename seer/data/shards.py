@@ -80,6 +80,15 @@ def _pool_encode(position: int) -> tuple[int, dict | None, str | None]:
         return position, None, f"{type(exc).__name__}: {exc}"
 
 
+def _windowed_imap(pool: Any, order: list[int], workers: int) -> Iterator[tuple[int, dict | None, str | None]]:
+    """Ordered `pool.imap` over windows of the work list: Pool.imap queues every task at once, so a slow writer
+    would let encoded images pile up in memory; windows bound that to a few thousand images."""
+    window = max(1024, workers * 256)
+    chunk = max(1, min(64, min(window, len(order)) // (workers * 8)))
+    for start in range(0, len(order), window):
+        yield from pool.imap(_pool_encode, order[start : start + window], chunksize=chunk)
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
@@ -176,8 +185,7 @@ def write_shards(
             import multiprocessing as mp
 
             pool = mp.get_context().Pool(workers, initializer=_pool_init, initargs=(src, options))
-            chunk = max(1, min(64, len(order) // (workers * 8)))
-            results: Iterable = pool.imap(_pool_encode, order, chunksize=chunk)
+            results: Iterable = _windowed_imap(pool, order, workers)
         else:
             _pool_init(src, options)
             results = map(_pool_encode, order)
