@@ -345,7 +345,9 @@ def test_local_job_requeues_on_timeout_and_finishes_on_the_uninterrupted_traject
     startup, train = a["started_unix"] - t0, a["ended_unix"] - a["started_unix"]
 
     # 2. Same run, but USR2 arrives after the start-up plus ~40% of the training time: requeued until done.
-    delay = 2
+    # The controller kills the tasks `delay` s after the signal: rank 0 must have requeued by then (it takes well
+    # under a second, once the collective it may be blocked in returns).
+    delay = 10
     limit_s = math.ceil(startup + 0.4 * train) + delay
     cut = tmp_path / "requeued"
     code = _local(cut, steps, capsys, "--timeout-min", f"{limit_s / 60:.4f}", "--signal-delay-s", str(delay),
@@ -363,7 +365,7 @@ def test_local_job_requeues_on_timeout_and_finishes_on_the_uninterrupted_traject
     ckpts = sorted(p.name for p in (cut / "checkpoints").iterdir())
     assert ckpts[-1] == f"step_{steps:08d}" and not any(p.startswith(".tmp") for p in ckpts)
     logs = "".join(p.read_text() for p in (cut / "launch" / "logs").rglob("*_0_log.err"))
-    assert logs.count("Requeued job") == len(attempts) - 1
+    assert logs.count("Caught signal SIGUSR2") >= len(attempts) - 1  # submitit's handler ran on rank 0
 
     # 3. What the workers wrote: every logged step, and the loss of every record (replayed steps after a resume
     # included) equal to the uninterrupted run's -- same ranks, same data stream, restored optimizer and RNG.
