@@ -534,3 +534,25 @@ def test_pipelines_pickle_into_spawned_workers(colour_shards: str) -> None:
     assert [tuple(x.shape) for x, _ in loader] == [(4, 3, 16, 16)] * 3
     evl = eval_loader(colour_shards, to_tensor, batch_size=16, num_workers=2, multiprocessing_context="spawn")
     assert sorted(k for _, _, ks, _ in evl for k in ks) == [f"{i:010d}" for i in range(60)]
+
+
+def test_verify_shards(image_folder: Path, bad_shards: dict, tmp_path: Path, capsys) -> None:
+    from seer.cli import main
+    from seer.data.shards import verify_shards
+
+    out = tmp_path / "good"
+    write_shards(image_folder, out, max_samples_per_shard=10, progress=False)
+    report = verify_shards(out, decode=True, progress=False)
+    assert report["ok"] and report["total"] == 24 and [s["expected"] for s in report["shards"]] == [10, 10, 4]
+    # a shard cut exactly between two samples still reads as a valid tar: only the index count reveals it
+    data = (out / "data-000001.tar").read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        cut = next(m for m in tf.getmembers() if m.name.endswith(".cls") and m.name != tf.getnames()[0]).offset
+    (out / "data-000001.tar").write_bytes(data[:cut])
+    report = verify_shards(out, workers=2, progress=False)
+    assert [p["kind"] for p in report["problems"]] == ["count_mismatch"] and report["total"] == 24 - 9
+    assert main(["shards", "verify", str(out), "--no-progress"]) == 1
+    assert "count_mismatch" in capsys.readouterr().out
+
+    report = verify_shards(bad_shards["pattern"], decode=True, progress=False)
+    assert {p["kind"] for p in report["problems"]} == bad_shards["kinds"] and report["total"] == 15

@@ -51,6 +51,7 @@ __all__ = [
     "EvalLoader",
     "SkipLog",
     "SampleError",
+    "verify_shards",
     "make_nodesplitter",
     "worker_quota",
     "cli_main",
@@ -981,6 +982,72 @@ def eval_loader(
 
 
 # ====================================================================================================================
+# Verification
+
+
+def _verify_one(args: tuple[str, int | None, bool]) -> dict:
+    """Read one shard completely: count samples, find problems, optionally decode every image."""
+    url, expected, decode = args
+    skips = SkipLog()
+    prepare = _Prepare(None, "bytes", require_label=True, with_meta=False)
+    samples = 0
+    logging.getLogger("seer.data").disabled = True  # the report lists every problem; no per-sample warnings here
+    try:
+        for sample in _GroupByKeys(skips)(_TarMembers(skips)([{"url": url}])):
+            try:
+                data, _ = prepare(sample)
+                if decode:
+                    try:
+                        decode_pil(data)
+                    except Exception as exc:  # noqa: BLE001
+                        key = sample.get("__key__")
+                        raise SampleError("corrupt_image", key, url, f"{type(exc).__name__}: {exc}") from exc
+                samples += 1
+            except SampleError as exc:
+                skips.handler(exc)
+    finally:
+        logging.getLogger("seer.data").disabled = False
+    problems = skips.drain()
+    if expected is not None and samples + sum(1 for p in problems if p["key"] is not None) != expected:
+        problems.append({"kind": "count_mismatch", "key": None, "url": url, "error": f"index says {expected} samples"})
+    return {"url": url, "samples": samples, "expected": expected, "problems": problems}
+
+
+def verify_shards(urls: Any, *, decode: bool = False, workers: int = 1, progress: bool = True) -> dict:
+    """Read every shard to the end and report problems: unreadable / truncated / empty shards, samples without an
+    image or label, undecodable images (with `decode=True`), and sample counts that differ from `index.json` (the
+    only way to notice a tar truncated exactly between two members).
+
+    Returns `{"shards": [{"url", "samples", "expected", "problems"}], "total", "problems": [...], "ok": bool}`.
+    """
+    expanded = expand_urls(urls)
+    expected: dict[str, int] = {}
+    if isinstance(urls, (str, os.PathLike)):
+        path = os.path.expanduser(os.fspath(urls))
+        if os.path.isdir(path) or (path.endswith(".json") and os.path.isfile(path)):
+            index = read_index(path)
+            expected = {u: s["samples"] for u, s in zip(index["urls"], index["shards"])}
+    from tqdm.auto import tqdm
+
+    jobs = [(u, expected.get(u), decode) for u in expanded]
+    results = []
+    with tqdm(total=len(jobs), unit="shard", desc="verify", disable=not progress) as bar:
+        if workers > 1 and len(jobs) > 1:
+            import multiprocessing as mp
+
+            with mp.get_context().Pool(min(workers, len(jobs))) as pool:
+                for r in pool.imap(_verify_one, jobs):
+                    results.append(r)
+                    bar.update(1)
+        else:
+            for job in jobs:
+                results.append(_verify_one(job))
+                bar.update(1)
+    problems = [p for r in results for p in r["problems"]]
+    return {"shards": results, "total": sum(r["samples"] for r in results), "problems": problems, "ok": not problems}
+
+
+# ====================================================================================================================
 # CLI
 
 
@@ -1009,12 +1076,40 @@ def _dataset_from_spec(spec: str) -> Any:
     return cls(root, **kwargs)
 
 
+def _cli_verify(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="seer shards verify",
+        description="Read shards to the end and report bad shards and samples (and counts that differ from the index).",
+    )
+    parser.add_argument("shards", help="shard directory (with index.json), index.json, or a shard pattern")
+    parser.add_argument("--decode", action="store_true", help="also decode every image")
+    parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        report = verify_shards(args.shards, decode=args.decode, workers=args.workers, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"seer shards verify: error: {exc}", file=sys.stderr)
+        return 2
+    for p in report["problems"][:50]:
+        print(f"{p['kind']}: shard={p['url']} key={p['key']}: {p['error']}")
+    if len(report["problems"]) > 50:
+        print(f"... and {len(report['problems']) - 50} more problems")
+    print(f"{len(report['shards'])} shards, {report['total']} good samples, {len(report['problems'])} problem(s)")
+    return 0 if report["ok"] else 1
+
+
 def cli_main(argv: Sequence[str] | None = None) -> int:
-    """`seer shards SOURCE OUT_DIR [options]`: write webdataset shards (see `write_shards`)."""
+    """`seer shards SOURCE OUT_DIR [options]`: write webdataset shards (see `write_shards`);
+    `seer shards verify SHARDS [--decode]`: check them (see `verify_shards`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "verify":
+        return _cli_verify(argv[1:])
     parser = argparse.ArgumentParser(
         prog="seer shards",
         description="Write webdataset tar shards from an image folder (class subfolders -> labels), a CSV/TXT file "
-        "list (path[,label]) or a torchvision dataset on disk (tv:NAME:ROOT[:SPLIT]).",
+        "list (path[,label]) or a torchvision dataset on disk (tv:NAME:ROOT[:SPLIT]). "
+        "`seer shards verify SHARDS [--decode]` checks written shards.",
     )
     parser.add_argument("source", help="image folder, .csv/.tsv/.txt file list, or tv:NAME:ROOT[:SPLIT]")
     parser.add_argument("out_dir", help="output directory (must be empty unless --overwrite)")
