@@ -207,7 +207,7 @@ def test_pipeline_statistics_match_torchvision_reference():
         out = []
         for c in crops:
             x = c * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-            out.append([*x.mean(dim=(1, 2)).tolist(), x.std().item(), (x.max(0).values - x.min(0).values).mean()])
+            out.append([*x.mean(dim=(1, 2)).tolist(), x.std().item(), (x.max(0).values - x.min(0).values).mean().item()])
         return out
 
     n = 250

@@ -81,7 +81,7 @@ def sinkhorn(scores: torch.Tensor, n_iters: int = 3, epsilon: float = 0.05) -> t
         tiny = torch.finfo(torch.float32).tiny
 
         # Per-prototype max over the global batch (a sample-free shift: cancelled by the first row normalization).
-        shift = q.max(dim=0).values if n_local else q.new_full((n_protos,), -torch.inf)
+        shift = q.amax(dim=0) if n_local else q.new_full((n_protos,), -torch.inf)
         _all_reduce(shift, "max")
         shift = torch.nan_to_num(shift)  # no rows on any rank: -inf -> finite
         q = q.sub_(shift).exp_()  # entries in [0, 1], each prototype has a 1 somewhere
