@@ -473,6 +473,9 @@ def test_all_bad_stream_fails_instead_of_hanging(bad_shards: dict) -> None:
 
 
 def _rank_main(rank: int, world_size: int, urls: str, out_dir: str) -> None:
+    # A spawned process inherits "spawn" as its default start method; ranks started by torchrun or SLURM use the
+    # platform default (fork on Linux), which also keeps this test fast.
+    mp.set_start_method("fork", force=True)
     loader = train_loader(
         urls, to_tensor, batch_size=4, steps_per_epoch=7, rank=rank, world_size=world_size, num_workers=2, seed=5
     )
