@@ -7,8 +7,8 @@
 
 Two arrays and a collector, chained by SLURM dependencies (``afterany``: one failed task does not block the rest):
 
-1. features: one task per (checkpoint, dataset) writes ``OUT/features/<checkpoint>/<dataset>/{train,test}.npz``
-   (the same cache ``eval/benchmark.py`` uses, so a later single-process run reuses it);
+1. features: one task per (checkpoint, dataset) fills ``OUT/features/<checkpoint>/<dataset>/{train,test}`` (the
+   cache ``eval/benchmark.py`` uses, through its own functions, so a later single-process run reuses it);
 2. protocols: one task per (checkpoint, dataset, protocol) (kNN, linear, logreg, few-shot variants: the suite's
    ``protocols``) reads the cached features and writes ``OUT/launch/tasks/<id>.json``;
 3. collect: ``OUT/results.json``, ``OUT/results.md`` (one table, missing / failed tasks listed), ``OUT/results.png``.
@@ -150,6 +150,38 @@ class _Task:
         return submitit.helpers.DelayedSubmission(self)
 
 
+class _CacheOnly:
+    """Stands in for the trunk when a protocol task reads features the features task cached: any use of it means
+    the cache is incomplete, which is an error here (extraction belongs to the features array)."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("features are not cached yet: the features task of this checkpoint/dataset did not finish")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.__getattr__("__call__")
+
+
+def _split_features(bench, suite: dict, out: Path, ckpt: dict, ds: dict, split: str, model: Any):
+    """One split's ``({layer: [N, D]}, labels)`` through eval/benchmark.py's own cache, so its layout stays theirs
+    (``OUT/features/<checkpoint>/<dataset>/<split>``: per-layer feature dirs for trunks, an .npz for pixels)."""
+    fcfg = suite["features"]
+    kwargs = dict(
+        layers=list(fcfg.get("layers", ["avgpool"])),
+        resolution=int(ds.get("resolution", fcfg.get("resolution", 224))),
+        crop_pct=ds.get("crop_pct", fcfg.get("crop_pct")),
+        batch_size=int(fcfg.get("batch_size", 64)),
+        num_workers=int(fcfg.get("num_workers", 0)),
+        device=_device(suite),
+        pixel_size=int(ckpt.get("size", 16)),
+        progress=False,
+    )
+    cache = out / "features" / ckpt["name"] / ds["name"] / split
+    if hasattr(bench, "split_features"):
+        return bench.split_features(model, str(ds[split]), cache, **kwargs)
+    compute = functools.partial(bench.compute_features, model, str(ds[split]), **kwargs)
+    return bench._cached_features(cache.with_suffix(".npz"), compute)
+
+
 class FeatureTask(_Task):
     """Features of one checkpoint on both splits of one dataset, cached as eval/benchmark.py caches them."""
 
@@ -160,29 +192,12 @@ class FeatureTask(_Task):
 
         ckpt_name, ds_name = self.parts
         suite, out = self.suite, Path(self.out)
-        ckpt, ds, fcfg = _entry(suite, "checkpoints", ckpt_name), _entry(suite, "datasets", ds_name), suite["features"]
-        device = _device(suite)
+        ckpt, ds = _entry(suite, "checkpoints", ckpt_name), _entry(suite, "datasets", ds_name)
         torch.set_grad_enabled(False)
-        model = None
+        model = bench.build_model(ckpt, _device(suite))
         shapes = {}
         for split in ("train", "test"):
-            cache = out / "features" / ckpt_name / ds_name / f"{split}.npz"
-            if cache.exists():
-                continue
-            if model is None:
-                model = bench.build_model(ckpt, device)
-            compute_kwargs = dict(
-                layers=list(fcfg.get("layers", ["avgpool"])),
-                resolution=int(ds.get("resolution", fcfg.get("resolution", 224))),
-                crop_pct=ds.get("crop_pct", fcfg.get("crop_pct")),
-                batch_size=int(fcfg.get("batch_size", 64)),
-                num_workers=int(fcfg.get("num_workers", 0)),
-                device=device,
-                pixel_size=int(ckpt.get("size", 16)),
-                progress=False,
-            )
-            compute = functools.partial(bench.compute_features, model, str(ds[split]), **compute_kwargs)
-            feats, _labels = bench._cached_features(cache, compute)
+            feats, labels = _split_features(bench, suite, out, ckpt, ds, split, model)
             shapes[split] = {k: list(v.shape) for k, v in feats.items()}
         return {"shapes": shapes}
 
@@ -193,21 +208,14 @@ class ProtocolTask(_Task):
     kind = "protocol"
 
     def run(self, bench) -> dict:
-        import numpy as np
-
         ckpt_name, ds_name, label = self.parts
         suite, out = self.suite, Path(self.out)
         ckpt, ds = _entry(suite, "checkpoints", ckpt_name), _entry(suite, "datasets", ds_name)
         proto = next(p for p in suite["protocols"] if _label(p) == label)
-        split = {}
-        for name in ("train", "test"):
-            cache = out / "features" / ckpt_name / ds_name / f"{name}.npz"
-            if not cache.exists():
-                raise FileNotFoundError(
-                    f"{cache}: features missing (did the features task of {ckpt_name}/{ds_name} fail?)"
-                )
-            with np.load(cache) as z:
-                split[name] = ({k[len("feat_") :]: z[k] for k in z.files if k.startswith("feat_")}, z["labels"])
+        model = None if ckpt.get("kind") == "pixels" else _CacheOnly()
+        if model is None and not (out / "features" / ckpt_name / ds_name / "train.npz").exists():
+            raise RuntimeError(f"features of {ckpt_name}/{ds_name} are not cached: did its features task fail?")
+        (xtr, ytr), (xte, yte) = (_split_features(bench, suite, out, ckpt, ds, s, model) for s in ("train", "test"))
         fcfg = suite["features"]
         meta = {
             "suite": suite["name"],
@@ -219,7 +227,6 @@ class ProtocolTask(_Task):
             "train": str(ds["train"]),
             "test": str(ds["test"]),
         }
-        (xtr, ytr), (xte, yte) = split["train"], split["test"]
         results = bench.run_protocol(proto, xtr, ytr, xte, yte, meta, str(_device(suite)))
         return {"results": results, "rows": [bench._row(r, suite["name"]) for r in results]}
 
@@ -300,7 +307,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     ap.add_argument("--only-protocol", action="append", default=[], help="run only these protocol labels")
     ap.add_argument("--array-parallelism", type=int, default=64, help="SLURM: array tasks running at once")
     ap.add_argument("--local-parallel", type=int, default=2, help="--local: tasks running at once")
-    _add_resource_args(ap, gpus_default=1, cpus_default=10)
+    _add_resource_args(ap, gpus_default=None, cpus_default=10)
     return ap
 
 
@@ -319,7 +326,7 @@ def prepare_eval(argv: list[str]) -> tuple[argparse.Namespace, dict, Path]:
     from launch.submit import LaunchError, _check_resources
 
     args = _eval_parser().parse_args(argv)
-    _check_resources(args, single_task=True)
+    _check_resources(args, single_task=True, slurm_gpus=1)
     if args.array_parallelism < 1 or args.local_parallel < 1:
         raise LaunchError("--array-parallelism and --local-parallel must be >= 1")
     bench = _load_benchmark()

@@ -65,7 +65,7 @@ def _add_resource_args(ap: argparse.ArgumentParser, *, gpus_default: int | None,
         "--gpus-per-node",
         type=int,
         default=gpus_default,
-        help="GPUs per node; one task per GPU (default: %(default)s on SLURM; the visible CUDA devices with --local)",
+        help="GPUs per node; one task per GPU (default: 8 for pretrain, 1 for eval; the visible ones with --local)",
     )
     g.add_argument("--tasks-per-node", type=int, default=None, help="tasks per node (default: one per GPU, else 1)")
     g.add_argument("--cpus-per-task", type=int, default=cpus_default, help="CPUs per task (default %(default)s)")
@@ -99,7 +99,7 @@ def _add_resource_args(ap: argparse.ArgumentParser, *, gpus_default: int | None,
     m.add_argument("--no-wait", action="store_true", help="--local: return once submitted instead of waiting")
 
 
-def _check_resources(args: argparse.Namespace, *, single_task: bool = False) -> None:
+def _check_resources(args: argparse.Namespace, *, single_task: bool = False, slurm_gpus: int = 8) -> None:
     """Validate the resource options in place (fills defaults that depend on --local)."""
     if args.local and args.dry_run:
         raise LaunchError("--dry-run prints a SLURM script: it cannot be combined with --local")
@@ -108,7 +108,7 @@ def _check_resources(args: argparse.Namespace, *, single_task: bool = False) -> 
     if args.local and args.nodes != 1:
         raise LaunchError(f"--local runs on this machine: --nodes must be 1, got {args.nodes}")
     if args.gpus_per_node is None:
-        args.gpus_per_node = _visible_gpus() if args.local else 8
+        args.gpus_per_node = min(_visible_gpus(), slurm_gpus) if args.local else slurm_gpus
     if args.gpus_per_node < 0:
         raise LaunchError(f"--gpus-per-node must be >= 0, got {args.gpus_per_node}")
     if args.tasks_per_node is None:

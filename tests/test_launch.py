@@ -344,11 +344,11 @@ def test_local_job_requeues_on_timeout_and_finishes_on_the_uninterrupted_traject
     assert a["status"] == "finished" and a["end_step"] == steps and a["world_size"] == 2
     startup, train = a["started_unix"] - t0, a["ended_unix"] - a["started_unix"]
 
-    # 2. Same run, but USR2 arrives after the start-up plus ~40% of the training time: requeued until done.
+    # 2. Same run, but USR2 arrives after the start-up plus half the training time: requeued until done.
     # The controller kills the tasks `delay` s after the signal: rank 0 must have requeued by then (it takes well
     # under a second, once the collective it may be blocked in returns).
     delay = 10
-    limit_s = math.ceil(startup + 0.4 * train) + delay
+    limit_s = math.ceil(startup + 0.5 * train) + delay
     cut = tmp_path / "requeued"
     code = _local(cut, steps, capsys, "--timeout-min", f"{limit_s / 60:.4f}", "--signal-delay-s", str(delay),
                   "--max-requeues", "8")  # fmt: skip
@@ -381,3 +381,131 @@ def test_local_job_requeues_on_timeout_and_finishes_on_the_uninterrupted_traject
     assert _local(cut, steps, capsys, "--timeout-min", "5") == 0
     last = read_attempts(cut)[-1]
     assert last["status"] == "finished" and last["start_step"] == steps and last["submission"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# eval: job arrays over checkpoints x datasets x protocols, one table
+# ----------------------------------------------------------------------------------------------------------------
+SMALL_SUITE = str(REPO / "configs/eval/small.yaml")
+
+
+def test_eval_dry_run_renders_the_two_arrays(tmp_path, capsys):
+    out_dir = tmp_path / "ev"
+    argv = ["eval", "--suite", SMALL_SUITE, "--out", str(out_dir), "--partition", "learnfair", "--timeout-min",
+            "120", "--array-parallelism", "8", "--dry-run"]  # fmt: skip
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    features, protocols, collect = out.split("# ---- ")[1:]
+    # small.yaml: 2 checkpoints x 2 datasets, x 4 protocols
+    assert features.startswith("features: array of 4") and "#SBATCH --array=0-3%4" in features
+    assert protocols.startswith("protocols: array of 16") and "#SBATCH --array=0-15%8" in protocols
+    assert "#SBATCH --dependency='afterany:<features array id>'" in protocols
+    for script in (features, protocols, collect):
+        flags = _sbatch_flags(script)
+        assert (flags["nodes"], flags["ntasks-per-node"], flags["gpus-per-node"]) == ("1", "1", "1")
+        assert flags["partition"] == "learnfair" and flags["time"] == "120"
+    assert "4 feature + 16 protocol tasks" in err
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--only-dataset", "imagenet"], "--only-dataset imagenet: not in the suite"),
+        (["--only-protocol", "knn-10shot"], "--only-protocol knn-10shot: not in the suite"),
+        (["--checkpoint", "x=/no/such/file.safetensors"], "/no/such/file.safetensors does not exist"),
+        (["--nodes", "2"], "use --nodes 1 --tasks-per-node 1"),
+        (["--set", "novalue"], "--set expects VAR=VALUE"),
+    ],
+)
+def test_eval_bad_arguments(tmp_path, capsys, extra, message):
+    argv = ["eval", "--suite", SMALL_SUITE, "--out", str(tmp_path / "ev"), "--dry-run", *extra]
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and message in err, err
+    code, _, err = _run(["eval", "--suite", str(tmp_path / "none.yaml"), "--out", str(tmp_path), "--dry-run"], capsys)
+    assert code == 2 and "suite file not found" in err
+    code, _, err = _run(["eval", "--suite", str(REPO / "configs/eval/imagenet1k.yaml"), "--out", str(tmp_path),
+                         "--dry-run"], capsys)  # fmt: skip
+    assert code == 2 and "IMAGENET" in err  # an unset ${VAR} placeholder is named
+
+
+def test_run_checkpoints_become_suite_checkpoints(tmp_path):
+    from launch.evaljobs import _run_checkpoints
+
+    for step in (1000, 2000):
+        d = tmp_path / "myrun" / "checkpoints" / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        (d / "meta.json").write_text("{}")
+    (tmp_path / "myrun" / "checkpoints" / ".tmp-step_00003000").mkdir()  # incomplete: ignored
+    got = _run_checkpoints(str(tmp_path / "myrun"))
+    assert [c["name"] for c in got] == ["myrun@1000", "myrun@2000"]
+    assert got[1]["source"].endswith("step_00002000")
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        _run_checkpoints(str(tmp_path))
+
+
+def test_collect_builds_one_table_and_lists_missing_tasks(tmp_path):
+    from launch.evaljobs import _status_path, collect
+
+    suite = {"name": "t", "features": {}, "checkpoints": [{"name": "a"}, {"name": "b"}],
+             "datasets": [{"name": "d"}], "protocols": [{"name": "knn"}]}  # fmt: skip
+    plan = {"features": [["a", "d"], ["b", "d"]], "protocols": [["a", "d", "knn"], ["b", "d", "knn"]], "suite": suite}
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "launch" / "plan.json").write_text(json.dumps(plan))
+    row = {"suite": "t", "dataset": "d", "checkpoint": "a", "protocol": "knn", "kind": "knn", "layer": "avgpool",
+           "top1": 0.5, "top5": 0.9, "detail": "k=20: 50.0"}  # fmt: skip
+    for parts, rec in (
+        (("features", "a", "d"), {"status": "done"}),
+        (("features", "b", "d"), {"status": "failed", "error": "CheckpointError: bad file"}),
+        (("protocol", "a", "d", "knn"), {"status": "done", "rows": [row], "results": [{"top1": {20: 0.5}}]}),
+        (("protocol", "b", "d", "knn"), {"status": "failed", "error": "RuntimeError: features are not cached"}),
+    ):
+        path = _status_path(tmp_path, *parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rec))
+    payload = collect(tmp_path)
+    assert payload["rows"] == [row] and len(payload["missing"]) == 2
+    md = (tmp_path / "results.md").read_text()
+    assert "| d | a | knn | avgpool | 50.00 | 90.00 |" in md
+    assert "## Missing results" in md and "b/d | features | failed | CheckpointError: bad file" in md
+    assert json.loads((tmp_path / "results.json").read_text())["missing"][1]["task"] == "b/d/knn"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_eval_local_arrays_match_the_single_process_benchmark(tmp_path, capsys):
+    import yaml
+
+    from launch.evaljobs import _load_benchmark
+
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text(yaml.safe_dump({
+        "name": "launch-test",
+        "features": {"layers": ["avgpool"], "batch_size": 256, "device": "cpu"},
+        "checkpoints": [{"name": "pixels", "kind": "pixels", "size": 8},
+                        {"name": "tiny", "preset": {"depth": 4, "w0": 16, "wa": 8.0, "wm": 2.0, "group_w": 8}}],
+        "datasets": [{"name": "digits", "generate": {"kind": "digits", "size": 16}, "resolution": 16,
+                      "crop_pct": 1.0}],
+        "protocols": [{"name": "knn", "ks": [5, 20]},
+                      {"name": "knn", "label": "knn-5shot", "ks": [1], "n_per_class": 5, "n_tries": 2}],
+    }))  # fmt: skip
+    out_dir = tmp_path / "ev"
+    code, out, err = _run(["eval", "--suite", str(suite_file), "--out", str(out_dir), "--local"], capsys)
+    assert code == 0, out + err
+    payload = json.loads((out_dir / "results.json").read_text())
+    assert not payload["missing"]
+    assert len(list((out_dir / "launch" / "tasks").glob("protocol__*.json"))) == 4  # 2 checkpoints x 1 x 2
+    got = {(r["checkpoint"], r["protocol"], r["layer"]): r for r in payload["rows"]}
+    assert set(got) == {("pixels", "knn", "pixels"), ("pixels", "knn-5shot", "pixels"),
+                        ("tiny", "knn", "avgpool"), ("tiny", "knn-5shot", "avgpool")}  # fmt: skip
+    assert "| digits | tiny | knn | avgpool |" in (out_dir / "results.md").read_text()
+
+    # The same suite in one process (eval/benchmark.py): the same table.
+    bench = _load_benchmark()
+    ref = bench.run_suite(bench.load_suite(suite_file), tmp_path / "ref", progress=False)
+    assert len(ref["rows"]) == len(payload["rows"])
+    for r in ref["rows"]:
+        mine = got[(r["checkpoint"], r["protocol"], r["layer"])]
+        assert mine["top1"] == pytest.approx(r["top1"], abs=0.01), (r, mine)
+        assert mine["top5"] == pytest.approx(r["top5"], abs=0.01), (r, mine)
