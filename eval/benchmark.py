@@ -26,8 +26,9 @@ A suite is YAML data (never code):
       - {name: logreg, Cs: [0.1, 1, 10], n_per_class: 5, label: logreg-5shot}
 
 ``${VAR}`` placeholders come from ``--set VAR=VALUE`` or the environment; a missing one is an error naming it.
-Features are cached under ``OUT/features/<checkpoint>/<dataset>/<split>.npz`` and reused by every protocol (and
-by a re-run). Each protocol's full result (every setting) is stored in ``OUT/results.json``.
+Trunk features are extracted with ``seer.features.extract_dataset`` (chunked, resumable) into
+``OUT/features/<checkpoint>/<dataset>/<split>/<layer>/``, pixel baselines into ``.../<split>.npz``; both are reused
+by every protocol and by a re-run. Each protocol's full result (every setting) is stored in ``OUT/results.json``.
 """
 
 from __future__ import annotations
@@ -243,9 +244,9 @@ def compute_features(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Features of every image of one split, in dataset order: ``({layer: [N, D] float32}, labels [N])``.
 
-    Extraction here is a plain single-process loop (``seer.features.extract_dataset`` is the multi-rank,
-    resumable version for large datasets). The pixel baseline (``model=None``) returns the normalized image
-    average-pooled to ``pixel_size`` x ``pixel_size`` and flattened.
+    A plain single-process loop, used for the pixel baseline (and for trunks when ``seer.features`` is missing);
+    ``split_features`` sends trunks through ``seer.features.extract_dataset``. The pixel baseline (``model=None``)
+    returns the normalized image average-pooled to ``pixel_size`` x ``pixel_size`` and flattened.
     """
     from seer.data.transforms import eval_transform
     from seer.evaluation.linear import trunk_features
@@ -275,6 +276,83 @@ def compute_features(
         raise ValueError(f"no images found in {split_path}")
     perm = np.argsort(np.concatenate(order), kind="stable")
     return {k: np.concatenate(v)[perm] for k, v in feats.items()}, np.concatenate(labels)[perm].astype(np.int64)
+
+
+def _extract_dataset_available() -> bool:
+    try:
+        from seer.features import extract_dataset, load_feature_file  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def split_features(
+    model: torch.nn.Module | None,
+    split_path: str,
+    cache: Path,
+    *,
+    layers: list[str],
+    resolution: int,
+    crop_pct: float | None,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    pixel_size: int = 16,
+    progress: bool = False,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Features of one split, cached under ``cache``: trunks go through ``seer.features.extract_dataset`` (chunked,
+    resumable, atomic; one directory per layer), the pixel baseline through ``compute_features``."""
+    if model is None or not _extract_dataset_available():
+        compute = functools.partial(
+            compute_features,
+            model,
+            split_path,
+            layers=layers,
+            resolution=resolution,
+            crop_pct=crop_pct,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            pixel_size=pixel_size,
+            progress=progress,
+        )
+        return _cached_features(cache.with_suffix(".npz"), compute)
+    import json
+    import warnings
+
+    from seer.features import extract_dataset, load_feature_file
+
+    p = Path(split_path)
+    source: Any = sorted(str(t) for t in p.glob("*.tar")) if p.is_dir() and any(p.glob("*.tar")) else split_path
+    feats, labels = {}, None
+    for layer in layers:
+        out = cache / layer
+        meta = out / "meta.json"
+        if not (meta.is_file() and "merged" in json.loads(meta.read_text())):
+            overrides = {"resolution": resolution} | ({"crop_pct": crop_pct} if crop_pct is not None else {})
+            extract_dataset(
+                source,
+                out,
+                model,
+                layer=layer,
+                batch_size=batch_size,
+                device=device,
+                dtype="float32",
+                num_workers=num_workers,
+                progress=progress,
+                merge=True,
+                **overrides,
+            )
+        data = load_feature_file(out, mmap=False)
+        if data["skipped"]:
+            warnings.warn(f"{split_path}: {len(data['skipped'])} unreadable inputs were skipped", stacklevel=2)
+        feats[layer] = np.asarray(data["features"], dtype=np.float32)
+        if labels is not None and not np.array_equal(labels, data["labels"]):
+            raise RuntimeError(f"{cache}: layers {layers} disagree on the samples (re-extract with a clean cache)")
+        labels = np.asarray(data["labels"], dtype=np.int64)
+    if labels is not None and (labels < 0).any():
+        raise ValueError(f"{split_path}: {(labels < 0).sum()} samples have no label (class subfolders needed)")
+    return feats, labels
 
 
 def _cached_features(path: Path, compute) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -414,11 +492,10 @@ def run_suite(suite: dict, out: str | os.PathLike, *, progress: bool = True) -> 
             crop_pct = ds.get("crop_pct", fcfg.get("crop_pct"))
             split_feats = {}
             for split, path in (("train", train_path), ("test", test_path)):
-                cache = out / "features" / ckpt["name"] / ds["name"] / f"{split}.npz"
-                compute = functools.partial(
-                    compute_features,
+                split_feats[split] = split_features(
                     model,
                     str(path),
+                    out / "features" / ckpt["name"] / ds["name"] / split,
                     layers=layers,
                     resolution=resolution,
                     crop_pct=crop_pct,
@@ -428,7 +505,6 @@ def run_suite(suite: dict, out: str | os.PathLike, *, progress: bool = True) -> 
                     pixel_size=int(ckpt.get("size", 16)),
                     progress=progress,
                 )
-                split_feats[split] = _cached_features(cache, compute)
             (xtr, ytr), (xte, yte) = split_feats["train"], split_feats["test"]
             meta = {
                 "suite": suite["name"],

@@ -70,7 +70,7 @@ def test_suite_runs_and_writes_table_json_plot(tmp_path):
     assert md.count("| digits |") == len(rows)
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # features are cached and reused by a second run
-    cache = out / "features" / "tiny" / "digits" / "train.npz"
+    cache = out / "features" / "tiny" / "digits" / "train" / "avgpool" / "features.npy"
     stamp = cache.stat().st_mtime_ns
     bench.main(["--suite", str(_suite(tmp_path)), "--out", str(out), "--quiet", "--only-protocol", "knn"])
     assert cache.stat().st_mtime_ns == stamp
@@ -140,6 +140,17 @@ def test_shards_give_the_same_features_as_the_folder(tmp_path):
     assert f_dir["avgpool"].shape == (12, trunk.num_features)
     np.testing.assert_array_equal(y_dir, y_sh)
     np.testing.assert_allclose(f_dir["avgpool"], f_sh["avgpool"], rtol=1e-4, atol=1e-5)
+    # the suite path: trunks go through seer.features.extract_dataset (one cache directory per layer)
+    kw.pop("layers")
+    g_dir, z_dir = bench.split_features(trunk, str(folder), tmp_path / "c1", layers=["avgpool", "res2"], **kw)
+    g_sh, z_sh = bench.split_features(
+        trunk, str(tmp_path / "shards"), tmp_path / "c2", layers=["avgpool", "res2"], **kw
+    )
+    np.testing.assert_array_equal(z_dir, y_dir)
+    np.testing.assert_array_equal(z_sh, y_dir)
+    for layer in ("avgpool", "res2"):
+        np.testing.assert_allclose(g_dir[layer], g_sh[layer], rtol=1e-4, atol=1e-5)
+    assert g_dir["avgpool"].shape == (12, trunk.num_features)
 
 
 def test_eval_scripts_end_to_end(tmp_path):

@@ -238,3 +238,34 @@ def test_cli_writes_json(tmp_path):
     direct = eval_knn(xtr, ytr, xte, yte, ks=(5, 20), device="cpu")
     assert res["top1"]["20"] == direct["top1"][20]
     assert res["metadata"]["layer"] == "res4" and res["settings"]["ks"] == [5, 20]
+
+
+def test_cli_on_seer_extract_output(tmp_path):
+    from seer.data.synthetic import write_image_folder
+    from seer.features import extract_dataset
+    from seer.models.regnet import RegNetCfg, build_trunk
+
+    folder = write_image_folder(tmp_path / "imgs", n_per_class=3, size=32, n_classes=3)
+    trunk = build_trunk(RegNetCfg(depth=4, w0=16, wa=8.0, wm=2.0, group_w=8)).eval()
+    extract_dataset(str(folder), tmp_path / "feats", trunk, resolution=32, batch_size=4, num_workers=0, progress=False)
+    out = tmp_path / "knn.json"
+    assert (
+        cli_main(
+            [
+                "--train",
+                str(tmp_path / "feats"),
+                "--test",
+                str(tmp_path / "feats" / "features.npy"),
+                "--ks",
+                "1",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    res = json.loads(out.read_text())
+    assert res["top1"]["1"] == 1.0 and res["settings"]["n_train"] == 9  # each image finds itself
+    assert res["metadata"]["train_features_meta"]["layer"] == "avgpool"

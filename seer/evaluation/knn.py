@@ -66,29 +66,27 @@ def _as_labels(labels: Any, name: str) -> np.ndarray:
 
 
 def load_features(path: str | os.PathLike) -> dict:
-    """Read a feature file: ``.npy`` (memory-mapped), ``.npz`` or ``.safetensors`` with ``features``/``labels``.
+    """Read a feature file -> dict with ``features`` (and ``labels`` when the file has them).
 
-    Files written by ``seer extract`` (``seer.features``) are read with ``seer.features.load_feature_file`` when
-    that function is available. Returns a dict with at least ``features`` (and ``labels`` when the file has them).
+    Accepts a ``seer extract`` output directory (or its ``features.npy`` / ``features.safetensors``: read with
+    ``seer.features.load_feature_file``, memory-mapped, its ``meta`` included), a plain ``.npy`` (memory-mapped;
+    labels from a ``<name>.labels.npy`` sidecar), or an ``.npz`` / ``.safetensors`` with ``features`` and ``labels``.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"feature file not found: {path}")
-    try:  # the extractor's own reader knows its chunked layouts
+    seer_dir = path if path.is_dir() else path.parent
+    if (seer_dir / "meta.json").is_file() and (path.is_dir() or path.stem == "features"):
         from seer.features import load_feature_file
-    except ImportError:
-        load_feature_file = None
-    if load_feature_file is not None and not (path.suffix == ".npy" and path.is_file()):
-        out = load_feature_file(path)
-        return dict(out)
+
+        return dict(load_feature_file(path))
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory without meta.json: not a `seer extract` output")
     if path.suffix == ".npy":
         out = {"features": np.load(path, mmap_mode="r")}
         side = path.with_name(path.stem + ".labels.npy")
-        alt = path.with_name("labels.npy") if path.stem == "features" else None
-        for cand in (side, alt):
-            if cand is not None and cand.exists():
-                out["labels"] = np.load(cand)
-                break
+        if side.exists():
+            out["labels"] = np.load(side)
         return out
     if path.suffix == ".npz":
         with np.load(path) as z:
@@ -97,7 +95,7 @@ def load_features(path: str | os.PathLike) -> dict:
         from safetensors.numpy import load_file
 
         return dict(load_file(str(path)))
-    raise ValueError(f"unsupported feature file {path}: expected .npy, .npz, .safetensors or a seer features file")
+    raise ValueError(f"unsupported feature file {path}: expected .npy, .npz, .safetensors or a seer features directory")
 
 
 class _Bank:
@@ -129,13 +127,16 @@ class _Bank:
         if self.n == 0:
             raise ValueError(f"{name} has no rows")
 
-    def chunks(self, size: int) -> Iterator[tuple[int, Any]]:
-        """Yield ``(row_offset, raw_chunk)`` with at most ``size`` rows each, in order."""
-        offset = 0
+    def chunks(self, size: int, first: int | None = None) -> Iterator[tuple[int, Any]]:
+        """Yield ``(row_offset, raw_chunk)`` in order; chunks grow from ``first`` rows, doubling up to ``size``."""
+        offset, now = 0, min(size, first or size)
         for p in self.parts:
-            for a in range(0, int(p.shape[0]), size):
-                yield offset + a, p[a : a + size]
-            offset += int(p.shape[0])
+            a, n = 0, int(p.shape[0])
+            while a < n:
+                yield offset + a, p[a : a + now]
+                a += now
+                now = min(size, 2 * now)
+            offset += n
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """Gather rows (sorted global indices) into one float32 array (used by few-shot subsets)."""
@@ -242,7 +243,9 @@ def _search_torch(
     run_v = torch.full((nt, k), -math.inf, device=device)
     run_i = torch.full((nt, k), -1, dtype=torch.long, device=device)
     load = lambda oc: (oc[0], _prepare(_to_tensor32(oc[1], device), normalize, bank.name, oc[0]))  # noqa: E731
-    chunks = _prefetch(bank.chunks(train_chunk), load)
+    # The first chunk needs a full top-k per row; later ones only merge the few entries above the running k-th
+    # best. Growing the chunks from a small first one keeps that full top-k cheap while the threshold tightens.
+    chunks = _prefetch(bank.chunks(train_chunk, first=max(2048, 4 * k)), load)
     bar = _bar(progress, bank.n, "kNN search")
     for offset, tr in chunks:
         tr_t = tr.t()
@@ -308,7 +311,7 @@ def knn_search(
     backend: str = "auto",
     device: str | torch.device | None = None,
     train_chunk_size: int = 16384,
-    test_chunk_size: int = 2048,
+    test_chunk_size: int = 512,
     progress: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k inner-product search (cosine when ``normalize``): returns sorted ``(similarities, indices)``.
@@ -398,7 +401,7 @@ def eval_knn(
     n_tries: int = 5,
     seed: int = 0,
     train_chunk_size: int = 16384,
-    test_chunk_size: int = 2048,
+    test_chunk_size: int = 512,
     metadata: Mapping[str, Any] | None = None,
     return_predictions: bool = False,
     progress: bool = False,
@@ -606,8 +609,13 @@ def _load_split(path: str, labels_path: str | None, what: str) -> tuple[Any, np.
         labels = data.get("labels")
     if labels is None:
         raise ValueError(f"{path}: no labels in the file; pass --{what}-labels LABELS.npy")
-    meta = {k: v for k, v in data.items() if k in ("metadata", "meta") and isinstance(v, Mapping)}
-    return data["features"], np.asarray(labels), meta
+    if np.asarray(labels).dtype.kind in "iu" and (np.asarray(labels) < 0).any():
+        raise ValueError(
+            f"{path}: {(np.asarray(labels) < 0).sum()} samples have no label (-1); extract from a "
+            f"folder with class subfolders or pass --{what}-labels"
+        )
+    meta = data.get("meta") if isinstance(data.get("meta"), Mapping) else {}
+    return data["features"], np.asarray(labels), dict(meta)
 
 
 def cli_main(argv: list[str] | None = None) -> int:
@@ -645,7 +653,10 @@ def cli_main(argv: list[str] | None = None) -> int:
         meta[k] = v
     xtr, ytr, m1 = _load_split(args.train, args.train_labels, "train")
     xte, yte, _ = _load_split(args.test, args.test_labels, "test")
-    meta.update(m1.get("metadata", {}))
+    if m1:  # written by `seer extract`: model, layer, preprocessing (resolution, crop), dtype ...
+        meta["train_features_meta"] = {
+            k: m1[k] for k in ("model", "layer", "normalize", "dtype", "preprocess", "source") if k in m1
+        }
     res = eval_knn(
         xtr,
         ytr,

@@ -761,7 +761,11 @@ def cli_main(argv: list[str] | None = None) -> int:
             p.error(f"--meta expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         meta[k] = v
-    xtr, ytr, _ = _load_split(args.train, args.train_labels, "train")
+    xtr, ytr, m1 = _load_split(args.train, args.train_labels, "train")
+    if m1:  # written by `seer extract`
+        meta["train_features_meta"] = {
+            k: m1[k] for k in ("model", "layer", "normalize", "dtype", "preprocess", "source") if k in m1
+        }
     xte, yte, _ = _load_split(args.test, args.test_labels, "test")
     res = eval_linear(
         xtr,
