@@ -20,6 +20,7 @@ module only slices the suite into tasks. ``--local`` runs the same tasks through
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import importlib.util
@@ -461,6 +462,8 @@ def _run_local(ex, feats, protos, out: Path, args) -> int:
                 if job.exception() is not None:
                     failed += 1
         print(f"{stage}: {len(tasks)} task(s) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    with contextlib.suppress(OSError):  # the local controller creates the unformatted "%j" folder; it stays empty
+        (out / "launch" / "logs" / "%j").rmdir()
     payload = collect(out)
     print((out / "results.md").read_text())
     print(f"wrote {out}/results.json, results.md, results.png ({len(payload['missing'])} missing)")

@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 PROG = "submit.py"
+_LOCAL_MAX_REQUEUES = 5  # submitit.local._local: Controller.run(max_retry=6) starts
 # AutoExecutor's generic parameters; everything else goes to the SLURM executor as slurm_<name>.
 _GENERIC = ("name", "timeout_min", "nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb")
 # Set by named flags: --sbatch may not set them a second time.
@@ -333,7 +334,9 @@ def _pretrain_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", help="pretraining yaml (configs/pretrain/*.yaml)")
     src.add_argument("--resume", metavar="JOB_DIR", help="resubmit the run in JOB_DIR (its config.yaml and options)")
     ap.add_argument("--job-dir", default=None, help="job directory = run directory (default: the config's run_dir)")
-    ap.add_argument("--max-requeues", type=int, default=20, help="requeues allowed (timeouts + preemptions)")
+    ap.add_argument(
+        "--max-requeues", type=int, default=None, help="requeues allowed, timeouts + preemptions (default 20; 5 local)"
+    )
     ap.add_argument("--force", action="store_true", help="submit into a job dir holding a run with another config")
     _add_resource_args(ap, gpus_default=None, cpus_default=10)
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.total_steps=1000")
@@ -371,9 +374,14 @@ def prepare_pretrain(argv: list[str]) -> tuple[argparse.Namespace, Any, Path]:
         config_arg = args.config
         if not Path(config_arg).is_file():
             raise LaunchError(f"--config {config_arg}: file not found")
+    if args.max_requeues is None:
+        args.max_requeues = _LOCAL_MAX_REQUEUES if args.local else 20
     if args.max_requeues < 0:
         raise LaunchError(f"--max-requeues must be >= 0, got {args.max_requeues}")
     _check_resources(args)
+    if args.local and args.max_requeues > _LOCAL_MAX_REQUEUES:
+        print(f"{PROG}: note: submitit's local controller restarts a job at most {_LOCAL_MAX_REQUEUES} times",
+              file=sys.stderr)  # fmt: skip
     world_size = args.nodes * args.tasks_per_node
     try:
         cfg = load_config(config_arg, args.overrides)
@@ -387,6 +395,9 @@ def prepare_pretrain(argv: list[str]) -> tuple[argparse.Namespace, Any, Path]:
     except (ConfigError, FileNotFoundError) as exc:
         raise LaunchError(f"config: {exc}") from None
     job_dir = Path(cfg.run_dir)
+    if not args.local and cfg.data.workers + 1 > args.cpus_per_task:
+        print(f"{PROG}: note: data.workers={cfg.data.workers} loader processes + the trainer on "
+              f"--cpus-per-task {args.cpus_per_task}: the loader will compete for CPUs", file=sys.stderr)  # fmt: skip
     existing = job_dir / "config.yaml"
     if not args.resume and not args.force and existing.is_file() and run_progress(job_dir) > 0:
         import tempfile
@@ -467,6 +478,8 @@ def pretrain_main(argv: list[str] | None = None) -> int:
 def _wait_local_pretrain(job, job_dir: Path, submission: int) -> int:
     """Block until the local job (and its requeues) ends; report from the attempt records."""
     job.wait()
+    with contextlib.suppress(OSError):  # the local controller creates the unformatted "%j" folder; it stays empty
+        (job_dir / "launch" / "logs" / "%j").rmdir()
     attempts = [a for a in read_attempts(job_dir) if a.get("submission") == submission]
     for a in attempts:
         print(f"attempt {a['attempt']}: {a['status']} (steps {a.get('start_step')} -> {a.get('end_step')})")
