@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         "runs": runs,
         "write_shards_ips": write_ips,
     }
-    write_result("loader", payload, markdown)
+    write_result("loader_quick" if args.quick else "loader", payload, markdown)
     return payload
 
 
