@@ -641,7 +641,7 @@ class _Seeded:
         if info is not None:
             import numpy as np
 
-            torch.manual_seed(base)
+            torch.default_generator.manual_seed(base)  # the transform runs on the CPU
             random.seed(base)
             np.random.seed(base)
             yield from wds.filters._map(src, self.prepare, handler=self.prepare.skips.handler)
