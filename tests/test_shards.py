@@ -320,6 +320,26 @@ def test_train_stream_equal_steps_and_reproducible(colour_shards: str) -> None:
         assert len(_train_values(urls, seed=1, rank=r, world_size=3, num_workers=2)) == 6
 
 
+def random_draws(img: Image.Image) -> torch.Tensor:
+    """A stand-in for random augmentations: draws from the torch and python RNGs."""
+    import random
+
+    return torch.tensor([torch.rand(()).item(), random.random()])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_augmentation_rngs_reproducible_and_distinct_per_worker(colour_shards: str, num_workers: int) -> None:
+    def draws(**kw) -> list[float]:
+        loader = train_loader(colour_shards, random_draws, batch_size=4, steps_per_epoch=4, num_workers=num_workers,
+                              seed=3, **kw)  # fmt: skip
+        return [v for x, _ in loader for v in x.flatten().tolist()]
+
+    first = draws()
+    assert draws() == first  # same (seed, rank, worker, step): same augmentations
+    assert len(set(first)) == len(first)  # no two samples (or workers) share random draws
+    assert set(draws(start_step=4)).isdisjoint(first)
+
+
 def test_train_loader_passes_continue_and_keep_caller_rng(colour_shards: str) -> None:
     loader = train_loader(colour_shards, mean_value, batch_size=5, steps_per_epoch=3)
     torch.manual_seed(0)
