@@ -114,20 +114,30 @@ def main(argv: list[str] | None = None) -> dict:
     """Run both settings; returns the payload written to benchmarks/results/linear.json."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
-        cached = _cached(n=5000, dim=512, classes=100, epochs=2, batch_size=256)
-        online = _online("regnety_200mf", 32, n_batches=4, batch_size=32, epochs=1)
+        rows = {
+            "cached, 10 classes": _cached(n=5000, dim=512, classes=10, epochs=2, batch_size=256),
+            "cached, 100 classes": _cached(n=5000, dim=512, classes=100, epochs=2, batch_size=256),
+            "online (frozen trunk)": _online("regnety_200mf", 32, n_batches=4, batch_size=32, epochs=1),
+        }
     else:
-        cached = _cached(n=20000, dim=1024, classes=100, epochs=5, batch_size=256)
-        online = _online("regnety_200mf", 64, n_batches=8, batch_size=32, epochs=1)
-    rows = {"cached features": cached, "online (frozen trunk)": online}
+        rows = {
+            "cached, 10 classes": _cached(n=20000, dim=1024, classes=10, epochs=5, batch_size=256),
+            "cached, 100 classes": _cached(n=20000, dim=1024, classes=100, epochs=5, batch_size=256),
+            "online (frozen trunk)": _online("regnety_200mf", 64, n_batches=8, batch_size=32, epochs=1),
+        }
+    cached, online = rows["cached, 100 classes"], rows["online (frozen trunk)"]
     lines = [
         "# Linear probe: 10 heads in one pass vs 10 sequential runs",
         "",
-        f"cached: {cached['n']} x {cached['dim']}-d features, {cached['classes']} classes, {cached['epochs']} epochs, "
-        f"BN + linear heads, LR grid of 10. online: {online['preset']} at {online['resolution']} px, "
-        f"{online['images_per_epoch']} images x {online['epochs']} epoch(s).",
+        f"cached: {cached['n']} x {cached['dim']}-d features in memory, {cached['epochs']} epochs, batch "
+        f"{cached['batch_size']}, BN + linear heads, LR grid of 10. online: {online['preset']} at "
+        f"{online['resolution']} px, {online['images_per_epoch']} images x {online['epochs']} epoch(s); "
+        f"{torch.get_num_threads()} torch threads.",
         "",
         "| setting | one pass s | 10 sequential s | speed-up | target | status | same accuracies |",
         "|---|---|---|---|---|---|---|",
@@ -137,7 +147,14 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {name} | {r['one_pass_s']:.2f} | {r['sequential_s']:.2f} | {r['speedup']:.2f}x | "
             f">= {TARGET:.0f}x | {status(r['speedup'], TARGET)} | {r['same_accuracies']} |"
         )
-    lines += ["", "Timings on a shared 2-core machine are noisy."]
+    lines += [
+        "",
+        "On cached features the heads' own FLOPs are the same in both modes (10 heads cost 10x one head's GEMMs); the",
+        "one-pass grid saves the per-step work shared by all heads (batch gather, BN statistics, Python and kernel",
+        "overhead, thin GEMMs), so its gain shrinks as the classes grow. Reading the data once is what pays when the",
+        "data pass is the cost: the online mode (a trunk forward per batch), or features streamed from disk.",
+        "Timings on a shared 2-core machine are noisy.",
+    ]
     payload = {"settings": rows, "target_speedup": TARGET, "lrs": list(LRS)}
     write_result("linear_quick" if args.quick else "linear", payload, "\n".join(lines))
     print("\n".join(lines))

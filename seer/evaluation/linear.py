@@ -94,28 +94,29 @@ class _Group:
         if not self.bn:
             return x
         if train and x.shape[0] > 1:
-            mean, var = x.mean(0), x.var(0, unbiased=False)
+            mean = x.mean(0)
+            xc = x - mean
+            var = xc.square().mean(0)  # (x.var(0) is a slow strided reduction on CPU)
             n = x.shape[0]
-            with torch.no_grad():
-                self.running_mean.lerp_(mean, self.bn_momentum)
-                self.running_var.lerp_(var * n / (n - 1), self.bn_momentum)
-        else:
-            mean, var = self.running_mean, self.running_var
-        return (x - mean) * torch.rsqrt(var + self.eps)
+            self.running_mean.lerp_(mean, self.bn_momentum)
+            self.running_var.lerp_(var * (n / (n - 1)), self.bn_momentum)
+            return xc.mul_(torch.rsqrt(var + self.eps))
+        return (x - self.running_mean) * torch.rsqrt(self.running_var + self.eps)
 
     def logits(self, x: torch.Tensor, train: bool = False) -> torch.Tensor:
         """[B, D] -> [B, H, C]."""
         return torch.addmm(self.bias, self._input(x, train), self.weight).view(x.shape[0], self.h, self.c)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr_factor: float, momentum: float) -> torch.Tensor:
-        """One SGD step of every head on a batch; returns the per-head mean cross-entropy [H]."""
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor, lr_factor: float, momentum: float, return_loss: bool = False
+    ) -> torch.Tensor | None:
+        """One SGD step of every head on a batch; optionally returns the per-head mean cross-entropy [H]."""
         xin = self._input(x, train=True)
         z = torch.addmm(self.bias, xin, self.weight).view(x.shape[0], self.h, self.c)
-        logp = torch.log_softmax(z, dim=-1)
-        yy = y[:, None, None].expand(-1, self.h, 1)
-        loss = -logp.gather(2, yy).mean(0).flatten()
         # d(sum_h mean_b CE_h)/dz = (softmax - onehot) / B, independent per head.
-        g = logp.exp_()
+        g = torch.softmax(z, dim=-1)
+        yy = y[:, None, None].expand(-1, self.h, 1)
+        loss = -g.gather(2, yy).clamp_min(1e-30).log().mean(0).flatten() if return_loss else None
         g.scatter_add_(2, yy, torch.full_like(yy, -1.0, dtype=g.dtype))
         g = g.div_(x.shape[0]).view(x.shape[0], self.h * self.c)
         # SGD with momentum (PyTorch semantics: buf = m * buf + grad + wd * w; w -= lr * buf), fused where possible:
@@ -236,8 +237,8 @@ def _train(
         for s in range(steps_per_epoch):
             idx = perm[s * bs : (s + 1) * bs]
             heads.step(
-                {k: v[idx] for k, v in feats.items()},
-                y[idx],
+                {k: v.index_select(0, idx) for k, v in feats.items()},  # (faster than v[idx] on CPU)
+                y.index_select(0, idx),
                 _lr_factor(step, total, warmup_epochs * steps_per_epoch),
                 momentum,
             )
