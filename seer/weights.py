@@ -232,20 +232,56 @@ class Checkpoint:
     renamed: dict[str, str] = field(default_factory=dict)
 
 
+# numpy data types some checkpoints carry (VISSL stores numpy scalars next to the weights): data, never code.
+_NUMPY_DATA_GLOBALS = {"_reconstruct", "scalar", "ndarray", "dtype"}
+_NUMPY_DATA_MODULES = ("numpy", "numpy.core.multiarray", "numpy._core.multiarray")
+
+
+def _numpy_data_globals(path: Path) -> list:
+    """The numpy data-type globals a checkpoint needs, if those are all it needs beyond torch's defaults."""
+    import importlib
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: no allowlisting, plain weights_only rules
+        return []
+    found = []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        if not ((module in _NUMPY_DATA_MODULES and attr in _NUMPY_DATA_GLOBALS) or module == "numpy.dtypes"):
+            return []
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            return []
+    return found
+
+
 def _torch_load(path: Path) -> Any:
     """``torch.load`` of an untrusted file: tensors and plain containers only, memory-mapped when the format allows."""
-    try:
+
+    def load(**kwargs: Any) -> Any:
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True, **kwargs)
         except RuntimeError as exc:  # legacy (pre-zip) serialization cannot be memory-mapped
             if "mmap" not in str(exc):
                 raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+
+    try:
+        numpy_globals = _numpy_data_globals(path)
+        if numpy_globals:
+            with torch.serialization.safe_globals(numpy_globals):
+                return load()
+        return load()
     except pickle.UnpicklingError as exc:
+        with contextlib.suppress(Exception):
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        detail = f"it references {unsafe}" if "unsafe" in locals() and unsafe else str(exc).splitlines()[0]
         raise CheckpointError(
             f"{path}: refused to load: the file holds pickled objects other than tensors and plain containers "
-            f"(loaded with torch.load(weights_only=True), so nothing in it was executed). If you trust the file, "
-            f"convert it yourself to a plain state dict or safetensors. Details: {str(exc).splitlines()[0]}"
+            f"({detail}). It was read with torch.load(weights_only=True), so nothing in it was executed. If you "
+            f"trust the file, convert it yourself to a plain state dict or safetensors."
         ) from None
     except (EOFError, OSError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc

@@ -347,12 +347,21 @@ def test_pickled_code_is_refused_and_never_run(tmp_path):
     marker = tmp_path / "pwned"
     sd = {k: v.contiguous() for k, v in build_trunk("regnety_200mf").state_dict().items()}
     torch.save({"state_dict": sd, "payload": _Payload(str(marker))}, tmp_path / "evil.pth")
-    with pytest.raises(CheckpointError, match=r"evil.pth: refused to load.*weights_only"):
+    with pytest.raises(CheckpointError, match=r"evil.pth: refused to load.*io.open.*weights_only"):
         load_trunk(tmp_path / "evil.pth")
     assert not marker.exists()
     # the payload is live: an unsafe load would have run it (so the check above can fail)
     torch.load(tmp_path / "evil.pth", weights_only=False)
     assert marker.exists()
+
+
+def test_numpy_scalars_next_to_the_weights_are_data(tmp_path):
+    """VISSL checkpoints carry numpy scalars (iteration counters): allowlisted as data, the weights load."""
+    import numpy as np
+
+    sd = {k: v.contiguous() for k, v in build_trunk("regnety_200mf").state_dict().items()}
+    torch.save({"model": sd, "iteration": np.int64(7), "stats": np.zeros(3)}, tmp_path / "np.pth")
+    assert load_trunk(tmp_path / "np.pth").cfg == seer.PRESETS["regnety_200mf"]
 
 
 def test_hub_offline_gives_clear_message(tmp_path, monkeypatch):
