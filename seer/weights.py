@@ -254,6 +254,10 @@ def _numpy_data_globals(path: Path) -> list:
             found.append(getattr(importlib.import_module(module), attr))
         except (ImportError, AttributeError):
             return []
+    if found:  # unpickling a numpy dtype builds its DType class (numpy.dtypes.Int64DType ...): data classes too
+        import numpy as np
+
+        found += [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", None)) if n.endswith("DType")]
     return found
 
 
