@@ -295,13 +295,3 @@ def _ignore_late_signal(signum: int, frame: Any) -> None:
 def _total_steps(config: dict) -> int:
     t = config.get("train", {})
     return int(t.get("total_steps") or int(t.get("epochs", 1)) * int(t.get("steps_per_epoch", 1)))
-
-
-def wait_for_file(path: Path, timeout_s: float) -> bool:
-    """Poll until ``path`` exists (used by tests and ``--wait``)."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if path.exists():
-            return True
-        time.sleep(0.5)
-    return path.exists()

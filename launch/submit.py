@@ -321,6 +321,7 @@ _RESOURCE_KEYS = (
     "setup",
     "sbatch",
     "max_requeues",
+    "local",
 )
 
 

@@ -358,7 +358,7 @@ def test_local_job_requeues_on_timeout_and_finishes_on_the_uninterrupted_traject
     limit_s = math.ceil(startup + 0.5 * train) + delay
     cut = tmp_path / "requeued"
     code = _local(cut, steps, capsys, "--timeout-min", f"{limit_s / 60:.4f}", "--signal-delay-s", str(delay),
-                  "--max-requeues", "8")  # fmt: skip
+                  "--max-requeues", "5")  # fmt: skip
     attempts = read_attempts(cut)
     summary = [(x["status"], x["start_step"], x.get("end_step")) for x in attempts]
     assert code == 0, summary
