@@ -483,7 +483,8 @@ def _setup(model: Any, *, layer: str, batch_size: int | None, device: Any, norma
     if num_workers is None:
         # Decoding in worker processes pays off once there are a few batches of files to decode.
         big = n_items is not None and n_items >= 4 * batch_size
-        num_workers = min(8, max(1, (os.cpu_count() or 1) - 1)) if (big and needs_decode) else 0
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        num_workers = min(8, max(1, cores - 1)) if (big and needs_decode) else 0
     return _Setup(net, _Runner(net, dev, pp, layer, normalize, amp), pp, batch_size, num_workers)
 
 
@@ -533,7 +534,7 @@ def extract_features(images: Any, model: Any = None, *, layer: str = "avgpool", 
         batch_size: images per forward (default 32 on CPU, 64 on GPU).
         device: default: CUDA when available for models loaded here; a given module's own device.
         normalize: L2-normalize each feature vector.
-        progress: a tqdm bar; ``None`` shows it for 512 images or more.
+        progress: a tqdm bar; ``None`` shows it for 512 images or more (and for iterables of unknown length).
         on_error: "raise" (a corrupt / unreadable image raises ``ImageError`` naming it) or "skip" (the result
             is a ``FeatureArray`` without those rows: ``.indices`` are the input positions of the rows,
             ``.skipped`` lists the skipped inputs and why). Wrong input types, shapes and dtypes always raise.

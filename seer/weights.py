@@ -59,6 +59,7 @@ DEFAULT_PREPROCESS: dict[str, dict] = {
     "timm": {"resolution": 224, "crop_pct": 0.965, "interpolation": "bicubic", "resize_mode": "shorter"},
     "torchvision": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bilinear", "resize_mode": "shorter"},
     "vissl": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bilinear", "resize_mode": "shorter"},
+    "classy": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bilinear", "resize_mode": "shorter"},
     "hf": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bicubic", "resize_mode": "shorter"},
 }
 
@@ -197,6 +198,16 @@ LAYOUTS: dict[str, Layout] = {
         head=("heads.",),
     ),
 }
+# ClassyVision's own RegNet / AnyNet (``classy_state_dict`` of ClassyVision tasks): VISSL's block internals under
+# torchvision-like containers.
+LAYOUTS["classy"] = Layout(
+    name="classy",
+    stem={"stem.conv": "stem.stem.0", "stem.bn": "stem.stem.1"},
+    block="trunk_output.block{s}.block{s}-{b0}",
+    block_re=r"^trunk_output\.block(?P<s>\d+)\.block\d+-(?P<b0>\d+)",
+    inner=LAYOUTS["vissl"].inner,
+    head=("heads.", "head.", "fc."),
+)
 LAYOUTS["seer"] = LAYOUTS["timm"]
 
 # Wrapper prefixes that DDP / FSDP(1) / checkpoint wrappers / VISSL extraction scripts put in front of the names.
@@ -361,6 +372,8 @@ def detect_layout(keys: list[str], origin: str = "<state dict>") -> str:
         return "vissl"
     if "embedder.embedder.convolution.weight" in keyset:
         return "hf"
+    if "stem.stem.0.weight" in keyset:
+        return "classy"
     if "stem.0.weight" in keyset and any(k.startswith("trunk_output.") for k in keys):
         return "torchvision"
     if "stem.conv.weight" in keyset:
@@ -597,7 +610,7 @@ def read_checkpoint(source: Any, *, format: str | None = None) -> Checkpoint:
     Args:
         source: a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` / ``.torch`` file, an HF directory, a
             pretraining run directory, an HF hub id, a state dict, or an ``nn.Module`` (timm, torchvision, HF).
-        format: force a layout ("seer", "timm", "torchvision", "hf", "vissl") instead of detecting it.
+        format: force a layout ("seer", "timm", "torchvision", "hf", "vissl", "classy") instead of detecting it.
     """
     if isinstance(source, nn.Module):
         hf_config = getattr(getattr(source, "config", None), "to_dict", lambda: None)()

@@ -192,6 +192,24 @@ def test_vissl_parity(tmp_path, parts):
     assert read.format == "vissl" and set(read.heads) == {f"heads.{k}" for k in heads}
 
 
+def test_classyvision_layout(tmp_path):
+    """ClassyVision's own RegNet: stem.stem.{0,1} and trunk_output.block{s}.block{s}-{j} with VISSL's internals."""
+    timm = pytest.importorskip("timm")
+    ref = randomize_bn(timm.create_model("regnety_002", pretrained=False, num_classes=0))
+
+    def rename(key: str) -> str:
+        key = to_vissl_key(key, 0).replace("_feature_blocks.conv1.stem.", "stem.stem.")
+        return re.sub(r"^_feature_blocks\.res\d+\.block(\d+)-", r"trunk_output.block\1.block\1-", key)
+
+    sd = {rename(k): v for k, v in ref.state_dict().items()}
+    assert "trunk_output.block2.block2-0.f.final_bn.running_var" in sd
+    torch.save({"classy_state_dict": {"base_model": {"model": {"trunk": sd, "heads": {}}}}}, tmp_path / "c.torch")
+    trunk = load_trunk(tmp_path / "c.torch")
+    assert trunk.checkpoint_format == "classy"
+    with torch.no_grad():
+        assert rel_err(ref(X), trunk(X)) < 1e-4
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Saving
 # ----------------------------------------------------------------------------------------------------------------
