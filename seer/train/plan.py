@@ -36,8 +36,10 @@ __all__ = ["plan", "format_plan", "block_stats", "head_params", "measure_cpu", "
 ACT_FACTOR = 1.0
 # - at the backward peak, the block being differentiated holds gradient buffers worth ~1.3x its activations;
 BACKWARD_FACTOR = 1.3
-# - a checkpointed segment is recomputed and then differentiated: ~3.5x its activations at once.
-RECOMPUTE_FACTOR = 3.5
+# - a checkpointed segment is recomputed whole (1x its activations), then differentiated block by block, whose
+#   gradient and recomputation buffers add ~2.5x the largest block's activations (fitted on 1- and 2-block
+#   segments, 1.9-3.8 measured; longer segments, like SEER's 8-block groups, are extrapolated).
+RECOMPUTE_FACTOR = 2.5
 # CUDA context, cuDNN and NCCL workspaces, allocator slack: a fixed allowance on GPUs.
 GPU_OVERHEAD_GB = 3.0
 GiB = 2**30
@@ -118,7 +120,8 @@ def _activation_elems(stats: dict, depths: list[int], spec) -> tuple[int, float]
     """(elements kept through the step, extra elements alive at the backward peak) per image.
 
     At the backward peak a block being differentiated also holds its activation gradients (``BACKWARD_FACTOR`` x
-    its activations); a checkpointed segment is first recomputed, then differentiated (``RECOMPUTE_FACTOR`` x).
+    its activations); a checkpointed segment is first recomputed whole, then differentiated block by block
+    (``RECOMPUTE_FACTOR`` x its largest block on top).
     """
     blocks = stats["blocks"]
     kept, live = stats["stem"]["acts"], 0.0
@@ -126,7 +129,7 @@ def _activation_elems(stats: dict, depths: list[int], spec) -> tuple[int, float]
         seg_acts = sum(blk["acts"] for blk in blocks[a:b])
         if ck:
             kept += blocks[a]["in"]  # the checkpoint keeps only the segment's input
-            live = max(live, RECOMPUTE_FACTOR * seg_acts)
+            live = max(live, seg_acts + RECOMPUTE_FACTOR * max(blk["acts"] for blk in blocks[a:b]))
         else:
             kept += seg_acts
             live = max(live, BACKWARD_FACTOR * max(blk["acts"] for blk in blocks[a:b]))
