@@ -12,8 +12,9 @@ them with fewer passes over the pixels:
 * the whole color jitter (the four operations in their random order, each clamped like torchvision's float ops)
   plus the optional grayscale is one 3D lookup table applied by PIL (``Color3DLUT``, trilinear interpolation of a
   17^3 grid) on large crops, or computed exactly on the pixels of small crops (<= 100x100). The lookup table
-  interpolates HSV hue rotation, whose kinks it rounds off: mean error ~0.3 gray level, rare pixels up to ~10;
-  contrast takes its mean gray value from a 32x32 subsample of the crop;
+  interpolates HSV hue rotation, whose kinks it rounds off: mean error 0.3-1 gray level, rare pixels up to ~25
+  (SwAV's PIL pipeline, uint8 after every step, is ~1.5 levels off the float ops on average); contrast takes its
+  mean gray value from a 32x32 subsample of the crop;
 * only the crops drawn for blur are blurred (the same PIL ``GaussianBlur``);
 * flip, uint8 -> float and normalization are fused at the end.
 
