@@ -10,17 +10,21 @@ import json
 import math
 import os
 import stat
+import sys
 import time
 from pathlib import Path
 
 import cloudpickle
 import pytest
 
-from launch import submit
-from launch.jobs import PretrainJob, export_torch_env, master_port, read_attempts
-from seer.distributed.env import detect_launcher
-
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `launch/` is a folder of the checkout, not part of the installed package
+    sys.path.insert(0, str(REPO))
+
+from launch import submit  # noqa: E402
+from launch.jobs import PretrainJob, export_torch_env, master_port, read_attempts  # noqa: E402
+from seer.distributed.env import detect_launcher  # noqa: E402
+
 RG256 = str(REPO / "configs/pretrain/seer_rg256.yaml")
 TENB = str(REPO / "configs/pretrain/seer_10b.yaml")
 TINY_CFG = str(REPO / "configs/pretrain/tiny_cpu.yaml")
