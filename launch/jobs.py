@@ -236,8 +236,9 @@ class PretrainJob:
             # left alone (other ranks may be blocked in a collective; the scheduler stops them).
             raise
         except BaseException as exc:
-            # (a "stopped" attempt -- checkpoint() refused to requeue -- ends here too: keep its status and reason)
-            if self._attempt is not None and self._attempt.data["status"] == "running":
+            # A "stopped" attempt (checkpoint() refused to requeue) ends here too: keep its status and reason. A
+            # "requeued" one ends here only when the requeue itself failed (e.g. `scontrol requeue` refused).
+            if self._attempt is not None and self._attempt.data["status"] in ("running", "requeued"):
                 step = run_progress(self.job_dir)
                 self._attempt.update(status="failed", ended=_now(), end_step=step, error=repr(exc))
             raise
