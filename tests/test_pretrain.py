@@ -152,6 +152,17 @@ def test_read_trunk_state_matches_the_trained_trunk(tmp_path):
     state2, _ = read_trunk_state(latest_checkpoint(tmp_path))
     assert all(torch.equal(state[k], state2[k]) for k in state)
 
+    # `seer export RUN_DIR OUT` writes a file the weights loaders read back, and load_trunk reads run dirs too
+    weights = pytest.importorskip("seer.weights")
+    from seer.train.checkpoint import cli_export
+
+    out = tmp_path / "trunk.safetensors"
+    assert cli_export([str(tmp_path), str(out)]) == 0
+    for source in (out, tmp_path):
+        loaded = weights.load_trunk(source).state_dict()
+        assert all(torch.equal(loaded[k].contiguous(), state[k].contiguous()) for k in state), source
+    assert cli_export([str(tmp_path / "missing"), str(out)]) == 1
+
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
