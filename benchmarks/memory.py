@@ -2,9 +2,10 @@
 
     python -m benchmarks.memory [--quick]
 
-1. regnety_800mf and regnety_1_6gf (+ a small SwAV head), one CPU process, 2 crops per image: peak memory and
-   step time with and without per-block activation checkpointing. Activation memory = peak RSS of the training
-   steps above the process's post-warm-up baseline (which already holds parameters, gradients and momentum).
+1. regnety_800mf and regnety_1_6gf (+ a small SwAV head), one CPU process, SwAV multi-crop (2x128 + 4x64 by
+   default: all crops' activations are held until the loss, one resolution group is recomputed at a time): peak
+   memory and step time with and without per-block activation checkpointing. Activation memory = peak RSS of the
+   training steps above the process's post-warm-up baseline (which already holds parameters, gradients and momentum).
    Target: activation memory >= 2.5x lower with checkpointing, at <= 1.4x the step time.
 2. Per-rank parameter + gradient + optimizer-state bytes (the local storage of every tensor, summed exactly) with
    FSDP2 on 2 gloo processes vs one process. Target: world size 2 <= 0.55x world size 1.
@@ -28,21 +29,23 @@ MiB = 2**20
 HEAD = ["swav.head_dims=[256, 64]", "swav.n_prototypes=256", "swav.use_bn=true"]
 
 
-def _overrides(preset: str, res: int, batch: int, ac: str) -> list[str]:
-    return [*HEAD, f"model.preset={preset}", f"data.crops=[[2, {res}]]", f"data.image_size={res}",
+def _overrides(preset: str, res: int, batch: int, ac: str, small: int = 0) -> list[str]:
+    """SwAV multi-crop shapes: 2 x ``res`` (+ 4 x ``small`` when given)."""
+    crops = f"[[2, {res}], [4, {small}]]" if small else f"[[2, {res}]]"
+    return [*HEAD, f"model.preset={preset}", f"data.crops={crops}", f"data.image_size={res}",
             f"data.batch_size_per_gpu={batch}", f"model.activation_checkpointing={ac}"]  # fmt: skip
 
 
-def activation_checkpointing(presets: list[str], res: int, batch: int, steps: int) -> list[dict]:
+def activation_checkpointing(presets: list[str], res: int, small: int, batch: int, steps: int) -> list[dict]:
     """Measured vs planned activation memory and step time, checkpointing off and per block."""
     from seer.config import load_config
     from seer.train.plan import measure_cpu, plan
 
     rows = []
     for preset in presets:
-        row = {"preset": preset, "resolution": res, "batch": batch, "crops": 2}
+        row = {"preset": preset, "crops": f"2x{res}" + (f" + 4x{small}" if small else ""), "batch": batch}
         for ac in ("false", "block"):
-            ov = _overrides(preset, res, batch, ac)
+            ov = _overrides(preset, res, batch, ac, small)
             m = measure_cpu(ov, steps=steps, threads=int(os.environ.get("OMP_NUM_THREADS", 2)))
             p = plan(load_config(None, ov), 1, None, device="cpu")["memory_bytes"]
             row[ac] = {
@@ -150,17 +153,17 @@ def _markdown(ac_rows: list[dict], shard: dict) -> str:
     lines = [
         "# Memory: activation checkpointing, FSDP2 sharding, `seer plan`",
         "",
-        "CPU, one process, 2 crops per image; activation memory = peak RSS above the post-warm-up baseline. "
+        "CPU, one process, SwAV multi-crop; activation memory = peak RSS above the post-warm-up baseline. "
         "Step times are from a shared 2-core machine (noisy).",
         "",
-        "| model | px x batch | activations no AC (plan) | activations AC (plan) | ratio (target >= 2.5) "
+        "| model | crops, batch | activations no AC (plan) | activations AC (plan) | ratio (target >= 2.5) "
         "| step time no AC / AC | time ratio (target <= 1.4) | pass |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in ac_rows:
         f, b = r["false"], r["block"]
         lines.append(
-            f"| {r['preset']} | {r['resolution']} x {r['batch']} "
+            f"| {r['preset']} | {r['crops']}, {r['batch']} "
             f"| {f['activation_mib']:.0f} MiB ({f['plan_activation_mib']:.0f}) "
             f"| {b['activation_mib']:.0f} MiB ({b['plan_activation_mib']:.0f}) | {r['activation_ratio']:.2f}x "
             f"| {f['step_time_s']:.2f} s / {b['step_time_s']:.2f} s | {r['time_ratio']:.2f}x "
@@ -194,18 +197,19 @@ def _markdown(ac_rows: list[dict], shard: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="regnety_800mf only, smaller images")
-    ap.add_argument("--resolution", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="regnety_800mf only, smaller batch")
+    ap.add_argument("--resolution", type=int, default=128, help="large crops (2 per image)")
+    ap.add_argument("--small", type=int, default=64, help="small crops (4 per image; 0: none)")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         _worker(*args.worker)
         return {}
     presets = ["regnety_800mf"] if args.quick else ["regnety_800mf", "regnety_1_6gf"]
-    res = args.resolution or (96 if args.quick else 160)
-    ac_rows = activation_checkpointing(presets, res, args.batch, args.steps)
+    batch = args.batch or (4 if args.quick else 8)
+    ac_rows = activation_checkpointing(presets, args.resolution, args.small, batch, args.steps)
     shard = sharding("regnety_800mf")
     payload = {
         "activation_checkpointing": ac_rows,

@@ -128,7 +128,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     monkeypatch.setattr(SyntheticMultiCrop, "batch", poisoned)
     cfg = load_config(None, [*TINY, f"run_dir={tmp_path}", "train.total_steps=6", "train.ckpt_every_steps=2",
                              "data.batch_size_per_gpu=8"])  # fmt: skip
-    with pytest.raises(FloatingPointError, match="loss is nan at step 3"):
+    with pytest.raises(FloatingPointError, match="loss is nan at step 4"):
         pretrain(cfg)
     ckpts = list_checkpoints(tmp_path)
     assert [p.name for p in ckpts] == ["step_00000002"]

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,14 @@ def _rank() -> int:
 def _barrier() -> None:
     if _dist():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns that it assumes a single process whenever no process group exists: that is our intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _ckpt_root(run_dir: str | os.PathLike) -> Path:
@@ -150,7 +160,8 @@ def save_checkpoint(
     sync_bn_stats(model)
     _reshard(model)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    with _quiet_single_process():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     states = [None] * dist.get_world_size() if _dist() else None
     if _dist():
         dist.all_gather_object(states, rng_state())
@@ -211,7 +222,8 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer: to
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
         model_sd = get_model_state_dict(model)
-        dcp.load({"model": model_sd}, checkpoint_id=str(ckpt_dir))
+        with _quiet_single_process():
+            dcp.load({"model": model_sd}, checkpoint_id=str(ckpt_dir))
         set_model_state_dict(model, model_sd)
         return meta
     _reshard(model)
@@ -221,7 +233,8 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer: to
     )
     for fqn in missing:
         optim_sd["state"].pop(fqn)
-    dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir))
+    with _quiet_single_process():
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir))
     # strict=False only tolerates the missing optimizer entries; every model key was loaded by dcp.load above.
     options = StateDictOptions(strict=not missing)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
@@ -268,7 +281,8 @@ def read_trunk_state(path: str | os.PathLike, prefix: str = "trunk.") -> tuple[d
             state[key[len(want) :]] = torch.empty(item.size, dtype=item.properties.dtype)
     if not state:
         raise ValueError(f"{ckpt}: no tensors under 'model.{prefix}' in the checkpoint")
-    dcp.load({"model": {prefix + k: v for k, v in state.items()}}, checkpoint_id=str(ckpt), no_dist=True)
+    with _quiet_single_process():
+        dcp.load({"model": {prefix + k: v for k, v in state.items()}}, checkpoint_id=str(ckpt), no_dist=True)
     cfg = meta.get("regnet_cfg")
     if cfg is None:
         raise ValueError(f"{ckpt}/{META_NAME} has no 'regnet_cfg'")

@@ -269,7 +269,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         loss_val, save_by_time = float(stats[0]), bool(stats[1] > 0)
         if not math.isfinite(loss_val):
             raise FloatingPointError(
-                f"loss is {loss_val} at step {step} (lr {lrs[step]:.4g}); stopping. The last good checkpoint "
+                f"loss is {loss_val} at step {step + 1} (lr {lrs[step]:.4g}); stopping. The last good checkpoint "
                 f"({last_ckpt or 'none'}) is untouched: lower optim.base_lr or raise optim.warmup_iters and resume."
             )
 
