@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         print(f"sklearn: {t_sk:.2f}s ({flops / t_sk / 1e9:.1f} GFLOP/s)")
 
-    eff = cpu_time_efficiency(xtr, xte[: min(n_te, 1024)], k)  # the whole bank, fewer queries
+    eff = cpu_time_efficiency(xtr, xte[: min(n_te, 4096)], k)  # the whole bank, fewer queries
     print(
         f"single-thread CPU-time efficiency: {eff['search_gflops_1t']:.1f} / {eff['mm_gflops_1t']:.1f} GFLOP/s "
         f"= {eff['fraction']:.2f}"

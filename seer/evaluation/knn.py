@@ -168,12 +168,19 @@ def _to_tensor32(x: Any, device: torch.device) -> torch.Tensor:
 
 
 def _prepare(t: torch.Tensor, normalize: bool, name: str, offset: int) -> torch.Tensor:
-    """Check finiteness (per chunk, so banks larger than memory are checked too) and L2-normalize."""
-    if not bool(torch.isfinite(t).all()):
+    """Check finiteness (per chunk, so banks larger than memory are checked too) and L2-normalize.
+
+    The row norms serve both: a NaN/Inf anywhere in a row makes its norm non-finite, so the full element-wise check
+    only runs when a norm is not finite (saving two passes over every train chunk).
+    """
+    norms = torch.linalg.vector_norm(t, dim=1, keepdim=True)
+    if not bool(torch.isfinite(norms).all()):
         bad = torch.nonzero(~torch.isfinite(t).all(1)).flatten()[:5].tolist()
-        raise ValueError(f"{name} contains NaN or Inf values (e.g. rows {[offset + b for b in bad]})")
+        if bad:
+            raise ValueError(f"{name} contains NaN or Inf values (e.g. rows {[offset + b for b in bad]})")
+        norms = torch.linalg.vector_norm(t.double(), dim=1, keepdim=True).float()  # finite values, squares overflowed
     if normalize:
-        t = torch.nn.functional.normalize(t, dim=1, eps=1e-12)
+        t = t / norms.clamp_min(1e-12)
     return t
 
 
@@ -198,7 +205,12 @@ def _merge_block(run_v: torch.Tensor, run_i: torch.Tensor, block: torch.Tensor, 
     if bool(torch.isfinite(run_v[:, -1]).all()):
         # Rows already hold k candidates: only entries above the row's k-th best can enter. After the first
         # chunk these are few, so a compare + nonzero replaces a full top-k over the block (~5x cheaper).
-        rows, cols = torch.nonzero(block > run_v[:, -1:], as_tuple=True)
+        thr = run_v[:, -1:]
+        if block.device.type == "cpu":  # numpy's broadcast compare is ~6x faster than torch's on CPU (measured)
+            mask = torch.from_numpy(np.greater(block.numpy(), thr.numpy()))
+        else:
+            mask = block > thr
+        rows, cols = torch.nonzero(mask, as_tuple=True)
         if rows.numel() == 0:
             return run_v, run_i
         counts = torch.bincount(rows, minlength=q)
