@@ -229,6 +229,9 @@ class PretrainJob:
                 pid=os.getpid(),
             )
             print(f"[launch] attempt {self._attempt.data['attempt']} of {self.job_dir}: {job_env}", flush=True)
+        # Every task says where it sits (its own log file): the first thing to read when a rendezvous hangs.
+        keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        print("[launch] torch.distributed env: " + " ".join(f"{k}={info[k]}" for k in keys), flush=True)
         try:
             summary = pretrain(cfg)
         except SystemExit:

@@ -6,6 +6,7 @@ side runs for real through submitit's LocalExecutor (2 gloo tasks, a time limit 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -520,3 +521,143 @@ def test_eval_local_arrays_match_the_single_process_benchmark(tmp_path, capsys):
         mine = got[(r["checkpoint"], r["protocol"], r["layer"])]
         assert mine["top1"] == pytest.approx(r["top1"], abs=0.01), (r, mine)
         assert mine["top5"] == pytest.approx(r["top5"], abs=0.01), (r, mine)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the SLURM path end to end, on stand-ins for sbatch and srun (2 "nodes" x 1 task, gloo)
+# ----------------------------------------------------------------------------------------------------------------
+FAKE_SBATCH = """#!/bin/bash
+# Runs the script in the background like a granted allocation (its own process group, the pid in <script>.pid),
+# with the variables SLURM sets for the batch step.
+script="$1"
+jobid=$(( (RANDOM % 9000) + 1000 ))
+nodes=$(sed -n 's/^#SBATCH --nodes=//p' "$script")
+per_node=$(sed -n 's/^#SBATCH --ntasks-per-node=//p' "$script")
+hosts=$(for i in $(seq 1 "$nodes"); do printf 'localhost,'; done)
+export SLURM_JOB_ID=$jobid SLURM_JOB_NUM_NODES=$nodes SLURM_NTASKS=$(( nodes * per_node )) \\
+       SLURM_NTASKS_PER_NODE=$per_node SLURM_JOB_NODELIST=${hosts%,}
+setsid nohup bash "$script" > "$script.log" 2>&1 &
+echo $! > "$script.pid"
+echo "Submitted batch job $jobid"
+"""
+FAKE_SRUN = """#!/bin/bash
+# srun --unbuffered --output OUT --error ERR CMD...: one process per task with SLURM_PROCID / LOCALID / NODEID.
+while [[ "$1" == --* ]]; do
+  case "$1" in
+    --output) out="$2"; shift 2;;
+    --error) err="$2"; shift 2;;
+    *) shift;;
+  esac
+done
+pids=()
+for (( t=0; t<SLURM_NTASKS; t++ )); do
+  o=${out//%j/$SLURM_JOB_ID}; o=${o//%t/$t}; e=${err//%j/$SLURM_JOB_ID}; e=${e//%t/$t}
+  mkdir -p "$(dirname "$o")"
+  SLURM_PROCID=$t SLURM_LOCALID=$(( t % SLURM_NTASKS_PER_NODE )) SLURM_NODEID=$(( t / SLURM_NTASKS_PER_NODE )) \\
+    "$@" >> "$o" 2>> "$e" &
+  pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p"; done
+"""
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.time() + timeout_s
+    while not predicate():
+        if time.time() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f}s for {what}")
+        time.sleep(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_slurm_path_end_to_end_with_preemption_on_fake_sbatch_and_srun(tmp_path, capsys, monkeypatch):
+    """submitit's real SLURM executor and job environment on stand-ins for sbatch / srun / scontrol: 2 "nodes" x 1
+    task (gloo), preempted (USR2 to rank 0), requeued through `scontrol requeue`, restarted, finished."""
+    import signal
+    import subprocess
+
+    from submitit.core.utils import DelayedSubmission
+
+    from launch.jobs import run_progress
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    scontrol_calls = tmp_path / "scontrol_calls"
+    fakes = {"sbatch": FAKE_SBATCH, "srun": FAKE_SRUN,
+             "scontrol": f'#!/bin/sh\necho "$@" >> {scontrol_calls}\n'}  # fmt: skip
+    for name, text in fakes.items():
+        (bindir / name).write_text(text)
+        (bindir / name).chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _clean_env(monkeypatch)
+    job_dir = tmp_path / "job"
+    steps = 24
+    argv = ["pretrain", "--config", TINY_CFG, "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1",
+            "--cpus-per-task", "1", "--partition", "any", "--timeout-min", "30", "--job-dir", str(job_dir), *TINY,
+            f"train.total_steps={steps}", "train.log_every=1", "train.ckpt_every_steps=4",
+            "data.workers=0"]  # fmt: skip
+    code, out, err = _run(argv, capsys)
+    assert code == 0, err
+    job_id = json.loads((job_dir / "launch" / "submission_000.json").read_text())["job_id"]
+    logs = job_dir / "launch" / "logs" / job_id
+    script = logs / f"{job_id}_submission.sh"  # submitit moves the file it gave sbatch there
+    batch_pid = int(next((job_dir / "launch" / "logs").glob(".submission_file_*.sh.pid")).read_text())
+
+    def log_tail() -> list[str]:
+        return [p.read_text()[-1500:] for p in sorted(logs.glob("*_log.*"))]
+
+    restarted = None
+    try:
+        # 1. Training on both tasks, each with the variables the job environment gives it.
+        _wait_for(lambda: run_progress(job_dir) >= 4, 300, f"a first checkpoint ({log_tail()})")
+        (a,) = read_attempts(job_dir)
+        assert a["executor"] == "slurm" and a["world_size"] == 2 and a["hostnames"] == ["localhost", "localhost"]
+        assert a["master"] == f"localhost:{master_port(job_id, 0)}" and a["requeue"] == 0
+        for rank in (0, 1):
+            text = (logs / f"{job_id}_{rank}_log.out").read_text()
+            expect = (f"RANK={rank} WORLD_SIZE=2 LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 MASTER_ADDR=localhost "
+                      f"MASTER_PORT={master_port(job_id, 0)}")  # fmt: skip
+            assert expect in text, text[-2000:]
+        assert "world 2 (gloo" in (logs / f"{job_id}_0_log.out").read_text()
+
+        # 2. Preemption: SLURM signals the tasks; submitit runs checkpoint() on rank 0, which requeues the job.
+        os.kill(a["pid"], signal.SIGUSR2)
+        _wait_for(lambda: not _alive(a["pid"]), 120, "rank 0 to exit after requeueing")
+        os.killpg(batch_pid, signal.SIGKILL)  # what SLURM does to the rest of a requeued job
+        (a,) = read_attempts(job_dir)
+        assert a["status"] == "requeued", log_tail()
+        assert scontrol_calls.read_text().split() == ["requeue", job_id]
+        resubmitted = DelayedSubmission.load(logs / f"{job_id}_submitted.pkl").function
+        assert isinstance(resubmitted, PretrainJob) and resubmitted.requeue == 1  # what the restarted job will run
+        interrupted_at = run_progress(job_dir)
+        assert 4 <= interrupted_at < steps
+
+        # 3. SLURM restarts the same job (same id and script): it resumes from the checkpoint and finishes.
+        nodes = "localhost,localhost"
+        env = dict(os.environ, SLURM_JOB_ID=job_id, SLURM_JOB_NUM_NODES="2", SLURM_NTASKS="2",
+                   SLURM_NTASKS_PER_NODE="1", SLURM_JOB_NODELIST=nodes, SLURM_RESTART_COUNT="1")  # fmt: skip
+        restarted = subprocess.Popen(["bash", str(script)], env=env, start_new_session=True,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        restarted.wait(timeout=400)
+        first, second = read_attempts(job_dir)
+        assert second["status"] == "finished", log_tail()
+        assert second["requeue"] == 1 and second["slurm_restart_count"] == 1
+        assert second["start_step"] == interrupted_at and second["end_step"] == steps
+        assert second["master"] == f"localhost:{master_port(job_id, 1)}"  # a fresh port for the new attempt
+        assert {s for s, _ in _losses(job_dir)} == set(range(1, steps + 1))
+    finally:  # never leave a job running behind a failed test
+        for pgid in (batch_pid, restarted.pid if restarted is not None else None):
+            if pgid is not None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
