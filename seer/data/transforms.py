@@ -294,7 +294,9 @@ class MultiCrop:
         self.gray_p, self.blur_p, self.blur_radius = gray_p, tuple(blur), tuple(blur_radius)
         self.mean, self.std, self.normalize, self.draft = tuple(mean), tuple(std), normalize, draft
         self.lut_size, self.exact_color_max = lut_size, exact_color_max
-        self.rng = rng if rng is not None else random
+        # None -> the `random` module at call time: a module cannot be pickled into spawn/forkserver DataLoader
+        # workers, and each worker's `random` is reseeded by torch anyway.
+        self.rng = rng
         # per crop: (size, scale range, blur probability)
         self.plan = [(s, sc, p) for c, s, sc, p in zip(self.counts, self.sizes, self.scales, blur) for _ in range(c)]
         self._scale = torch.tensor([1.0 / (255.0 * v) for v in std]).view(3, 1, 1)
@@ -318,7 +320,7 @@ class MultiCrop:
 
     # -- the transform --------------------------------------------------------------------------------------------
     def __call__(self, img: Image.Image | bytes) -> list[torch.Tensor]:
-        rng = self.rng
+        rng = self.rng if self.rng is not None else random
         if isinstance(img, Image.Image):
             pil = img if img.mode == "RGB" else img.convert("RGB")
             boxes = [_rrc_box(*pil.size, sc, self.ratio, rng) for _, sc, _ in self.plan]
