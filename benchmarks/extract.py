@@ -70,12 +70,13 @@ def _worker_seer(model_dir: str, paths: list[str], batch_size: int, repeat: int,
 
     trunk = seer.load_trunk(model_dir)
     seer.extract_features(paths[:batch_size], trunk, batch_size=batch_size, progress=False)  # warm-up
-    times, feats = [], None
+    times, cpu, feats = [], [], None
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         feats = seer.extract_features(paths, trunk, batch_size=batch_size, progress=False, num_workers=num_workers)
         times.append(time.perf_counter() - t0)
-    return {"seconds": min(times), "features": feats}
+        cpu.append(time.process_time() - c0)
+    return {"seconds": min(times), "cpu_seconds": min(cpu), "features": feats}
 
 
 def _worker_hf(model_dir: str, paths: list[str], batch_size: int, repeat: int) -> dict:
@@ -97,12 +98,13 @@ def _worker_hf(model_dir: str, paths: list[str], batch_size: int, repeat: int) -
         return np.concatenate(out)
 
     run(paths[:batch_size])  # warm-up
-    times, feats = [], None
+    times, cpu, feats = [], [], None
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         feats = run(paths)
         times.append(time.perf_counter() - t0)
-    return {"seconds": min(times), "features": feats}
+        cpu.append(time.process_time() - c0)
+    return {"seconds": min(times), "cpu_seconds": min(cpu), "features": feats}
 
 
 def _worker_load(path: str) -> dict:
@@ -209,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     preset = args.preset or ("regnety_400mf" if args.quick else "regnety_800mf")
     n_images = args.images or (64 if args.quick else 200)
-    repeat = args.repeat or (1 if args.quick else 2)
+    repeat = args.repeat or (1 if args.quick else 3)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = make_jpegs(tmp / "jpegs", n_images)
@@ -217,9 +219,22 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(0)
         trunk = seer.build_trunk(preset)
         seer.save_trunk(trunk, tmp / "hf", format="hf")  # 224 px, crop 0.875, bicubic processor config
-        common = [str(tmp / "hf"), str(tmp / "files.json"), str(args.batch_size), str(repeat)]
-        hf = _run_worker(["hf", *common])
-        ours = _run_worker(["seer", *common])
+        common = [str(tmp / "hf"), str(tmp / "files.json"), str(args.batch_size), "1", "0"]
+        # Alternate the two pipelines (one process per pass, warm-up excluded) and keep each one's best pass:
+        # on a shared machine the load changes from minute to minute, and the best pass is the least disturbed.
+        runs: dict[str, list[dict]] = {"hf": [], "seer": []}
+        for _ in range(repeat):
+            for kind in ("hf", "seer"):
+                runs[kind].append(_run_worker([kind, *common]))
+        hf = min(runs["hf"], key=lambda r: r["seconds"])
+        ours = min(runs["seer"], key=lambda r: r["seconds"])
+        hf["peak_mb"] = max(r["peak_mb"] for r in runs["hf"])
+        ours["peak_mb"] = max(r["peak_mb"] for r in runs["seer"])
+        # Contention-robust figure: CPU time per image of each pipeline run single-threaded in one process
+        # (decoding included, no worker processes), on the first 64 files.
+        (tmp / "files64.json").write_text(json.dumps(paths[:64]))
+        single = [str(tmp / "hf"), str(tmp / "files64.json"), str(args.batch_size), "1", "1"]
+        cpu_ms = {k: 1000 * _run_worker([k, *single])["cpu_seconds"] / min(64, n_images) for k in ("hf", "seer")}
         agree = float(np.mean(np.sum(ours["features"] * hf["features"], 1) / (
             np.linalg.norm(ours["features"], axis=1) * np.linalg.norm(hf["features"], axis=1))))  # fmt: skip
     ours_ips, hf_ips = n_images / ours["seconds"], n_images / hf["seconds"]
@@ -230,10 +245,15 @@ def main(argv: list[str] | None = None) -> dict:
         "image_size": [500, 375],
         "batch_size": args.batch_size,
         "resolution": 224,
+        "seer_passes_s": [round(r["seconds"], 2) for r in runs["seer"]],
+        "hf_passes_s": [round(r["seconds"], 2) for r in runs["hf"]],
         "seer_images_per_s": round(ours_ips, 2),
         "hf_images_per_s": round(hf_ips, 2),
         "speedup": round(speedup, 3),
         "target_speedup": TARGET_SPEEDUP,
+        "seer_cpu_ms_per_image_1thread": round(cpu_ms["seer"], 2),
+        "hf_cpu_ms_per_image_1thread": round(cpu_ms["hf"], 2),
+        "cpu_speedup_1thread": round(cpu_ms["hf"] / cpu_ms["seer"], 3),
         "seer_peak_rss_mb": round(ours["peak_mb"], 1),
         "hf_peak_rss_mb": round(hf["peak_mb"], 1),
         "feature_cosine_seer_vs_hf": round(agree, 5),
@@ -245,6 +265,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"| images/s, {preset}, {n_images} JPEGs 500x375, batch {args.batch_size}, 224 px, end to end | "
         f"{ours_ips:.1f} | {hf_ips:.1f} | {speedup:.2f}x | >= {TARGET_SPEEDUP}x | "
         f"{'PASS' if speedup >= TARGET_SPEEDUP else 'MISS'} |",
+        f"| CPU ms per image, one thread, decoding included (contention-robust) | {cpu_ms['seer']:.1f} | "
+        f"{cpu_ms['hf']:.1f} | {cpu_ms['hf'] / cpu_ms['seer']:.2f}x | >= {TARGET_SPEEDUP}x | "
+        f"{'PASS' if cpu_ms['hf'] / cpu_ms['seer'] >= TARGET_SPEEDUP else 'MISS'} |",
         f"| peak RSS (MB) | {ours['peak_mb']:.0f} | {hf['peak_mb']:.0f} | {ours['peak_mb'] / hf['peak_mb']:.2f}x | "
         f"- | - |",
     ]
@@ -271,10 +294,14 @@ def main(argv: list[str] | None = None) -> dict:
 def _worker_main(args: argparse.Namespace) -> dict:
     kind, *rest = args.worker
     if kind in ("seer", "hf"):
-        model_dir, files, batch_size, repeat = rest
+        model_dir, files, batch_size, repeat, threads = rest
         paths = json.loads(Path(files).read_text())
+        if int(threads) > 0:  # single-threaded: CPU time then measures work, whatever else runs on the machine
+            import torch
+
+            torch.set_num_threads(int(threads))
         if kind == "seer":
-            r = _worker_seer(model_dir, paths, int(batch_size), int(repeat), None)
+            r = _worker_seer(model_dir, paths, int(batch_size), int(repeat), 0 if int(threads) > 0 else None)
         else:
             r = _worker_hf(model_dir, paths, int(batch_size), int(repeat))
         np.save(args.out + ".npy", r.pop("features"))

@@ -157,6 +157,20 @@ def test_layers_and_normalize(trunk):
         extract_features(imgs, trunk, layer="res7")
 
 
+def test_cpu_micro_batches_give_the_same_features(trunk, monkeypatch):
+    """Large batches run in micro-batches on CPU (allocator-friendly); the features do not change."""
+    from seer.features import _Runner
+
+    imgs = random_images(7)
+    ref = extract_features(imgs, trunk)
+    monkeypatch.setattr(_Runner, "micro_batch", lambda self, images: 2)
+    np.testing.assert_allclose(extract_features(imgs, trunk), ref, rtol=1e-5, atol=1e-6)
+    big = build_trunk("regnety_800mf", device="meta")
+    monkeypatch.undo()
+    runner = _Runner(big, torch.device("cpu"), Preprocess(), "avgpool", False, None)
+    assert runner.micro_batch(torch.zeros(32, 224, 224, 3, dtype=torch.uint8)) == 9  # 64 x 112 x 112 fp32 < 30 MB
+
+
 def test_preprocess_false_takes_model_ready_tensors(trunk):
     x = torch.randn(4, 3, 40, 40)
     with torch.no_grad():
