@@ -353,10 +353,11 @@ def prepare_eval(argv: list[str]) -> tuple[argparse.Namespace, dict, Path]:
             raise LaunchError(f"{flag} {', '.join(unknown)}: not in the suite (it has {', '.join(known)})")
         suite[key] = [e for e in suite[key] if (_label(e) if key == "protocols" else e["name"]) in names]
     for ckpt in suite["checkpoints"]:
-        src = ckpt.get("source")
-        if src and not Path(src).exists() and "/" in str(src) and not str(src).startswith(("hf://", "hf-hub:")):
-            if Path(src).is_absolute() or str(src).startswith("."):
-                raise LaunchError(f"checkpoint {ckpt['name']!r}: {src} does not exist")
+        src = str(ckpt.get("source") or "")
+        # A hub id ("facebook/regnet-y-10b-seer") is not a path; anything that can only be a path must exist.
+        local = src.startswith(("/", ".", "~")) or Path(src).suffix in (".safetensors", ".pth", ".pt", ".torch", ".bin")
+        if src and local and not Path(src).expanduser().exists():
+            raise LaunchError(f"checkpoint {ckpt['name']!r}: {src} does not exist")
     for ds in suite["datasets"]:
         if "generate" in ds:
             continue
