@@ -19,6 +19,7 @@ import base64
 import contextlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -66,6 +67,97 @@ def _quiet_single_process():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
         yield
+
+
+# DCP reads ``.metadata`` with a bare ``pickle.load`` and non-tensor items (optimizer hyper-parameters) with
+# ``torch.load(weights_only=False)``: a crafted run directory would run code when loaded. The reader and planner
+# below read the same files but only rebuild DCP's own metadata classes, torch dtypes / sizes and plain containers.
+_SAFE_GLOBALS = {
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch.distributed.checkpoint.metadata":
+            obj = getattr(dcp.metadata, name, None)
+            if isinstance(obj, type) and obj.__module__ == module:  # its dataclasses and enums, nothing imported
+                return obj
+        elif (module, name) in _SAFE_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout))
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in checkpoint metadata")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """``FileSystemReader`` that refuses pickled code in ``.metadata`` and names the file when it is unreadable."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except pickle.UnpicklingError as exc:
+            raise ValueError(
+                f"{path}: refused to load checkpoint metadata ({exc}); nothing in it was executed"
+            ) from None
+        except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+            raise ValueError(f"{path}: unreadable checkpoint metadata, truncated or corrupt ({exc!r})") from None
+        if not isinstance(metadata, Metadata):
+            raise ValueError(f"{path}: not DCP checkpoint metadata (a {type(metadata).__name__})")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _safe_planner() -> Any:
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class _SafeLoadPlanner(DefaultLoadPlanner):
+        """Non-tensor items (optimizer hyper-parameters) are read with ``weights_only=True``."""
+
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element  # DCP's own helper
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return _SafeLoadPlanner()
+
+
+def _dcp_load(state: dict, ckpt_dir: Path, **kwargs: Any) -> None:
+    """``dcp.load`` through the safe reader and planner; a truncated or corrupt shard is a ValueError naming it."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=SafeReader(str(ckpt_dir)), planner=_safe_planner(), **kwargs)
+    except (CheckpointException, Exception) as exc:  # noqa: BLE001 - DCP wraps every reader error (BaseException)
+        first = exc
+        if isinstance(exc, CheckpointException) and exc.failures:
+            first = next(iter(exc.failures.values()))
+            first = first[0] if isinstance(first, tuple) else first
+        if isinstance(first, ValueError) and str(ckpt_dir) in str(first):
+            raise first from None  # already names the file (refused or unreadable metadata)
+        lines = [line.strip() for line in str(first).splitlines() if line.strip()] or [repr(first)]
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0])[:300]
+        raise ValueError(
+            f"{ckpt_dir}: cannot read the checkpoint, truncated or corrupt ({type(first).__name__}: {reason})"
+        ) from None
 
 
 def _ckpt_root(run_dir: str | os.PathLike) -> Path:
@@ -203,7 +295,7 @@ def clean_partial(run_dir: str | os.PathLike) -> None:
 
 
 def _checkpoint_keys(ckpt_dir: Path) -> set[str]:
-    return set(dcp.FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
+    return set(SafeReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
@@ -222,8 +314,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer: to
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
         model_sd = get_model_state_dict(model)
-        with _quiet_single_process():
-            dcp.load({"model": model_sd}, checkpoint_id=str(ckpt_dir))
+        _dcp_load({"model": model_sd}, ckpt_dir)
         set_model_state_dict(model, model_sd)
         return meta
     _reshard(model)
@@ -233,8 +324,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer: to
     )
     for fqn in missing:
         optim_sd["state"].pop(fqn)
-    with _quiet_single_process():
-        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir))
+    _dcp_load({"model": model_sd, "optim": optim_sd}, ckpt_dir)
     # strict=False only tolerates the missing optimizer entries; every model key was loaded by dcp.load above.
     options = StateDictOptions(strict=not missing)
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options)
@@ -273,7 +363,7 @@ def read_trunk_state(path: str | os.PathLike, prefix: str = "trunk.") -> tuple[d
 
     ckpt = _resolve_ckpt(path)
     meta = read_meta(ckpt)
-    md = dcp.FileSystemReader(str(ckpt)).read_metadata()
+    md = SafeReader(str(ckpt)).read_metadata()
     want = f"model.{prefix}"
     state: dict[str, torch.Tensor] = {}
     for key, item in md.state_dict_metadata.items():
@@ -281,8 +371,7 @@ def read_trunk_state(path: str | os.PathLike, prefix: str = "trunk.") -> tuple[d
             state[key[len(want) :]] = torch.empty(item.size, dtype=item.properties.dtype)
     if not state:
         raise ValueError(f"{ckpt}: no tensors under 'model.{prefix}' in the checkpoint")
-    with _quiet_single_process():
-        dcp.load({"model": {prefix + k: v for k, v in state.items()}}, checkpoint_id=str(ckpt), no_dist=True)
+    _dcp_load({"model": {prefix + k: v for k, v in state.items()}}, ckpt, no_dist=True)
     cfg = meta.get("regnet_cfg")
     if cfg is None:
         raise ValueError(f"{ckpt}/{META_NAME} has no 'regnet_cfg'")
