@@ -312,7 +312,8 @@ class _DecodeDataset(torch.utils.data.Dataset):
                 raise  # the input itself is wrong (type, shape, dtype): never skipped
             return pos, None, -1, (_describe(item, pos), f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # noqa: BLE001 - PIL raises many types on corrupt or unreadable files
-            return pos, None, -1, (_describe(item, pos), f"{type(exc).__name__}: {exc}")
+            desc = f"input #{pos}" if item is None else _describe(item, pos)  # None: the Dataset itself raised
+            return pos, None, -1, (desc, f"{type(exc).__name__}: {exc}")
 
 
 def _is_image_data(item: Any) -> bool:
