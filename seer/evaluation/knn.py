@@ -46,6 +46,7 @@ __all__ = ["eval_knn", "knn_search", "knn_vote", "write_json", "load_features", 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "faiss")
+MERGE_THREADS: int | None = None  # torch threads of the top-k bookkeeping (None: 1 on CPUs with <= 4 threads)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,13 +260,24 @@ def _search_torch(
     # best. Growing the chunks from a small first one keeps that full top-k cheap while the threshold tightens.
     chunks = _prefetch(bank.chunks(train_chunk, first=max(2048, 4 * k)), load)
     bar = _bar(progress, bank.n, "kNN search")
+    threads = torch.get_num_threads()
+    # The top-k bookkeeping is a string of small ops. On few-core CPUs their intra-op threads mostly wait on each
+    # other (badly so when other processes share the cores: measured 4-5x slower on 2 busy cores than one thread),
+    # so they run on one thread there while the GEMMs keep all threads.
+    merge_threads = MERGE_THREADS or (1 if device.type == "cpu" and threads <= 4 else threads)
     for offset, tr in chunks:
         tr_t = tr.t()
         for a in range(0, nt, test_chunk):
             block = torch.mm(test[a : a + test_chunk], tr_t)
-            run_v[a : a + test_chunk], run_i[a : a + test_chunk] = _merge_block(
-                run_v[a : a + test_chunk], run_i[a : a + test_chunk], block, offset, k
-            )
+            if merge_threads != threads:
+                torch.set_num_threads(merge_threads)
+            try:
+                run_v[a : a + test_chunk], run_i[a : a + test_chunk] = _merge_block(
+                    run_v[a : a + test_chunk], run_i[a : a + test_chunk], block, offset, k
+                )
+            finally:
+                if merge_threads != threads:
+                    torch.set_num_threads(threads)
         if bar is not None:
             bar.update(tr.shape[0])
     if bar is not None:
