@@ -82,8 +82,11 @@ class _Group:
         self.bias = torch.zeros(h * c, device=device)
         self.buf_w = torch.zeros_like(self.weight)
         self.buf_b = torch.zeros_like(self.bias)
-        self.lr = torch.tensor([cfg.lr for cfg in configs], device=device).repeat_interleave(c)
-        self.wd = torch.tensor([cfg.weight_decay for cfg in configs], device=device).repeat_interleave(c)
+        # float32 explicitly: numpy float64 hyper-parameters would otherwise promote every update to float64
+        self.lr = torch.tensor([float(cfg.lr) for cfg in configs], dtype=torch.float32, device=device)
+        self.lr = self.lr.repeat_interleave(c)
+        self.wd = torch.tensor([float(cfg.weight_decay) for cfg in configs], dtype=torch.float32, device=device)
+        self.wd = self.wd.repeat_interleave(c)
         self.has_wd = any(cfg.weight_decay != 0 for cfg in configs)
         self.bn = head == "bn"
         self.eps, self.bn_momentum = bn_eps, bn_momentum
