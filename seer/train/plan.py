@@ -30,16 +30,17 @@ from seer.config import PretrainConfig, batch_per_gpu, crop_shapes, load_config,
 
 __all__ = ["plan", "format_plan", "block_stats", "head_params", "measure_cpu", "cli_main"]
 
-# Calibrated on CPU (fp32, oneDNN) against the peak RSS of training steps of regnety_200mf / 400mf / 800mf at
-# 32-96 px, with and without checkpointing (benchmarks/memory.py prints the comparison):
+# Calibrated on CPU (fp32, oneDNN, glibc with a fixed 64 KiB mmap threshold so that RSS follows live tensors)
+# against the peak RSS of training steps of regnety_200mf / 400mf / 800mf at 32-96 px, with and without
+# checkpointing (benchmarks/memory.py prints the comparison):
 # - every counted activation element (conv / BN outputs, SE-gated map, residual sum) is held once until backward;
 ACT_FACTOR = 1.0
-# - at the backward peak, the block being differentiated holds gradient buffers worth ~1.3x its activations;
-BACKWARD_FACTOR = 1.3
-# - a checkpointed segment is recomputed whole (1x its activations), then differentiated block by block, whose
-#   gradient and recomputation buffers add ~2.5x the largest block's activations (fitted on 1- and 2-block
-#   segments, 1.9-3.8 measured; longer segments, like SEER's 8-block groups, are extrapolated).
-RECOMPUTE_FACTOR = 2.5
+# - at the backward peak, the block being differentiated adds gradient buffers worth ~0.6x its activations;
+BACKWARD_FACTOR = 0.6
+# - a checkpointed segment is recomputed whole (1x its activations), then differentiated block by block, which
+#   adds ~0.4x the largest block's activations (fitted on 1- and 2-block segments; longer segments, like SEER's
+#   8-block groups, are extrapolated).
+RECOMPUTE_FACTOR = 0.4
 # CUDA context, cuDNN and NCCL workspaces, allocator slack: a fixed allowance on GPUs.
 GPU_OVERHEAD_GB = 3.0
 GiB = 2**30
@@ -351,6 +352,10 @@ def measure_cpu(overrides: Sequence[str], steps: int = 3, threads: int | None = 
         env.pop(k, None)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    # A fixed mmap threshold: every block >= 64 KiB is mmapped and returned to the OS when freed, so the RSS
+    # high-water mark follows live tensors instead of glibc's heap fragmentation (whose dynamic threshold made
+    # repeated measurements of one config differ by up to 1.8x).
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     cmd = [sys.executable, "-m", "seer.train.plan", "--measure", json.dumps(list(overrides)), "--steps", str(steps)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
