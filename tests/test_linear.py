@@ -37,6 +37,14 @@ def test_digits_matches_logistic_regression(digits):
     json.dumps(res)  # plain types only
 
 
+def test_float16_features(digits):
+    xtr, ytr, xte, yte = digits
+    kw = {"lrs": (0.01, 0.1), "head_types": ("bn",), "epochs": 5, "device": "cpu"}
+    a = eval_linear(xtr, ytr, xte, yte, **kw)
+    b = eval_linear(xtr.astype(np.float16), ytr, xte.astype(np.float16), yte, **kw)  # digits are exact in fp16
+    assert b["selected"]["lr"] == a["selected"]["lr"] and abs(a["top1"] - b["top1"]) < 0.01
+
+
 def test_logreg_mode(digits):
     xtr, ytr, xte, yte = digits
     res = eval_linear(xtr, ytr, xte, yte, method="logreg", Cs=(0.001, 1.0), device="cpu")

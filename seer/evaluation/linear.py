@@ -207,7 +207,7 @@ def _evaluate(heads: LinearHeads, feats: Mapping[str, torch.Tensor], y: torch.Te
     counts = _Counts(len(heads.configs), heads.n_classes)
     n = y.shape[0]
     for a in range(0, n, batch_size):
-        counts.add(heads.logits({k: v[a : a + batch_size] for k, v in feats.items()}), y[a : a + batch_size])
+        counts.add(heads.logits({k: v[a : a + batch_size].float() for k, v in feats.items()}), y[a : a + batch_size])
     return counts.result()
 
 
@@ -240,7 +240,7 @@ def _train(
         for s in range(steps_per_epoch):
             idx = perm[s * bs : (s + 1) * bs]
             heads.step(
-                {k: v.index_select(0, idx) for k, v in feats.items()},  # (faster than v[idx] on CPU)
+                {k: v.index_select(0, idx).float() for k, v in feats.items()},  # (faster than v[idx] on CPU)
                 y.index_select(0, idx),
                 _lr_factor(step, total, warmup_epochs * steps_per_epoch),
                 momentum,
@@ -272,17 +272,21 @@ def _as_layers(x: Any, name: str, default_layer: str) -> dict[str, Any]:
 
 
 def _tensor(x: Any, rows: np.ndarray | None, device: torch.device, name: str, normalize: bool) -> torch.Tensor:
+    """Rows of a feature matrix as a tensor: float16 features stay float16 in memory (half the RAM of an
+    ImageNet-size bank; batches are cast to float32 when used), anything else becomes float32."""
+    half = str(getattr(x, "dtype", "")) in ("float16", "torch.float16")
+    dtype = torch.float16 if half else torch.float32
     if isinstance(x, torch.Tensor):
         t = x.detach()
         t = t[torch.from_numpy(rows).to(t.device)] if rows is not None else t
-        t = t.to(device=device, dtype=torch.float32)
+        t = t.to(device=device, dtype=dtype)
     else:
         a = np.asarray(x) if rows is None else np.asarray(x)[rows] if not isinstance(x, np.ndarray) else x[rows]
-        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(device)
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float16 if half else np.float32)).to(device)
     if not bool(torch.isfinite(t).all()):
         bad = torch.nonzero(~torch.isfinite(t).all(1)).flatten()[:5].tolist()
         raise ValueError(f"{name} contains NaN or Inf values (e.g. rows {bad})")
-    return F.normalize(t, dim=1) if normalize else t
+    return F.normalize(t.float(), dim=1).to(dtype) if normalize else t
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
