@@ -269,3 +269,15 @@ def test_cli_on_seer_extract_output(tmp_path):
     res = json.loads(out.read_text())
     assert res["top1"]["1"] == 1.0 and res["settings"]["n_train"] == 9  # each image finds itself
     assert res["metadata"]["train_features_meta"]["layer"] == "avgpool"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_cuda_matches_cpu(backend):
+    xtr, ytr, xte, yte = _data(seed=9)
+    cpu = eval_knn(xtr, ytr, xte, yte, device="cpu", return_predictions=True)
+    gpu = eval_knn(xtr, ytr, xte, yte, device="cuda", backend=backend, train_chunk_size=256, return_predictions=True)
+    assert gpu["settings"]["device"].startswith("cuda")
+    for k in cpu["settings"]["ks"]:
+        np.testing.assert_array_equal(gpu["predictions"][k], cpu["predictions"][k])
