@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -252,8 +253,24 @@ def save_checkpoint(
     sync_bn_stats(model)
     _reshard(model)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _quiet_single_process():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        with _quiet_single_process():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    except (CheckpointException, OSError) as exc:  # disk full, not writable: DCP wraps it in a BaseException
+        first = exc
+        if isinstance(exc, CheckpointException) and exc.failures:
+            first = next(iter(exc.failures.values()))
+            first = first[0] if isinstance(first, tuple) else first
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        good = latest_checkpoint(run_dir)
+        raise OSError(
+            getattr(first, "errno", None) or errno.EIO,
+            f"cannot write checkpoint {final.name} under {root} ({type(first).__name__}: {first}); the earlier "
+            f"checkpoints are intact (latest: {good or 'none'})",
+        ) from None
     states = [None] * dist.get_world_size() if _dist() else None
     if _dist():
         dist.all_gather_object(states, rng_state())
@@ -270,7 +287,10 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            # renamed first: a kill during the deletion must not leave a step_* dir with meta.json but no shards
+            doomed = old.with_name(f".tmp-{old.name}.deleting")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
     _barrier()
     return final
 
