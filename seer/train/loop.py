@@ -185,7 +185,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     total = cfg.total_steps
     run_dir = Path(cfg.run_dir)
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)  # an unwritable run dir fails now, not at a save
         dump_config(cfg, run_dir / "config.yaml")
     clean_partial(run_dir)
 
@@ -360,7 +360,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = pretrain(cfg)
-    except FloatingPointError as exc:
+    except (FloatingPointError, OSError, ValueError) as exc:  # NaN loss, disk full / unwritable, bad checkpoint
         print(f"seer pretrain: {exc}", file=sys.stderr)
         return 1
     finally:
