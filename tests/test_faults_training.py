@@ -8,9 +8,12 @@ collected in docs/guarantees.md.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from seer.train.checkpoint import list_checkpoints, read_meta, read_trunk_state
+from seer.config import load_config
+from seer.train.checkpoint import latest_checkpoint, list_checkpoints, read_meta, read_trunk_state
+from seer.train.loop import pretrain
 
 pytestmark = pytest.mark.faults
 
@@ -207,3 +212,100 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
     print(f"\nSIGKILL faults injected: {kills} ({kill_log}); runs survived: {survived}; checkpoints lost: {lost}; "
           f"max |w_resumed - w_straight| = {worst:.3g}")  # fmt: skip
     assert kills == 5 and sum(1 for _, _, in_save in kill_log if in_save) >= 2 and lost == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A checkpoint directory that is full or cannot be written
+# ----------------------------------------------------------------------------------------------------------------
+ONE = [*TINY, "train.ckpt_every_steps=2", "data.batch_size_per_gpu=4", "train.total_steps=6"]
+
+
+def _disk_full_at(monkeypatch, step: int) -> list[str]:
+    """DCP's file writes for checkpoint ``step`` fail with ENOSPC after a few bytes (a disk filling up)."""
+    import contextlib
+
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    real = FileSystem.create_stream
+    failed: list[str] = []
+
+    class Full(io.RawIOBase):
+        def __init__(self, stream):
+            self.stream, self.budget = stream, 64
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b) -> int:
+            if self.budget <= 0:
+                failed.append(str(self.stream.name))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.stream.name)
+            n = self.stream.write(bytes(b)[: self.budget])
+            self.budget -= n
+            return n
+
+        def tell(self) -> int:
+            return self.stream.tell()
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode):
+        with real(self, path, mode) as stream:
+            yield Full(stream) if "w" in mode and f"step_{step:08d}" in str(path) else stream
+
+    monkeypatch.setattr(FileSystem, "create_stream", create_stream)
+    return failed
+
+
+def test_disk_full_during_save_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, monkeypatch, capsys):
+    failed = _disk_full_at(monkeypatch, 4)
+    run = tmp_path / "run"
+    with pytest.raises(OSError, match=r"(?s)No space left on device.*step_00000004") as info:
+        pretrain(load_config(None, [*ONE, f"run_dir={run}"]))
+    assert failed, "the injected fault never fired"
+    assert "step_00000002" in str(info.value)  # the message says which checkpoint is still good
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
+    before = _weights(run)
+    # the same through the CLI: exit code 1 and a one-line message, no traceback
+    code = _cli(["pretrain", *ONE, f"run_dir={run}"], capsys)
+    assert code[0] == 1 and "No space left on device" in code[2] and "Traceback" not in code[2], code
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
+    assert all(torch.equal(before[k], v) for k, v in _weights(run).items())
+    # space is back: the run resumes from step 2 and finishes
+    monkeypatch.undo()
+    summary = pretrain(load_config(None, [*ONE, f"run_dir={run}"]))
+    assert summary["step"] == 6 and latest_checkpoint(run).name == "step_00000006"
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    from seer.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_unwritable_run_dir_is_a_clear_error(tmp_path, capsys):
+    """A run directory under a regular file (ENOTDIR; root ignores chmod, so permissions cannot be used here)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    for run in (blocker / "run", blocker):
+        with pytest.raises(OSError) as info:
+            pretrain(load_config(None, [*ONE, f"run_dir={run}"]))
+        assert str(blocker) in str(info.value)
+        code, _, err = _cli(["pretrain", *ONE, f"run_dir={run}"], capsys)
+        assert code == 1 and str(blocker) in err and "Traceback" not in err, err
+    # checkpoints/ replaced by a file after the run started: fails at the first save, naming it, before training on
+    run = tmp_path / "run2"
+    pretrain(load_config(None, [*ONE, f"run_dir={run}", "train.total_steps=2"]))
+    good = _weights(run)
+    shutil.move(run / "checkpoints", tmp_path / "moved")
+    (run / "checkpoints").write_text("oops")
+    with pytest.raises(OSError) as info:
+        pretrain(load_config(None, [*ONE, f"run_dir={run}", "train.total_steps=4"]))
+    assert "checkpoints" in str(info.value)
+    moved, _ = read_trunk_state(tmp_path / "moved" / "step_00000002")  # the earlier checkpoint is intact
+    assert all(torch.equal(good[f"trunk.{k}"], v) for k, v in moved.items())
