@@ -49,6 +49,7 @@ CROP_PRESETS: dict[str, list[tuple[int, int]]] = {
     "seer": [(2, 224), (4, 96)],
     "seer_10b": [(2, 160), (4, 96)],
     "cpu_tiny": [(2, 64), (2, 32)],
+    "demo": [(2, 32), (2, 16)],
 }
 
 

@@ -56,6 +56,9 @@ PRESETS: dict[str, dict] = {
     "seer": {"counts": (2, 4), "sizes": (224, 96), "scales": ((0.14, 1.0), (0.05, 0.14))},
     "seer_10b": {"counts": (2, 4), "sizes": (160, 96), "scales": ((0.14, 1.0), (0.05, 0.14))},
     "cpu_tiny": {"counts": (2, 2), "sizes": (64, 32), "scales": ((0.14, 1.0), (0.05, 0.14))},
+    # `seer demo` on 32 px synthetic images: crops wide enough to hold the shape that defines the class, and no
+    # blur (a radius of 0.1-2 px wipes out 16 px crops).
+    "demo": {"counts": (2, 2), "sizes": (32, 16), "scales": ((0.3, 1.0), (0.15, 0.4)), "blur_p": 0.0},
 }
 
 _EXIF_ORIENTATION = 0x0112
