@@ -171,6 +171,28 @@ def test_cpu_micro_batches_give_the_same_features(trunk, monkeypatch):
     assert runner.micro_batch(torch.zeros(32, 224, 224, 3, dtype=torch.uint8)) == 9  # 64 x 112 x 112 fp32 < 30 MB
 
 
+def test_prefolded_forward_equals_the_trunk(trunk, monkeypatch):
+    """The inference view with batch norm folded once computes what the trunk computes, at every layer."""
+    import seer.features as F
+
+    x = torch.randn(3, 3, 40, 40)
+    assert F._FoldedTrunk.supports(trunk)
+    folded = F._FoldedTrunk(trunk)
+    with torch.no_grad():
+        stages = trunk.forward_stages(x)
+        np.testing.assert_allclose(folded(x, "avgpool").numpy(), trunk(x).numpy(), rtol=1e-5, atol=1e-6)
+        for layer in ("res2", "res3", "res4"):
+            expected = stages[layer].mean((2, 3)).numpy()
+            np.testing.assert_allclose(folded(x, layer).numpy(), expected, rtol=1e-5, atol=1e-6)
+    ref = extract_features(x, trunk, preprocess=False)
+    monkeypatch.setattr(F, "_PREFOLD_MAX_BYTES", 0)  # too big to pre-fold: the trunk folds on the fly
+    assert not F._FoldedTrunk.supports(trunk)
+    np.testing.assert_allclose(extract_features(x, trunk, preprocess=False), ref, rtol=1e-5, atol=1e-6)
+    trunk.train()
+    assert not F._FoldedTrunk.supports(trunk)
+    trunk.eval()
+
+
 def test_preprocess_false_takes_model_ready_tensors(trunk):
     x = torch.randn(4, 3, 40, 40)
     with torch.no_grad():
