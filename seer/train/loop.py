@@ -124,8 +124,11 @@ class SyntheticMultiCrop:
         return [torch.stack(c) for c in zip(*samples)]
 
 
-def _batches(cfg: PretrainConfig, env, per_gpu: int, start_step: int):
-    """Infinite iterator of per-rank crop lists starting at global step ``start_step``."""
+def _batches(cfg: PretrainConfig, env, per_gpu: int, start_step: int, stats: dict | None = None):
+    """Infinite iterator of per-rank crop lists starting at global step ``start_step``.
+
+    ``stats`` (shards source): updated in place with the loader's skip counts (``skipped``, ``by_kind``).
+    """
     if cfg.data.source == "synthetic":
         d = cfg.data
         data = SyntheticMultiCrop(crop_shapes(d), d.image_size, d.synthetic_classes, cfg.train.seed)
@@ -153,6 +156,8 @@ def _batches(cfg: PretrainConfig, env, per_gpu: int, start_step: int):
     )
     while True:
         for crops, _labels in loader:
+            if stats is not None:
+                stats.update(loader.stats)
             yield crops
 
 
@@ -244,7 +249,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     # -- train ------------------------------------------------------------------------------------------------------
     model.train()
-    batches = _batches(cfg, env, per_gpu, start_step)
+    data_stats: dict = {}
+    batches = _batches(cfg, env, per_gpu, start_step, data_stats)
     last_save = time.time()
     last_ckpt = ckpt
     t_window, data_time, step_time, n_window, loss_val = time.time(), 0.0, 0.0, 0, float("nan")
@@ -328,6 +334,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
         writer.close()
     if metrics_file is not None:
         metrics_file.close()
+    if data_stats.get("skipped"):  # bad shard samples this rank skipped (corrupt, unlabeled, truncated, empty)
+        kinds = ", ".join(f"{k}={v}" for k, v in sorted(data_stats["by_kind"].items()))
+        print(f"rank {env.rank}: skipped {data_stats['skipped']} bad sample(s) or shard(s): {kinds}", flush=True)
     return {
         "step": max(total, start_step),
         "loss": loss_val,
@@ -335,6 +344,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         "checkpoint": str(last_ckpt) if last_ckpt else None,
         "world_size": env.world_size,
         "global_batch": global_batch,
+        "data_skipped": {k: data_stats[k] for k in ("samples", "skipped", "by_kind") if k in data_stats},
     }
 
 
