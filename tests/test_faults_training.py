@@ -18,9 +18,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -309,3 +311,83 @@ def test_unwritable_run_dir_is_a_clear_error(tmp_path, capsys):
     assert "checkpoints" in str(info.value)
     moved, _ = read_trunk_state(tmp_path / "moved" / "step_00000002")  # the earlier checkpoint is intact
     assert all(torch.equal(good[f"trunk.{k}"], v) for k, v in moved.items())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shards with every kind of corruption mixed in at 5%
+# ----------------------------------------------------------------------------------------------------------------
+KINDS = {"corrupt_image", "no_image", "missing_label", "bad_tar", "empty_shard"}
+
+
+def _jpeg(rng: np.random.Generator, side: int = 64) -> bytes:
+    from PIL import Image
+
+    base = rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)
+    img = Image.fromarray(base).resize((side, side), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def _corrupt_shards(out: Path, n_shards: int = 12, per_shard: int = 20, seed: int = 0) -> dict:
+    """``n_shards`` shards of ``per_shard`` samples, one bad sample in each (5%), the kind rotating over the shards;
+    plus an empty tar and a 0-byte file. Returns the pattern and the injected counts."""
+    import webdataset as wds
+
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True)
+    injected = {k: 0 for k in KINDS}
+    sample_kinds = ["corrupt_image", "no_image", "missing_label", "truncated"]
+    for s in range(n_shards):
+        kind = sample_kinds[s % len(sample_kinds)]
+        bad_at = per_shard - 1 if kind == "truncated" else int(rng.integers(per_shard))
+        samples = []
+        for i in range(per_shard):
+            key = f"s{s:02d}_{i:03d}"
+            sample = {"__key__": key, "jpg": _jpeg(rng), "cls": str(i % 4).encode()}
+            if i == bad_at and kind == "corrupt_image":
+                sample["jpg"] = sample["jpg"][:60] + bytes(40)  # a JPEG header and garbage
+            elif i == bad_at and kind == "no_image":
+                sample = {"__key__": key, "txt": b"a caption without its image"}
+            elif i == bad_at and kind == "missing_label":
+                del sample["cls"]
+            samples.append(sample)
+        path = out / f"data-{s:06d}.tar"
+        with wds.TarWriter(str(path), encoder=False) as w:
+            for sample in samples:
+                w.write(sample)
+        if kind == "truncated":  # cut inside the last sample's image: the tar ends early
+            with tarfile.open(path) as tf:
+                cut = next(m for m in tf.getmembers() if m.name == f"s{s:02d}_{bad_at:03d}.jpg").offset_data + 50
+            path.write_bytes(path.read_bytes()[:cut])
+            injected["bad_tar"] += 1
+        else:
+            injected[kind] += 1
+    with wds.TarWriter(str(out / f"data-{n_shards:06d}.tar"), encoder=False):
+        pass  # a valid tar with no member
+    (out / f"data-{n_shards + 1:06d}.tar").write_bytes(b"")  # a 0-byte file
+    injected["empty_shard"] += 2
+    return {"pattern": str(out / f"data-{{000000..{n_shards + 1:06d}}}.tar"), "injected": injected,
+            "samples": n_shards * per_shard}  # fmt: skip
+
+
+def test_training_on_corrupt_shards_completes_and_reports_skips(tmp_path, capsys):
+    data = _corrupt_shards(tmp_path / "shards", n_shards=8)
+    run = tmp_path / "run"
+    cfg = load_config(None, [
+        *[o for o in TINY if not o.startswith(("data.crops", "data.image_size"))],
+        "data.source=shards", f"data.urls={data['pattern']}", "data.multicrop=cpu_tiny", "data.shuffle_buffer=50",
+        "data.batch_size_per_gpu=8", "train.total_steps=12", "train.steps_per_epoch=8", f"run_dir={run}",
+    ])  # fmt: skip
+    summary = pretrain(cfg)
+    out = capsys.readouterr().out
+    assert summary["step"] == 12 and np.isfinite(summary["loss"])
+    skipped = summary["data_skipped"]
+    assert skipped["samples"] == 12 * 8  # every step had a full batch
+    assert set(skipped["by_kind"]) == KINDS, skipped  # every kind of corruption was met and counted
+    assert skipped["skipped"] == sum(skipped["by_kind"].values())
+    assert f"skipped {skipped['skipped']} bad sample(s) or shard(s)" in out
+    assert latest_checkpoint(run).name == "step_00000012"
+    state, _ = read_trunk_state(run)
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    print(f"\ncorrupt shards: injected {data['injected']} in {data['samples']} samples; skipped {skipped}")
