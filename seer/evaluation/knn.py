@@ -441,7 +441,7 @@ def eval_knn(
         temperature: T of the vote weights ``exp(sim / T)``.
         normalize: L2-normalize features (cosine similarity). ``False`` searches raw inner products.
         backend: "torch" (blocked fp32 GEMM + running top-k), "faiss" (IndexFlatIP, GPU when faiss-gpu and
-            ``device`` is CUDA), or "auto" (= "torch", the fastest in ``benchmarks/knn.py``).
+            ``device`` is CUDA), or "auto" (= "torch": faster than faiss in 3 of 4 runs of ``benchmarks/knn.py`` here).
         device: where the search runs ("cpu", "cuda", None = CUDA when available).
         clamp_k: clamp ks larger than the train bank to its size instead of raising ``ValueError``.
         n_per_class: few-shot: sample this many train samples per class (all of a class that has fewer),
