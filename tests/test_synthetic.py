@@ -16,7 +16,8 @@ def test_deterministic_and_balanced():
 
 
 def test_raw_pixels_are_a_weak_baseline():
-    """Colour and position dominate pixel distances: nearest-neighbour on raw pixels stays far from perfect."""
+    """Position, scale, polarity and brightness dominate pixel distances: raw-pixel 1-NN stays far from perfect
+    (about 0.47 on the gray palette, 0.15 on the colour palette), while the class is fully determined by geometry."""
     train, ytr = make_dataset(40, size=32, seed=0)
     test, yte = make_dataset(10, size=32, seed=1)
 
@@ -26,7 +27,14 @@ def test_raw_pixels_are_a_weak_baseline():
 
     nearest = (flat(test) @ flat(train).T).argmax(1)
     accuracy = (ytr[nearest] == yte).mean()
-    assert accuracy < 0.45
+    assert accuracy < 0.6
+
+
+def test_color_palette_and_bad_palette():
+    images, _ = make_dataset(1, size=16, palette="color")
+    assert len(images) == len(CLASSES)
+    with pytest.raises(ValueError, match="palette"):
+        make_dataset(1, size=16, palette="rainbow")
 
 
 def test_write_image_folder(tmp_path):
