@@ -139,7 +139,11 @@ class _Group:
         xin = self._input(x, train=True)
         z = torch.addmm(self.bias, xin, self.weight).view(x.shape[0], self.h, self.c)
         # d(sum_h mean_b CE_h)/dz = (softmax - onehot) / B, independent per head.
-        g = torch.softmax(z, dim=-1)
+        if self.c < 64:  # torch's softmax is slow on short rows (measured 7x at 10 classes); same math by hand
+            g = (z - z.amax(-1, keepdim=True)).exp_()
+            g = g.div_(g.sum(-1, keepdim=True))
+        else:
+            g = torch.softmax(z, dim=-1)
         yy = y[:, None, None].expand(-1, self.h, 1)
         loss = -g.gather(2, yy).clamp_min(1e-30).log().mean(0).flatten() if return_loss else None
         g.scatter_add_(2, yy, torch.full_like(yy, -1.0, dtype=g.dtype))
