@@ -631,5 +631,57 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# One checkpoint x one dataset x one protocol (eval/knn.py, eval/linear.py)
+# ----------------------------------------------------------------------------------------------------------------
+def add_single_run_args(p: argparse.ArgumentParser) -> None:
+    """The arguments eval/knn.py and eval/linear.py share: what to evaluate, on what, and where to write."""
+    p.add_argument("--checkpoint", required=True, help="checkpoint file/dir/hub id, or a preset with --random-init")
+    p.add_argument("--random-init", action="store_true", help="--checkpoint is a preset name: random weights")
+    p.add_argument("--train", required=True, help="train image folder or shard pattern")
+    p.add_argument("--test", required=True, help="test image folder or shard pattern")
+    p.add_argument("--name", default="dataset")
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--crop-pct", type=float, default=None)
+    p.add_argument("--layers", nargs="+", default=["avgpool"])
+    p.add_argument("--n-per-class", type=int, default=None, help="few-shot: train samples per class")
+    p.add_argument("--tries", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64, help="feature-extraction batch size")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True)
+
+
+def run_single(args: argparse.Namespace, proto: dict, kind: str) -> int:
+    """Run one protocol for one checkpoint on one dataset as a one-row suite; print its table."""
+    ckpt = {"name": Path(args.checkpoint).stem or args.checkpoint}
+    ckpt.update({"preset": args.checkpoint} if args.random_init else {"source": args.checkpoint})
+    if args.n_per_class:
+        proto = {**proto, "n_per_class": args.n_per_class, "n_tries": args.tries}
+    suite = {
+        "name": f"{kind}-{args.name}",
+        "features": {
+            "layers": args.layers,
+            "batch_size": args.batch_size,
+            "num_workers": args.num_workers,
+            "device": args.device,
+        },
+        "checkpoints": [ckpt],
+        "datasets": [
+            {
+                "name": args.name,
+                "train": args.train,
+                "test": args.test,
+                "resolution": args.resolution,
+                "crop_pct": args.crop_pct,
+            }
+        ],  # fmt: skip
+        "protocols": [proto],
+    }
+    payload = run_suite(suite, args.out)
+    print(markdown_table(payload["rows"], suite))
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,35 @@
+"""eval/knn.py and eval/linear.py end to end on a tiny generated dataset (random-init trunk)."""
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from seer.data.synthetic import write_image_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evalscripts")
+    write_image_folder(root / "train", 6, 32, n_classes=3)
+    write_image_folder(root / "test", 3, 32, seed=1, n_classes=3)
+    return root
+
+
+@pytest.mark.parametrize("script, extra", [("knn", ["--ks", "3", "5"]), ("linear", ["--epochs", "2"])])
+def test_eval_script_end_to_end(folders, tmp_path, monkeypatch, script, extra):
+    out = tmp_path / script
+    argv = [f"eval/{script}.py", "--checkpoint", "regnety_200mf", "--random-init", "--train", str(folders / "train"),
+            "--test", str(folders / "test"), "--resolution", "32", "--out", str(out), *extra]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "eval" / f"{script}.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    payload = json.loads((out / "results.json").read_text())
+    rows = payload["rows"]
+    assert len(rows) == 1 and 0.0 <= rows[0]["top1"] <= 1.0
+    assert (out / "results.md").exists()
