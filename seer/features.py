@@ -224,7 +224,7 @@ def _tensor_to_hwc(t: torch.Tensor) -> np.ndarray:
     t = t.detach().cpu()
     if t.is_floating_point():
         lo, hi = float(t.min()), float(t.max())
-        if lo < -1e-3 or hi > 1 + 1e-3:
+        if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # written so that NaN fails too (it would decode as black)
             raise ValueError(
                 f"float image tensors must hold values in [0, 1] (got [{lo:.3g}, {hi:.3g}]); for tensors that are "
                 f"already resized and normalized, pass preprocess=False"
@@ -326,6 +326,8 @@ def _is_image_data(item: Any) -> bool:
 def _raw_tensor(item: Any) -> torch.Tensor:
     if not isinstance(item, torch.Tensor) or item.ndim != 3 or item.shape[0] != 3 or not item.is_floating_point():
         raise TypeError("preprocess=False takes model-ready float tensors [3, H, W] (already resized and normalized)")
+    if not torch.isfinite(item).all():
+        raise ValueError("preprocess=False: the tensor holds non-finite values (NaN or inf); features would be NaN")
     return item
 
 
