@@ -298,7 +298,8 @@ def _torch_load(path: Path) -> Any:
             f"({detail}). It was read with torch.load(weights_only=True), so nothing in it was executed. If you "
             f"trust the file, convert it yourself to a plain state dict or safetensors."
         ) from None
-    except (EOFError, OSError, RuntimeError, ValueError) as exc:
+    except (EOFError, OSError, RuntimeError, ValueError, IndexError, KeyError, TypeError, AttributeError) as exc:
+        # the weights-only unpickler meets arbitrary bytes with any of these (e.g. IndexError: pop from empty list)
         raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
