@@ -83,19 +83,22 @@ def load_features(path: str | os.PathLike) -> dict:
         return dict(load_feature_file(path))
     if path.is_dir():
         raise ValueError(f"{path} is a directory without meta.json: not a `seer extract` output")
-    if path.suffix == ".npy":
-        out = {"features": np.load(path, mmap_mode="r")}
-        side = path.with_name(path.stem + ".labels.npy")
-        if side.exists():
-            out["labels"] = np.load(side)
-        return out
-    if path.suffix == ".npz":
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import load_file
+    try:
+        if path.suffix == ".npy":
+            out = {"features": np.load(path, mmap_mode="r")}
+            side = path.with_name(path.stem + ".labels.npy")
+            if side.exists():
+                out["labels"] = np.load(side)
+            return out
+        if path.suffix == ".npz":
+            with np.load(path) as z:
+                return {k: z[k] for k in z.files}
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import load_file
 
-        return dict(load_file(str(path)))
+            return dict(load_file(str(path)))
+    except Exception as exc:  # noqa: BLE001 - numpy / zipfile / safetensors errors on a corrupt or foreign file
+        raise ValueError(f"{path}: cannot read features ({type(exc).__name__}: {exc})") from None
     raise ValueError(f"unsupported feature file {path}: expected .npy, .npz, .safetensors or a seer features directory")
 
 
