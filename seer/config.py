@@ -284,7 +284,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         with open(path) as f:
             try:
                 data = yaml.safe_load(f)
-            except yaml.YAMLError as exc:
+            except (yaml.YAMLError, UnicodeDecodeError) as exc:  # a binary file is not yaml either
                 raise ConfigError(f"{path}: not valid yaml: {exc}") from None
         try:
             _merge(cfg, data or {})
