@@ -7,6 +7,7 @@ Modules are imported lazily so `seer presets` starts in well under a second.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (module, function, one-line help)
@@ -53,7 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ImportError, AttributeError) as exc:
         print(f"seer {name}: this command is not available in this build ({exc})", file=sys.stderr)
         return 2
-    result = func(rest)
+    try:
+        result = func(rest)
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        # Safety net: commands report expected errors themselves; anything else that escapes is still one line
+        # (exit 1) rather than a traceback from deep inside a library. SEER_DEBUG=1 shows the traceback.
+        if os.environ.get("SEER_DEBUG"):
+            raise
+        print(f"seer {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return int(result or 0)
 
 
