@@ -165,6 +165,13 @@ def peak_memory_bytes(device: torch.device) -> int:
     """CUDA max allocated bytes, or the process RSS high-water mark on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:  # VmHWM: this process image's peak (ru_maxrss would include a forking parent's)
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 

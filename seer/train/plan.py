@@ -300,6 +300,24 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _hwm_bytes() -> int:
+    """Peak RSS of this process image (VmHWM). Unlike ``ru_maxrss`` it is not inherited from a forking parent."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_hwm() -> None:
+    """Reset VmHWM to the current RSS (Linux ``clear_refs`` 5); harmless where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _measure_here(overrides: list[str], steps: int) -> dict:
     """Train ``steps`` steps of the config in this process and measure its memory.
 
@@ -336,8 +354,9 @@ def _measure_here(overrides: list[str], steps: int) -> dict:
     step(max(1, cfg.train.bn_splits))
     gc.collect()
     base = _rss_bytes()
+    _reset_hwm()
     times = [step(b) for _ in range(steps)]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _hwm_bytes()
     static = sum(p.numel() * 4 * 3 for p in model.parameters())  # params + grads + momentum
     act = max(0, peak - base)
     return {"peak_bytes": act + static, "activation_bytes": act, "static_bytes": static,
