@@ -9,6 +9,7 @@ stderr and no traceback. Never an exception escaping from deep inside torch / PI
 from __future__ import annotations
 
 import io
+import os
 import traceback
 from pathlib import Path
 
@@ -23,7 +24,14 @@ from seer.models.regnet import RegNetCfg, build_trunk
 
 pytestmark = pytest.mark.faults
 
-FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+# Deterministic in CI (derandomize); SEER_FUZZ_EXAMPLES=200 SEER_FUZZ_RANDOM=1 explores further.
+FUZZ = settings(
+    max_examples=int(os.environ.get("SEER_FUZZ_EXAMPLES", "25")),
+    derandomize=not os.environ.get("SEER_FUZZ_RANDOM"),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    database=None,
+)
 TINY = RegNetCfg(depth=4, w0=16, wa=8.0, wm=2.0, group_w=8)
 
 
@@ -294,6 +302,16 @@ def _hostile(files: dict[str, Path], tmp: Path) -> st.SearchStrategy:
     )
 
 
+def _outs(files: dict[str, Path], tmp: Path) -> st.SearchStrategy:
+    """Output paths: new, under a regular file, an existing file, a non-empty directory (all private to ``tmp``, so
+    a CLI that writes there cannot change the shared hostile files)."""
+    (tmp / "existing.safetensors").write_bytes(b"keep")
+    (tmp / "full").mkdir(exist_ok=True)
+    (tmp / "full" / "other.txt").write_text("keep")
+    return st.sampled_from([str(tmp / "out"), str(tmp / "out.safetensors"), str(tmp / "existing.safetensors"),
+                            str(tmp / "existing.safetensors" / "x"), str(tmp / "full"), ""])  # fmt: skip
+
+
 NUMBERS = st.sampled_from(["0", "-1", "1", "3", "nan", "inf", "-inf", "1e12", "2.5", "x", ""])
 
 
@@ -327,7 +345,7 @@ def test_cli_shards_fuzzed(files, tmp_path_factory, capsys, data) -> None:
     tmp = tmp_path_factory.mktemp("shards_out")
     hostile = _hostile(files, tmp)
     src = data.draw(st.one_of(hostile, st.just(str(files["images"]))))
-    out = data.draw(st.one_of(hostile, st.just(str(tmp / "out"))))
+    out = data.draw(_outs(files, tmp))
     opts = {"--max-samples": NUMBERS, "--max-bytes": NUMBERS, "--max-image-side": NUMBERS, "--jpeg-quality": NUMBERS,
             "--workers": st.sampled_from(["0", "1", "-2", "x"]), "--prefix": st.sampled_from(["", "a/b", "..", "p"]),
             "--shuffle": st.none(), "--overwrite": st.none()}  # fmt: skip
@@ -344,7 +362,8 @@ def test_cli_pretrain_fuzzed(files, tmp_path_factory, capsys, data) -> None:
 
     tmp = tmp_path_factory.mktemp("pretrain_run")
     hostile = _hostile(files, tmp)
-    extra = data.draw(st.lists(st.tuples(st.sampled_from(KEYS), st.one_of(hostile, NUMBERS)), max_size=2))
+    keys = [k for k in KEYS if k != "run_dir"]  # a run directory elsewhere would write into the shared files
+    extra = data.draw(st.lists(st.tuples(st.sampled_from(keys), st.one_of(hostile, NUMBERS)), max_size=2))
     argv = ["pretrain", *TINY, "train.total_steps=1", "swav.freeze_prototypes_iters=0", "train.tensorboard=false",
             f"run_dir={tmp / 'run'}", *[f"{k}={v}" for k, v in extra]]  # fmt: skip
     if data.draw(st.booleans()):
@@ -360,7 +379,7 @@ def test_cli_export_fuzzed(files, tmp_path_factory, capsys, data) -> None:
     tmp = tmp_path_factory.mktemp("export")
     hostile = _hostile(files, tmp)
     fmt = data.draw(st.one_of(st.none(), st.sampled_from(["seer", "hf", "timm", "onnx", ""])))
-    argv = ["export", data.draw(hostile), data.draw(hostile), *([] if fmt is None else ["--format", fmt])]
+    argv = ["export", data.draw(hostile), data.draw(_outs(files, tmp)), *([] if fmt is None else ["--format", fmt])]
     _call(main, argv, capsys)
 
 
@@ -386,7 +405,7 @@ def test_cli_extract_fuzzed(files, tmp_path_factory, capsys, data, tiny_checkpoi
     tmp = tmp_path_factory.mktemp("extract")
     hostile = _hostile(files, tmp)
     src = data.draw(st.one_of(hostile, st.sampled_from([str(files["images"]), str(files["garbagedir"])])))
-    out = data.draw(st.one_of(hostile, st.just(str(tmp / "feats"))))
+    out = data.draw(_outs(files, tmp))
     model = data.draw(st.one_of(hostile, st.just(str(tiny_checkpoint))))
     opts = {"--batch-size": NUMBERS, "--resolution": st.sampled_from(["32", "0", "-3", "7", "x"]),
             "--crop-pct": NUMBERS, "--chunk-size": NUMBERS, "--rank": NUMBERS, "--world-size": NUMBERS,
@@ -483,7 +502,7 @@ def test_launch_submit_dry_run_fuzzed(files, tmp_path_factory, capsys, data) -> 
     hostile = _hostile(files, tmp)
     opts = {"--nodes": NUMBERS, "--gpus-per-node": NUMBERS, "--tasks-per-node": NUMBERS, "--cpus-per-task": NUMBERS,
             "--mem-gb": NUMBERS, "--timeout-min": NUMBERS, "--partition": st.sampled_from(["", "a b", "gpu;rm -rf /"]),
-            "--job-dir": hostile, "--config": hostile, "--local": st.none()}  # fmt: skip
+            "--job-dir": _outs(files, tmp), "--config": hostile, "--local": st.none()}  # fmt: skip
     cmd = data.draw(st.sampled_from(["pretrain", "status", "bogus"]))
     if cmd == "pretrain":
         argv = ["pretrain", "--dry-run", *_opts(data.draw, opts, 4), *TINY, f"run_dir={tmp / 'run'}"]
