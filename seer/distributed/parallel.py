@@ -107,6 +107,8 @@ def parallelize(
         mp = MixedPrecisionPolicy()
     else:
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if cpu_offload and device_type != "cuda":
+        raise ValueError("train.fsdp.cpu_offload moves CUDA parameters to host memory; this model is on the CPU")
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     common = dict(mesh=mesh, offload_policy=offload)
     # FSDP2 shards only contiguous parameters; the trunk keeps 3x3 weights channels_last for speed, and its forward
