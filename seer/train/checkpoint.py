@@ -85,6 +85,10 @@ _SAFE_GLOBALS = {
 }
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if module == "torch.distributed.checkpoint.metadata":
@@ -95,7 +99,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout))
         ):
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in checkpoint metadata")
+        raise _Refused(f"global '{module}.{name}' is not allowed in checkpoint metadata")
 
 
 class SafeReader(dcp.FileSystemReader):
@@ -108,14 +112,24 @@ class SafeReader(dcp.FileSystemReader):
         try:
             with open(path, "rb") as f:
                 metadata = _MetadataUnpickler(f).load()
-        except pickle.UnpicklingError as exc:
+        except _Refused as exc:
             raise ValueError(
                 f"{path}: refused to load checkpoint metadata ({exc}); nothing in it was executed"
             ) from None
-        except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
             raise ValueError(f"{path}: unreadable checkpoint metadata, truncated or corrupt ({exc!r})") from None
         if not isinstance(metadata, Metadata):
             raise ValueError(f"{path}: not DCP checkpoint metadata (a {type(metadata).__name__})")
+        # A shard shorter than the extents the metadata records is truncated (cheap: one stat per file).
+        need: dict[str, int] = {}
+        for info in (metadata.storage_data or {}).values():
+            need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+        for rel, size in need.items():
+            shard = Path(self.path) / rel
+            have = shard.stat().st_size if shard.is_file() else -1
+            if have < size:
+                what = f"{have} bytes" if have >= 0 else "missing"
+                raise ValueError(f"{shard}: checkpoint shard truncated or corrupt ({what}, metadata expects {size})")
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
