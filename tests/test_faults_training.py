@@ -391,3 +391,35 @@ def test_training_on_corrupt_shards_completes_and_reports_skips(tmp_path, capsys
     state, _ = read_trunk_state(run)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     print(f"\ncorrupt shards: injected {data['injected']} in {data['samples']} samples; skipped {skipped}")
+
+
+def test_kill_while_deleting_an_old_checkpoint_leaves_nothing_half_complete(tmp_path, monkeypatch):
+    """keep_last deletes old checkpoints; a kill in the middle of a deletion must not leave a ``step_*`` directory
+    whose meta.json survived but whose shards are gone (it would look complete)."""
+    import seer.train.checkpoint as ck
+
+    real = shutil.rmtree
+    hits: list[str] = []
+
+    def killed_midway(path, *args, **kwargs):
+        path = Path(path)
+        if path.name.startswith(("step_", ".tmp-step_")) and (path / "meta.json").exists() and not hits:
+            hits.append(path.name)
+            next(path.glob("*.distcp")).unlink()  # the first files are gone, meta.json is not ...
+            raise KeyboardInterrupt  # ... when the process dies
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ck.shutil, "rmtree", killed_midway)
+    run = tmp_path / "run"
+    cfg = [*TINY, "data.batch_size_per_gpu=4", "train.ckpt_every_steps=1", "train.keep_last=1", f"run_dir={run}"]
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(load_config(None, [*cfg, "train.total_steps=3"]))
+    monkeypatch.undo()
+    assert hits, "the deletion was never reached"
+    steps = [p.name for p in list_checkpoints(run)]
+    assert steps == ["step_00000002"], steps  # step 1 was being deleted: it no longer looks like a checkpoint
+    for ckpt in (run / "checkpoints").glob("step_*"):
+        read_trunk_state(ckpt)  # every visible checkpoint loads in full
+    summary = pretrain(load_config(None, [*cfg, "train.total_steps=3"]))
+    assert summary["step"] == 3 and [p.name for p in list_checkpoints(run)] == ["step_00000003"]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
