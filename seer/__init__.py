@@ -19,6 +19,8 @@ __all__ = [
     "load_trunk",
     "save_trunk",
     "extract_features",
+    "extract_dataset",
+    "load_feature_file",
 ]
 
 # name -> module that defines it; resolved on first access (PEP 562).
@@ -26,6 +28,8 @@ _LAZY = {
     "load_trunk": "seer.weights",
     "save_trunk": "seer.weights",
     "extract_features": "seer.features",
+    "extract_dataset": "seer.features",
+    "load_feature_file": "seer.features",
 }
 
 
