@@ -165,7 +165,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
         latest = max(prev_steps, default=0)
         log = tmp_path / f"attempt{attempt}"
         seen = len(_metric_lines(run))
-        procs = _start(2, [*common, f"run_dir={run}"], log, slow_save=1.0 if mode == "save" else 0.0)
+        procs = _start(2, [*common, f"run_dir={run}"], log, slow_save=2.0 if mode == "save" else 0.0)
         # where to strike: inside the save of the next checkpoint, or a random time after a random step
         if mode == "save":
             target = latest + 2
