@@ -284,7 +284,17 @@ class ConvBN(nn.Module):
             return self._act(F.conv2d(x, _like_input(weight, x), bias, conv.stride, conv.padding, 1, conv.groups))
         x = F.conv2d(x, _like_input(weight, x), None, conv.stride, conv.padding, 1, conv.groups)
         if self.training and _RECOMPUTING.get() and bn.running_mean is not None:
-            x = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, 0.0, bn.eps)
+            # Recomputation: the same batch statistics (through the module, so SyncBatchNorm still syncs), but
+            # momentum 0 and the batch counter restored, so the running statistics are updated once per step.
+            momentum, tracked = bn.momentum, bn.num_batches_tracked
+            tracked = tracked.clone() if tracked is not None else None
+            bn.momentum = 0.0
+            try:
+                x = bn(x)
+            finally:
+                bn.momentum = momentum
+                if tracked is not None:
+                    bn.num_batches_tracked.copy_(tracked)
         else:
             x = bn(x)
         return self._act(x)
