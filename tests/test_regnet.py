@@ -287,3 +287,25 @@ def test_cli_presets_table_and_custom_cfg():
         text=True,
     )
     assert bad.returncode == 2 and "RegNetCfg.w0" in bad.stderr
+
+
+def test_inference_fast_path_matches_and_tracks_weight_changes():
+    """inference_mode uses cached folded weights and fused oneDNN post-ops; results equal the plain path, and
+    the cache follows in-place weight and running-statistic updates."""
+    torch.manual_seed(0)
+    trunk = build_trunk(tiny_cfg()).eval()
+    x = torch.randn(2, 3, 64, 64)
+
+    def plain():
+        with torch.enable_grad():  # autograd on: no cache, no fused kernels
+            return trunk(x).detach()
+
+    with torch.inference_mode():
+        fast = trunk(x)
+    torch.testing.assert_close(fast, plain(), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        trunk.s2.b1.conv2.conv.weight.mul_(1.5)
+        trunk.s3.b1.conv3.bn.running_var.mul_(2.0)
+    with torch.inference_mode():
+        fast = trunk(x)
+    torch.testing.assert_close(fast, plain(), rtol=1e-4, atol=1e-5)

@@ -259,6 +259,18 @@ def _like_input(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+_MKLDNN_FUSION = hasattr(torch.ops.mkldnn, "_convolution_pointwise") and torch.backends.mkldnn.is_available()
+
+
+def _fusable(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+    """CPU fp32 channels_last inference without autograd: oneDNN's fused conv + post-op kernels apply."""
+    if not _MKLDNN_FUSION or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    return residual is None or (residual.dtype == x.dtype and residual.is_contiguous(memory_format=torch.channels_last))
+
+
 class ConvBN(nn.Module):
     """Conv2d (no bias) -> BatchNorm2d [-> ReLU].
 
@@ -274,33 +286,63 @@ class ConvBN(nn.Module):
         self.act = act
         self.fold_bn = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """conv -> BN [-> ReLU]; with ``residual``: conv -> BN -> (+ residual) -> ReLU (the block's output)."""
         bn, conv = self.bn, self.conv
-        weight = conv.weight
         if not self.training and self.fold_bn and bn.running_var is not None:
-            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-            weight = weight * scale.reshape(-1, 1, 1, 1).to(weight.dtype)
-            bias = (bn.bias - bn.running_mean * scale).to(weight.dtype)
-            return self._act(F.conv2d(x, _like_input(weight, x), bias, conv.stride, conv.padding, 1, conv.groups))
-        x = F.conv2d(x, _like_input(weight, x), None, conv.stride, conv.padding, 1, conv.groups)
-        if self.training and _RECOMPUTING.get() and bn.running_mean is not None:
-            # Recomputation: the same batch statistics (through the module, so SyncBatchNorm still syncs), but
-            # momentum 0 and the batch counter restored, so the running statistics are updated once per step.
-            momentum, tracked = bn.momentum, bn.num_batches_tracked
-            tracked = tracked.clone() if tracked is not None else None
-            bn.momentum = 0.0
-            try:
-                x = bn(x)
-            finally:
-                bn.momentum = momentum
-                if tracked is not None:
-                    bn.num_batches_tracked.copy_(tracked)
+            weight, bias = self._folded(x)
+            if _fusable(x, residual):
+                # oneDNN conv with the ReLU (and the residual sum) as post-ops: one pass over the output, not 2-3.
+                args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+                if residual is not None:
+                    return torch.ops.mkldnn._convolution_pointwise.binary(
+                        x, residual, weight, bias, *args, "add", None, "relu", [], ""
+                    )
+                return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "relu" if self.act else "none",
+                                                               [], "")  # fmt: skip
+            x = F.conv2d(x, weight, bias, conv.stride, conv.padding, 1, conv.groups)
         else:
-            x = bn(x)
-        return self._act(x)
-
-    def _act(self, x: torch.Tensor) -> torch.Tensor:
+            x = F.conv2d(x, _like_input(conv.weight, x), None, conv.stride, conv.padding, 1, conv.groups)
+            if self.training and _RECOMPUTING.get() and bn.running_mean is not None:
+                # Recomputation: the same batch statistics (through the module, so SyncBatchNorm still syncs), but
+                # momentum 0 and the batch counter restored, so the running statistics are updated once per step.
+                momentum, tracked = bn.momentum, bn.num_batches_tracked
+                tracked = tracked.clone() if tracked is not None else None
+                bn.momentum = 0.0
+                try:
+                    x = bn(x)
+                finally:
+                    bn.momentum = momentum
+                    if tracked is not None:
+                        bn.num_batches_tracked.copy_(tracked)
+            else:
+                x = bn(x)
+        if residual is not None:
+            return F.relu(x + residual, inplace=True)
         return F.relu(x, inplace=True) if self.act else x
+
+    def _folded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """BN folded into the conv weight and bias, laid out like ``x``.
+
+        Without autograd (inference_mode / no_grad) the result is cached and reused until a parameter or running
+        statistic changes (tensor identity + version counters), so repeated inference pays for the fold once.
+        """
+        conv, bn = self.conv, self.bn
+        tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        cacheable = not torch.is_grad_enabled()
+        key = None
+        if cacheable:
+            layout = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            key = (layout, x.dtype, x.device, *((id(t), t._version) for t in tensors))
+            cached = self.__dict__.get("_fold_cache")
+            if cached is not None and cached[0] == key:
+                return cached[1], cached[2]
+        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+        weight = _like_input(conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype), x)
+        bias = (bn.bias - bn.running_mean * scale).to(weight.dtype)
+        if cacheable:
+            self.__dict__["_fold_cache"] = (key, weight, bias)  # plain attribute: not a buffer, not saved
+        return weight, bias
 
 
 class SqueezeExcite(nn.Module):
@@ -334,8 +376,7 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        x = self.conv3(self.se(self.conv2(self.conv1(x))))
-        return F.relu(x + shortcut, inplace=True)
+        return self.conv3(self.se(self.conv2(self.conv1(x))), residual=shortcut)
 
 
 class RegNetStage(nn.Module):
