@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seer: unknown command {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, func_name, _ = COMMANDS[name]
+    if module_name.startswith("benchmarks."):
+        # benchmarks/ lives beside the package in a source checkout (it is not installed): make it importable.
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parents[1]
+        if (root / "benchmarks").is_dir() and str(root) not in sys.path:
+            sys.path.insert(0, str(root))
     try:
         module = importlib.import_module(module_name)
         func = getattr(module, func_name)
