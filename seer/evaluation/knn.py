@@ -645,6 +645,24 @@ def _load_split(path: str, labels_path: str | None, what: str) -> tuple[Any, np.
     return data["features"], np.asarray(labels), dict(meta)
 
 
+def _cli_inputs(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple:
+    """The train / test splits and the metadata of `seer knn` and `seer linear`: ``--meta KEY=VALUE`` pairs, the
+    file names, and the settings `seer extract` recorded with the train features (model, layer, preprocessing)."""
+    meta: dict[str, Any] = {"train_file": args.train, "test_file": args.test}
+    for item in args.meta:
+        if "=" not in item:
+            p.error(f"--meta expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        meta[k] = v
+    xtr, ytr, m1 = _load_split(args.train, args.train_labels, "train")
+    xte, yte, _ = _load_split(args.test, args.test_labels, "test")
+    if m1:
+        meta["train_features_meta"] = {
+            k: m1[k] for k in ("model", "layer", "normalize", "dtype", "preprocess", "source") if k in m1
+        }
+    return xtr, ytr, xte, yte, meta
+
+
 def cli_main(argv: list[str] | None = None) -> int:
     """`seer knn`: weighted kNN on feature files written by `seer extract`; writes the result as JSON."""
     p = argparse.ArgumentParser(prog="seer knn", description=cli_main.__doc__)
@@ -672,18 +690,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON output path (default: print only)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    meta: dict[str, Any] = {"train_file": args.train, "test_file": args.test}
-    for item in args.meta:
-        if "=" not in item:
-            p.error(f"--meta expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        meta[k] = v
-    xtr, ytr, m1 = _load_split(args.train, args.train_labels, "train")
-    xte, yte, _ = _load_split(args.test, args.test_labels, "test")
-    if m1:  # written by `seer extract`: model, layer, preprocessing (resolution, crop), dtype ...
-        meta["train_features_meta"] = {
-            k: m1[k] for k in ("model", "layer", "normalize", "dtype", "preprocess", "source") if k in m1
-        }
+    xtr, ytr, xte, yte, meta = _cli_inputs(p, args)
     res = eval_knn(
         xtr,
         ytr,

@@ -770,7 +770,7 @@ def _check_online_labels(y: Any, num_classes: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 def cli_main(argv: list[str] | None = None) -> int:
     """`seer linear`: linear probe on feature files written by `seer extract`; writes the result as JSON."""
-    from seer.evaluation.knn import _load_split
+    from seer.evaluation.knn import _cli_inputs
 
     p = argparse.ArgumentParser(prog="seer linear", description=cli_main.__doc__)
     p.add_argument("--train", required=True, help="train features file (.npy, .npz, .safetensors, seer)")
@@ -793,18 +793,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON output path")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    meta: dict[str, Any] = {"train_file": args.train, "test_file": args.test}
-    for item in args.meta:
-        if "=" not in item:
-            p.error(f"--meta expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        meta[k] = v
-    xtr, ytr, m1 = _load_split(args.train, args.train_labels, "train")
-    if m1:  # written by `seer extract`
-        meta["train_features_meta"] = {
-            k: m1[k] for k in ("model", "layer", "normalize", "dtype", "preprocess", "source") if k in m1
-        }
-    xte, yte, _ = _load_split(args.test, args.test_labels, "test")
+    xtr, ytr, xte, yte, meta = _cli_inputs(p, args)
     res = eval_linear(
         xtr,
         ytr,
