@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
-from seer.models.regnet import ConvBN, RegNetTrunk
+from seer.models.regnet import RegNetTrunk
 from seer.weights import DEFAULT_HUB_MODEL, IMAGENET_MEAN, IMAGENET_STD, load_trunk
 
 __all__ = [
@@ -369,62 +369,8 @@ def _resolve_model(model: Any) -> tuple[nn.Module, bool]:
     raise TypeError(f"model must be None, a checkpoint path / hub id, or an nn.Module, got {type(model).__name__}")
 
 
-# Trunks up to this size get their batch norms folded once per call (a weight-sized copy) instead of at every
-# forward; larger ones (the 10B) keep folding on the fly rather than hold a second copy of their weights.
-_PREFOLD_MAX_BYTES = 2 << 30
-
-
-class _FoldedTrunk:
-    """Inference-only view of a ``RegNetTrunk`` in eval mode with batch norm folded into the convolutions once.
-
-    Same computation as ``RegNetTrunk.forward`` in eval mode (tests compare them), minus the per-forward folding:
-    conv weights are stored folded and in channels_last, ReLUs and the residual sum run in place.
-    """
-
-    def __init__(self, trunk: RegNetTrunk):
-        self.trunk = trunk
-        self.params: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        with torch.no_grad():
-            for m in trunk.modules():
-                if isinstance(m, ConvBN):
-                    bn, conv = m.bn, m.conv
-                    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-                    weight = (conv.weight * scale.reshape(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
-                    self.params[id(m)] = (weight, bn.bias - bn.running_mean * scale)
-
-    @staticmethod
-    def supports(model: nn.Module) -> bool:
-        if not isinstance(model, RegNetTrunk) or model.training:
-            return False
-        convs = [m for m in model.modules() if isinstance(m, ConvBN)]
-        if any(not m.fold_bn or m.bn.running_var is None for m in convs):
-            return False
-        return sum(p.numel() * p.element_size() for p in model.parameters()) <= _PREFOLD_MAX_BYTES
-
-    def _conv(self, m: ConvBN, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.params[id(m)]
-        y = torch.nn.functional.conv2d(x, weight, bias, m.conv.stride, m.conv.padding, 1, m.conv.groups)
-        return torch.relu_(y) if m.act else y
-
-    def __call__(self, x: torch.Tensor, layer: str) -> torch.Tensor:
-        t = self.trunk
-        if t.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = self._conv(t.stem, x)
-        for name, stage in zip(t.stage_names, t.stages):
-            for blk in stage.blocks:
-                shortcut = x if blk.downsample is None else self._conv(blk.downsample, x)
-                h = self._conv(blk.conv3, blk.se(self._conv(blk.conv2, self._conv(blk.conv1, x))))
-                x = torch.relu_(h.add_(shortcut))
-            if name == layer:
-                break
-        return x.mean((2, 3))
-
-
 def _forward(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
-    if isinstance(model, _FoldedTrunk):
-        return model(x, layer)
-    if isinstance(model, RegNetTrunk):
+    if isinstance(model, RegNetTrunk):  # in eval + inference_mode it folds BN once and fuses conv post-ops
         if layer in ("avgpool", model.stage_names[-1]):
             return model(x)
         x = x.contiguous(memory_format=torch.channels_last) if model.channels_last else x
@@ -449,7 +395,6 @@ class _Runner:
     def __init__(self, model: nn.Module, device: torch.device, preprocess: Preprocess | None, layer: str,
                  normalize: bool, amp: str | None) -> None:  # fmt: skip
         self.model, self.device, self.layer, self.normalize = model, device, layer, normalize
-        self.net: Any = None  # the folded view, made at the first call (the model is in eval mode by then)
         self.amp = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
                     "bfloat16": torch.bfloat16}[amp]  # fmt: skip
         if preprocess is not None:
@@ -488,9 +433,7 @@ class _Runner:
             x = images.to(self.device, non_blocking=True).float()
         ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
         with ctx:
-            if self.net is None:
-                self.net = _FoldedTrunk(self.model) if _FoldedTrunk.supports(self.model) else self.model
-            feats = _forward(self.net, x, self.layer)
+            feats = _forward(self.model, x, self.layer)
         feats = feats.float()
         if self.normalize:
             feats = torch.nn.functional.normalize(feats, dim=1)

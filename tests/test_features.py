@@ -171,26 +171,26 @@ def test_cpu_micro_batches_give_the_same_features(trunk, monkeypatch):
     assert runner.micro_batch(torch.zeros(32, 224, 224, 3, dtype=torch.uint8)) == 9  # 64 x 112 x 112 fp32 < 30 MB
 
 
-def test_prefolded_forward_equals_the_trunk(trunk, monkeypatch):
-    """The inference view with batch norm folded once computes what the trunk computes, at every layer."""
-    import seer.features as F
+def test_inference_forward_equals_the_trunk_at_every_layer(trunk, monkeypatch):
+    """Extraction (BN folded once and cached by the trunk, fused post-ops) computes what the trunk computes, at
+    every layer, and so does a trunk too big to cache its folded weights."""
+    import seer.models.regnet as R
 
     x = torch.randn(3, 3, 40, 40)
-    assert F._FoldedTrunk.supports(trunk)
-    folded = F._FoldedTrunk(trunk)
     with torch.no_grad():
         stages = trunk.forward_stages(x)
-        np.testing.assert_allclose(folded(x, "avgpool").numpy(), trunk(x).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(extract_features(x, trunk, preprocess=False), trunk(x).numpy(), rtol=1e-5,
+                                   atol=1e-6)  # fmt: skip
         for layer in ("res2", "res3", "res4"):
             expected = stages[layer].mean((2, 3)).numpy()
-            np.testing.assert_allclose(folded(x, layer).numpy(), expected, rtol=1e-5, atol=1e-6)
+            got = extract_features(x, trunk, preprocess=False, layer=layer)
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     ref = extract_features(x, trunk, preprocess=False)
-    monkeypatch.setattr(F, "_PREFOLD_MAX_BYTES", 0)  # too big to pre-fold: the trunk folds on the fly
-    assert not F._FoldedTrunk.supports(trunk)
-    np.testing.assert_allclose(extract_features(x, trunk, preprocess=False), ref, rtol=1e-5, atol=1e-6)
-    trunk.train()
-    assert not F._FoldedTrunk.supports(trunk)
-    trunk.eval()
+    monkeypatch.setattr(R, "FOLD_CACHE_MAX_BYTES", 0)  # too big to cache: the trunk folds on the fly
+    big = build_trunk(trunk.cfg).eval()
+    big.load_state_dict(trunk.state_dict())
+    assert not any(getattr(m, "cache_fold", False) for m in big.modules())
+    np.testing.assert_allclose(extract_features(x, big, preprocess=False), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_preprocess_false_takes_model_ready_tensors(trunk):

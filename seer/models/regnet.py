@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
+FOLD_CACHE_MAX_BYTES = 2 << 30  # trunks larger than this fold BN at every inference forward instead of caching
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -285,6 +286,7 @@ class ConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(out_chs, eps=1e-5, momentum=0.1)
         self.act = act
         self.fold_bn = True
+        self.cache_fold = True  # RegNetTrunk turns this off for trunks too big to hold a folded copy
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """conv -> BN [-> ReLU]; with ``residual``: conv -> BN -> (+ residual) -> ReLU (the block's output)."""
@@ -329,7 +331,7 @@ class ConvBN(nn.Module):
         """
         conv, bn = self.conv, self.bn
         tensors = (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        cacheable = not torch.is_grad_enabled()
+        cacheable = self.cache_fold and not torch.is_grad_enabled()
         key = None
         if cacheable:
             layout = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
@@ -425,6 +427,12 @@ class RegNetTrunk(nn.Module):
         self.stage_names = tuple(f"res{i + 2}" for i in range(len(widths)))
         self._ckpt_plan: list[list[tuple[int, int, bool]]] = [[(0, d, False)] for d in depths]
         self.init_weights(zero_init_last_bn)
+        # Inference caches each conv's BN-folded weight (a second copy of the conv weights): fine up to a few GB,
+        # not for the 10B, which keeps folding on the fly instead.
+        if sum(p.numel() * p.element_size() for p in self.parameters()) > FOLD_CACHE_MAX_BYTES:
+            for m in self.modules():
+                if isinstance(m, ConvBN):
+                    m.cache_fold = False
 
     # -- construction -------------------------------------------------------------------------------------------
     @property
