@@ -197,24 +197,33 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
 # ----------------------------------------------------------------------------------------------------------------
 # Search
 # ----------------------------------------------------------------------------------------------------------------
-def _merge(run_v: torch.Tensor, run_i: torch.Tensor, v: torch.Tensor, i: torch.Tensor, k: int):
+def _merge(run_v: torch.Tensor, run_i: torch.Tensor, v: torch.Tensor, i: torch.Tensor, k: int, sort: bool = True):
     cat_v, cat_i = torch.cat([run_v, v], 1), torch.cat([run_i, i], 1)
-    top_v, pos = torch.topk(cat_v, k, dim=1, sorted=True)
+    top_v, pos = torch.topk(cat_v, k, dim=1, sorted=sort)
     return top_v, cat_i.gather(1, pos)
 
 
+def _sort_rows(run_v: torch.Tensor, run_i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order each row's top-k by descending similarity (the running top-k is kept unsorted: ~3x cheaper merges)."""
+    run_v, pos = torch.sort(run_v, dim=1, descending=True)
+    return run_v, run_i.gather(1, pos)
+
+
 def _merge_block(run_v: torch.Tensor, run_i: torch.Tensor, block: torch.Tensor, offset: int, k: int):
-    """Merge a similarity block [q, b] into the running sorted top-k (values, global indices) of each row."""
+    """Merge a similarity block [q, b] into the running (unsorted) top-k (values, global indices) of each row."""
     q, b = block.shape
-    if bool(torch.isfinite(run_v[:, -1]).all()):
+    thr = run_v.amin(1, keepdim=True)
+    if bool(torch.isfinite(thr).all()):
         # Rows already hold k candidates: only entries above the row's k-th best can enter. After the first
         # chunk these are few, so a compare + nonzero replaces a full top-k over the block (~5x cheaper).
-        thr = run_v[:, -1:]
-        if block.device.type == "cpu":  # numpy's broadcast compare is ~6x faster than torch's on CPU (measured)
-            mask = torch.from_numpy(np.greater(block.numpy(), thr.numpy()))
+        if block.device.type == "cpu":
+            # numpy's broadcast compare is ~6x faster than torch's on one CPU thread, and flatnonzero ~7x faster
+            # than torch.nonzero (measured on a 512 x 16384 block: 1.5 + 1.0 ms vs 12 + 7 ms).
+            flat = torch.from_numpy(np.flatnonzero(np.greater(block.numpy(), thr.numpy())))
+            rows = torch.div(flat, b, rounding_mode="floor")
+            cols = flat - rows * b
         else:
-            mask = block > thr
-        rows, cols = torch.nonzero(mask, as_tuple=True)
+            rows, cols = torch.nonzero(block > thr, as_tuple=True)
         if rows.numel() == 0:
             return run_v, run_i
         counts = torch.bincount(rows, minlength=q)
@@ -226,10 +235,10 @@ def _merge_block(run_v: torch.Tensor, run_i: torch.Tensor, block: torch.Tensor, 
             pad_i = torch.full((q, width), -1, dtype=torch.long, device=block.device)
             pad_v[rows, pos] = block[rows, cols]
             pad_i[rows, pos] = cols + offset
-            return _merge(run_v, run_i, pad_v, pad_i, k)
+            return _merge(run_v, run_i, pad_v, pad_i, k, sort=False)
     kk = min(k, b)
     v, i = torch.topk(block, kk, dim=1, sorted=False)
-    return _merge(run_v, run_i, v, i + offset, k)
+    return _merge(run_v, run_i, v, i + offset, k, sort=False)
 
 
 def _prefetch(it: Iterator, fn) -> Iterator:
@@ -268,10 +277,13 @@ def _search_torch(
     # other (badly so when other processes share the cores: measured 4-5x slower on 2 busy cores than one thread),
     # so they run on one thread there while the GEMMs keep all threads.
     merge_threads = MERGE_THREADS or (1 if device.type == "cpu" and threads <= 4 else threads)
+    # One reused output buffer: a fresh 32 MB block per GEMM would be a fresh mmap, page-faulted in every time.
+    buf = torch.empty(min(test_chunk, nt) * train_chunk, device=device)  # chunks never exceed train_chunk rows
     for offset, tr in chunks:
         tr_t = tr.t()
         for a in range(0, nt, test_chunk):
-            block = torch.mm(test[a : a + test_chunk], tr_t)
+            q = test[a : a + test_chunk]
+            block = torch.mm(q, tr_t, out=buf[: q.shape[0] * tr.shape[0]].view(q.shape[0], tr.shape[0]))
             if merge_threads != threads:
                 torch.set_num_threads(merge_threads)
             try:
@@ -285,7 +297,7 @@ def _search_torch(
             bar.update(tr.shape[0])
     if bar is not None:
         bar.close()
-    return run_v, run_i
+    return _sort_rows(run_v, run_i)
 
 
 def _search_faiss(
