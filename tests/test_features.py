@@ -157,6 +157,16 @@ def test_layers_and_normalize(trunk):
         extract_features(imgs, trunk, layer="res7")
 
 
+def test_amp_bf16_on_cpu_gives_close_float32_features(trunk):
+    imgs = random_images(4)
+    ref = extract_features(imgs, trunk)
+    out = extract_features(imgs, trunk, amp="bf16")
+    assert out.dtype == np.float32 and out.shape == ref.shape and np.isfinite(out).all()
+    cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() > 0.999
+    assert not np.array_equal(out, ref)  # the bf16 path really ran (fp32 convs would give identical features)
+
+
 def test_cpu_micro_batches_give_the_same_features(trunk, monkeypatch):
     """Large batches run in micro-batches on CPU (allocator-friendly); the features do not change."""
     from seer.features import _Runner

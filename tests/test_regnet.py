@@ -309,3 +309,21 @@ def test_inference_fast_path_matches_and_tracks_weight_changes():
     with torch.inference_mode():
         fast = trunk(x)
     torch.testing.assert_close(fast, plain(), rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_bf16_autocast_runs_the_fused_path_in_bf16():
+    """Under CPU bf16 autocast the folded convs run in bf16 (they are not autocast ops, so without the cast they
+    would silently stay fp32): the output is bf16 and close to the fp32 one; fp32 inference is unchanged after."""
+    torch.manual_seed(0)
+    trunk = build_trunk(tiny_cfg()).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref = trunk(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = trunk(x)
+            stages = trunk.forward_stages(x)
+        again = trunk(x)
+    assert out.dtype == torch.bfloat16 and all(v.dtype == torch.bfloat16 for v in stages.values())
+    assert torch.nn.functional.cosine_similarity(out.float(), ref).min() > 0.999
+    assert again.dtype == torch.float32
+    torch.testing.assert_close(again, ref)  # the bf16 fold is cached apart from the fp32 one
