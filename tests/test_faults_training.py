@@ -171,9 +171,12 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
             target = latest + 2
             tmp_dir = run / "checkpoints" / f".tmp-step_{target:08d}"
 
-            # a .tmp dir left by an earlier kill does not count: this attempt must have written it
-            def cond(d: Path = tmp_dir, t0: float = time.time()) -> bool:
-                return d.is_dir() and d.stat().st_mtime >= t0 and any(d.glob("*.distcp"))
+            # a .tmp dir left by an earlier kill does not count: this attempt must have written it. Its mtime alone
+            # does not tell: the new run's startup clean-up deletes the stale dir file by file, which touches it
+            # (a kill there once struck before the run had resumed), so the run must also be past its startup.
+            def cond(d: Path = tmp_dir, t0: float = time.time(), rank0: Path = log.with_suffix(".rank0.log")) -> bool:
+                started = rank0.is_file() and "pretraining " in rank0.read_text()
+                return started and d.is_dir() and d.stat().st_mtime >= t0 and any(d.glob("*.distcp"))
 
         else:
             target = min(total - 1, latest + rng.randint(1, 3))
