@@ -256,3 +256,24 @@ def test_cli_writes_json(tmp_path, digits):
     assert rc == 0
     res = json.loads(out.read_text())
     assert res["metadata"]["layer"] == "res5" and 0.8 < res["top1"] <= 1
+
+
+@pytest.mark.parametrize("n_classes", [10, 100])  # both softmax paths (by hand below 64 classes, torch's above)
+def test_diverging_heads_feed_no_subnormals_to_the_gemms(n_classes, monkeypatch):
+    """A diverged head's softmax underflows; subnormal gradients make the weight GEMM ~200x slower on every thread
+    that FTZ does not cover (torch's intra-op workers), so no GEMM operand may hold one."""
+    torch.manual_seed(0)
+    heads = LinearHeads({"f": 8}, n_classes, [HeadConfig("f", "linear", 1.0, 0.0)])
+    group = heads.groups[0]
+    with torch.no_grad():
+        group.weight.normal_(0, 30.0)  # logits spread over hundreds: exp(z - max) lands in the subnormal range
+    tiny, seen = torch.finfo(torch.float32).tiny, []
+    real_addmm = torch.addmm
+
+    def spy(*args, **kwargs):
+        seen.append(sum(int(((t != 0) & (t.abs() < tiny)).sum()) for t in args if isinstance(t, torch.Tensor)))
+        return real_addmm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "addmm", spy)
+    group.step(torch.randn(64, 8), torch.randint(0, n_classes, (64,)), 1.0, 0.0)
+    assert len(seen) == 2 and seen == [0, 0]  # the logits GEMM and the weight-gradient GEMM

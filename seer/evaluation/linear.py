@@ -56,6 +56,8 @@ def _flush_denormals():
     """Treat subnormal floats as zero while heads train: a diverging head (a too-large learning rate in the grid)
     fills its softmax with subnormals, and x86 GEMMs on subnormals run ~10x slower (measured: such heads made a
     10-head step 4x slower). torch has no getter for the flag: its default (off) is restored by the outermost exit.
+    The flag is per thread and reaches only the calling one, not torch's intra-op workers: ``_Group.step`` keeps
+    subnormals out of the softmax itself, which is what protects multi-threaded runs.
     """
     if _FLUSH_DEPTH[0] == 0 and not torch.set_flush_denormal(True):
         yield  # not supported on this CPU
@@ -144,6 +146,11 @@ class _Group:
             g = g.div_(g.sum(-1, keepdim=True))
         else:
             g = torch.softmax(z, dim=-1)
+        # No subnormal probabilities: a diverging head (a too-large learning rate in the grid) fills its softmax
+        # with them, and the weight-gradient GEMM then runs ~200x slower. FTZ (torch.set_flush_denormal) only
+        # covers the calling thread, not the intra-op workers (measured: no effect with 2 threads), so they are
+        # raised to 1e-30 here; a gradient change of 1e-30 per logit is far below fp32 rounding of the rest.
+        g = g.clamp_min_(1e-30)
         yy = y[:, None, None].expand(-1, self.h, 1)
         loss = -g.gather(2, yy).clamp_min(1e-30).log().mean(0).flatten() if return_loss else None
         g.scatter_add_(2, yy, torch.full_like(yy, -1.0, dtype=g.dtype))
