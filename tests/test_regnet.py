@@ -327,3 +327,18 @@ def test_cpu_bf16_autocast_runs_the_fused_path_in_bf16():
     assert torch.nn.functional.cosine_similarity(out.float(), ref).min() > 0.999
     assert again.dtype == torch.float32
     torch.testing.assert_close(again, ref)  # the bf16 fold is cached apart from the fp32 one
+
+
+def test_inference_in_place_se_gate_spares_hooked_outputs():
+    """Without autograd the SE gate multiplies conv2's output in place, except when a hook on conv2 holds it."""
+    torch.manual_seed(0)
+    trunk = build_trunk(tiny_cfg()).eval()
+    x = torch.randn(2, 3, 64, 64)
+    kept = {}
+    handle = trunk.s2.b1.conv2.register_forward_hook(lambda m, i, o: kept.update(out=o, copy=o.clone()))
+    with torch.inference_mode():
+        hooked = trunk(x)
+    handle.remove()
+    torch.testing.assert_close(kept["out"], kept["copy"], rtol=0, atol=0)  # the hooked output was not gated
+    with torch.inference_mode():
+        torch.testing.assert_close(trunk(x), hooked, rtol=0, atol=0)  # in place or not, the same features

