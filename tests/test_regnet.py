@@ -342,3 +342,14 @@ def test_inference_in_place_se_gate_spares_hooked_outputs():
     torch.testing.assert_close(kept["out"], kept["copy"], rtol=0, atol=0)  # the hooked output was not gated
     with torch.inference_mode():
         torch.testing.assert_close(trunk(x), hooked, rtol=0, atol=0)  # in place or not, the same features
+    kept.clear()
+    conv2 = trunk.s2.b1.conv2
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: kept.update(out=o, copy=o.clone()) if m is conv2 else None
+    )
+    try:
+        with torch.inference_mode():
+            trunk(x)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(kept["out"], kept["copy"], rtol=0, atol=0)  # global hooks are respected too
