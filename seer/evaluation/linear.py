@@ -23,7 +23,6 @@ frozen trunk (augmented images from a loader).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import logging
 import math
@@ -46,29 +45,6 @@ log = logging.getLogger(__name__)
 
 HEAD_TYPES = ("linear", "bn")
 DEFAULT_LRS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
-
-
-_FLUSH_DEPTH = [0]
-
-
-@contextlib.contextmanager
-def _flush_denormals():
-    """Treat subnormal floats as zero while heads train: a diverging head (a too-large learning rate in the grid)
-    fills its softmax with subnormals, and x86 GEMMs on subnormals run ~10x slower (measured: such heads made a
-    10-head step 4x slower). torch has no getter for the flag: its default (off) is restored by the outermost exit.
-    The flag is per thread and reaches only the calling one, not torch's intra-op workers: ``_Group.step`` keeps
-    subnormals out of the softmax itself, which is what protects multi-threaded runs.
-    """
-    if _FLUSH_DEPTH[0] == 0 and not torch.set_flush_denormal(True):
-        yield  # not supported on this CPU
-        return
-    _FLUSH_DEPTH[0] += 1
-    try:
-        yield
-    finally:
-        _FLUSH_DEPTH[0] -= 1
-        if _FLUSH_DEPTH[0] == 0:
-            torch.set_flush_denormal(False)
 
 
 @dataclass(frozen=True)
@@ -147,12 +123,13 @@ class _Group:
         else:
             g = torch.softmax(z, dim=-1)
         # No subnormal probabilities: a diverging head (a too-large learning rate in the grid) fills its softmax
-        # with them, and the weight-gradient GEMM then runs ~200x slower. FTZ (torch.set_flush_denormal) only
-        # covers the calling thread, not the intra-op workers (measured: no effect with 2 threads), so they are
-        # raised to 1e-30 here; a gradient change of 1e-30 per logit is far below fp32 rounding of the rest.
+        # with them, and the weight-gradient GEMM then runs ~200x slower. FTZ (torch.set_flush_denormal) is no
+        # cure: it covers only the calling thread, not torch's intra-op workers (measured: no effect with 2
+        # threads), and it is process state. So they are raised to 1e-30 here; a gradient change of 1e-30 per
+        # logit is far below fp32 rounding of the rest (and log() below stays finite).
         g = g.clamp_min_(1e-30)
         yy = y[:, None, None].expand(-1, self.h, 1)
-        loss = -g.gather(2, yy).clamp_min(1e-30).log().mean(0).flatten() if return_loss else None
+        loss = -g.gather(2, yy).log().mean(0).flatten() if return_loss else None
         g.scatter_add_(2, yy, torch.full_like(yy, -1.0, dtype=g.dtype))
         g = g.div_(x.shape[0]).view(x.shape[0], self.h * self.c)
         # SGD with momentum (PyTorch semantics: buf = m * buf + grad + wd * w; w -= lr * buf), fused where possible:
@@ -197,13 +174,11 @@ class LinearHeads:
         if len(seen) != len(set(seen)):
             raise ValueError("configs must be ordered so that each (layer, head) group is contiguous")
 
-    @_flush_denormals()
     def step(self, feats: Mapping[str, torch.Tensor], y: torch.Tensor, lr_factor: float, momentum: float) -> None:
         for g in self.groups:
             g.step(feats[g.layer], y, lr_factor, momentum)
 
     @torch.no_grad()
-    @_flush_denormals()
     def logits(self, feats: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """[B, n_heads, C] in config order."""
         return torch.cat([g.logits(feats[g.layer]) for g in self.groups], 1)
@@ -238,7 +213,6 @@ class _Counts:
         return (self.c1.double() / n).tolist(), (self.c5.double() / n).tolist()
 
 
-@_flush_denormals()
 def _evaluate(heads: LinearHeads, feats: Mapping[str, torch.Tensor], y: torch.Tensor, batch_size: int):
     counts = _Counts(len(heads.configs), heads.n_classes)
     n = y.shape[0]
@@ -247,7 +221,6 @@ def _evaluate(heads: LinearHeads, feats: Mapping[str, torch.Tensor], y: torch.Te
     return counts.result()
 
 
-@_flush_denormals()
 def _train(
     heads: LinearHeads,
     feats: Mapping[str, torch.Tensor],
