@@ -634,6 +634,18 @@ def main(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # One checkpoint x one dataset x one protocol (eval/knn.py, eval/linear.py)
 # ----------------------------------------------------------------------------------------------------------------
+def cached_features_cli(argv: list[str], module: str) -> int | None:
+    """``eval/knn.py --features ...`` / ``eval/linear.py --features ...``: hand the other arguments to the
+    cached-features CLI of ``module`` (``seer knn`` / ``seer linear``); ``None`` when ``--features`` is absent."""
+    if "--features" not in argv:
+        return None
+    import importlib
+
+    rest = list(argv)
+    rest.remove("--features")
+    return importlib.import_module(module).cli_main(rest)
+
+
 def add_single_run_args(p: argparse.ArgumentParser) -> None:
     """The arguments eval/knn.py and eval/linear.py share: what to evaluate, on what, and where to write."""
     p.add_argument("--checkpoint", required=True, help="checkpoint file/dir/hub id, or a preset with --random-init")

@@ -17,16 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark import add_single_run_args, run_single  # noqa: E402
+from benchmark import add_single_run_args, cached_features_cli, run_single  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--features" in argv:
-        from seer.evaluation.linear import cli_main
-
-        argv.remove("--features")
-        return cli_main(argv)
+    if (rc := cached_features_cli(argv, "seer.evaluation.linear")) is not None:
+        return rc
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_single_run_args(p)
     p.add_argument("--method", choices=("sgd", "logreg"), default="sgd")

@@ -33,3 +33,24 @@ def test_eval_script_end_to_end(folders, tmp_path, monkeypatch, script, extra):
     rows = payload["rows"]
     assert len(rows) == 1 and 0.0 <= rows[0]["top1"] <= 1.0
     assert (out / "results.md").exists()
+
+
+@pytest.mark.parametrize("script, extra", [("knn", ["--ks", "3"]), ("linear", ["--epochs", "2"])])
+def test_eval_script_features_mode_runs_the_cached_cli(tmp_path, monkeypatch, script, extra):
+    """``--features`` hands the other arguments to ``seer knn`` / ``seer linear`` on cached feature files."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 8))
+    for name, n in (("train", 60), ("test", 30)):
+        y = rng.integers(0, 3, n)
+        feats = (centers[y] + 0.1 * rng.normal(size=(n, 8))).astype(np.float32)
+        np.savez(tmp_path / f"{name}.npz", features=feats, labels=y)
+    out = tmp_path / "result.json"
+    argv = [f"eval/{script}.py", "--features", "--train", str(tmp_path / "train.npz"), "--test",
+            str(tmp_path / "test.npz"), "--out", str(out), *extra]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "eval" / f"{script}.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    assert json.loads(out.read_text())["settings"]["protocol"] == script
