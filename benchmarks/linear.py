@@ -38,6 +38,18 @@ class _Clock:
         self.wall, self.cpu = time.perf_counter() - self.w, time.process_time() - self.c
 
 
+def _timings(one_pass: _Clock, sequential: _Clock) -> dict:
+    """Wall and CPU seconds of both modes and their ratios."""
+    return {
+        "one_pass_s": one_pass.wall,
+        "sequential_s": sequential.wall,
+        "speedup": sequential.wall / one_pass.wall,
+        "one_pass_cpu_s": one_pass.cpu,
+        "sequential_cpu_s": sequential.cpu,
+        "speedup_cpu": sequential.cpu / one_pass.cpu,
+    }
+
+
 LRS = tuple(float(x) for x in np.geomspace(1e-3, 3.0, 10))
 
 
@@ -77,12 +89,7 @@ def _cached(n: int, dim: int, classes: int, epochs: int, batch_size: int) -> dic
         "classes": classes,
         "epochs": epochs,
         "batch_size": batch_size,
-        "one_pass_s": t_grid.wall,
-        "sequential_s": t_seq.wall,
-        "speedup": t_seq.wall / t_grid.wall,
-        "one_pass_cpu_s": t_grid.cpu,
-        "sequential_cpu_s": t_seq.cpu,
-        "speedup_cpu": t_seq.cpu / t_grid.cpu,
+        **_timings(t_grid, t_seq),
         "same_accuracies": same,
         "best_val_top1": max(acc_grid),
     }
@@ -115,12 +122,7 @@ def _online(preset: str, resolution: int, n_batches: int, batch_size: int, epoch
         "resolution": resolution,
         "images_per_epoch": n_batches * batch_size,
         "epochs": epochs,
-        "one_pass_s": t_grid.wall,
-        "sequential_s": t_seq.wall,
-        "speedup": t_seq.wall / t_grid.wall,
-        "one_pass_cpu_s": t_grid.cpu,
-        "sequential_cpu_s": t_seq.cpu,
-        "speedup_cpu": t_seq.cpu / t_grid.cpu,
+        **_timings(t_grid, t_seq),
         "same_accuracies": same,
     }
 
