@@ -28,6 +28,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import nn
 
+from seer import hardware
 from seer.models.regnet import RegNetTrunk
 from seer.weights import DEFAULT_HUB_MODEL, IMAGENET_MEAN, IMAGENET_STD, load_trunk
 
@@ -397,6 +398,10 @@ class _Runner:
         self.model, self.device, self.layer, self.normalize = model, device, layer, normalize
         self.amp = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
                     "bfloat16": torch.bfloat16}[amp]  # fmt: skip
+        if device.type == "cpu":
+            # bf16 / fp16 only where oneDNN has kernels for it; elsewhere fp32 (one warning line says why), which
+            # is also the faster choice there.
+            self.amp = hardware.cpu_amp_dtype(self.amp, what="extract_features")
         if preprocess is not None:
             std = torch.tensor(preprocess.std, dtype=torch.float32, device=device) * 255
             mean = torch.tensor(preprocess.mean, dtype=torch.float32, device=device) * 255

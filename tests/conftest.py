@@ -20,3 +20,47 @@ def _restore_environment():
     for key, value in saved.items():
         if os.environ.get(key) != value:
             os.environ[key] = value
+
+
+@pytest.fixture
+def fused_conv_spy(monkeypatch):
+    """Record the dtype of every input that reaches the trunk's fused oneDNN convolutions.
+
+    Where this CPU really has oneDNN bf16 kernels the real kernels run; where it has none (AVX2-only CPUs) a bf16
+    input is computed in fp32 and rounded to bf16, as the kernel would, so a test forcing the "bf16 kernels"
+    branch checks the dispatch on any machine. The real no-kernel branch runs in test_hardware.py.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from seer import hardware
+    from seer.models import regnet
+
+    seen: list = []
+    real = hardware._probe("cpu_bf16")
+
+    def conv(x, weight, bias, padding, stride, dilation, groups, act="none", residual=None):
+        if x.dtype != torch.bfloat16 or real:
+            if residual is None:
+                return real_conv(x, weight, bias, padding, stride, dilation, groups, act)
+            return real_add(x, residual, weight, bias, padding, stride, dilation, groups)
+        y = F.conv2d(x.float(), weight.float(), bias.float(), stride, padding, dilation, groups)
+        if residual is not None:
+            y = y + residual.float()
+        if act == "relu" or residual is not None:
+            y = y.relu()
+        return y.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+    real_conv, real_add = regnet._fused_conv, regnet._fused_conv_add_relu
+
+    def fused(x, weight, bias, padding, stride, dilation, groups, act):
+        seen.append(x.dtype)
+        return conv(x, weight, bias, padding, stride, dilation, groups, act)
+
+    def fused_add(x, residual, weight, bias, padding, stride, dilation, groups):
+        seen.append(x.dtype)
+        return conv(x, weight, bias, padding, stride, dilation, groups, residual=residual)
+
+    monkeypatch.setattr(regnet, "_fused_conv", fused)
+    monkeypatch.setattr(regnet, "_fused_conv_add_relu", fused_add)
+    return seen

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from seer import hardware
 from seer.features import (
     FeatureArray,
     ImageError,
@@ -157,14 +159,33 @@ def test_layers_and_normalize(trunk):
         extract_features(imgs, trunk, layer="res7")
 
 
-def test_amp_bf16_on_cpu_gives_close_float32_features(trunk):
+def test_amp_bf16_on_cpu_gives_close_float32_features(trunk, fused_conv_spy):
+    """Where oneDNN has bf16 kernels (forced, on any CPU) amp="bf16" runs the trunk's convs in bf16."""
     imgs = random_images(4)
     ref = extract_features(imgs, trunk)
-    out = extract_features(imgs, trunk, amp="bf16")
+    with hardware.force("cpu_bf16", True):
+        out = extract_features(imgs, trunk, amp="bf16")
+    assert torch.bfloat16 in fused_conv_spy
     assert out.dtype == np.float32 and out.shape == ref.shape and np.isfinite(out).all()
     cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
     assert cos.min() > 0.999
     assert not np.array_equal(out, ref)  # the bf16 path really ran (fp32 convs would give identical features)
+
+
+def test_amp_bf16_on_a_cpu_without_onednn_bf16_runs_fp32_with_one_warning(trunk, fused_conv_spy):
+    """Where oneDNN has no bf16 kernels (forced, on any CPU) amp="bf16" still works: fp32, and one line says why."""
+    imgs = random_images(4)
+    ref = extract_features(imgs, trunk)
+    hardware._WARNED.clear()
+    with hardware.force("cpu_bf16", False):
+        with pytest.warns(RuntimeWarning, match="no oneDNN bf16 kernels.*running in fp32"):
+            out = extract_features(imgs, trunk, amp="bf16")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once per process, not once per call
+            again = extract_features(imgs, trunk, amp="bf16")
+    assert set(fused_conv_spy) == {torch.float32}
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(again, ref)
 
 
 def test_cpu_micro_batches_give_the_same_features(trunk, monkeypatch):

@@ -11,6 +11,7 @@ import torch
 import torchvision
 
 import seer
+from seer import hardware
 from seer.models.regnet import PRESETS, RegNetCfg, build_trunk, complexity, get_preset
 
 SMALL = ["regnety_200mf", "regnety_400mf", "regnety_600mf", "regnety_800mf", "regnety_1_6gf", "regnety_3_2gf"]
@@ -311,22 +312,49 @@ def test_inference_fast_path_matches_and_tracks_weight_changes():
     torch.testing.assert_close(fast, plain(), rtol=1e-4, atol=1e-5)
 
 
-def test_cpu_bf16_autocast_runs_the_fused_path_in_bf16():
-    """Under CPU bf16 autocast the folded convs run in bf16 (they are not autocast ops, so without the cast they
-    would silently stay fp32): the output is bf16 and close to the fp32 one; fp32 inference is unchanged after."""
+def test_cpu_bf16_autocast_runs_the_fused_path_in_bf16(fused_conv_spy):
+    """Where oneDNN has bf16 kernels (forced, on any CPU), the folded convs run in bf16 under CPU bf16 autocast
+    (they are not autocast ops, so without the cast they would silently stay fp32): the output is bf16 and close to
+    the fp32 one; the bf16 fold is cached apart from the fp32 one; fp32 inference is unchanged after."""
     torch.manual_seed(0)
     trunk = build_trunk(tiny_cfg()).eval()
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         ref = trunk(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with hardware.force("cpu_bf16", True), torch.autocast("cpu", dtype=torch.bfloat16):
+            fused_conv_spy.clear()
             out = trunk(x)
             stages = trunk.forward_stages(x)
+        folded, seen = trunk.s1.b1.conv1.__dict__["_fold_cache"][1], set(fused_conv_spy)
         again = trunk(x)
+    assert seen == {torch.bfloat16}
+    assert folded.dtype == torch.bfloat16
     assert out.dtype == torch.bfloat16 and all(v.dtype == torch.bfloat16 for v in stages.values())
     assert torch.nn.functional.cosine_similarity(out.float(), ref).min() > 0.999
     assert again.dtype == torch.float32
     torch.testing.assert_close(again, ref)  # the bf16 fold is cached apart from the fp32 one
+
+
+def test_cpu_bf16_autocast_without_onednn_bf16_keeps_the_folded_convs_fp32(fused_conv_spy):
+    """Where oneDNN has no bf16 kernels (forced, on any CPU; AVX2-only CPUs for real) nothing bf16 reaches the fused
+    convolution, which would raise there: the folded convs and their cache stay fp32 and the result is close."""
+    torch.manual_seed(0)
+    trunk = build_trunk(tiny_cfg()).eval()
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref = trunk(x)
+        with hardware.force("cpu_bf16", False), torch.autocast("cpu", dtype=torch.bfloat16):
+            fused_conv_spy.clear()
+            out = trunk(x)
+            stages = trunk.forward_stages(x)
+            folded = trunk.s1.b1.conv1.__dict__["_fold_cache"][1]
+            seen = set(fused_conv_spy)
+            direct = trunk(x.to(torch.bfloat16))  # a bf16 tensor passed in by hand takes the unfused path too
+    assert seen == {torch.float32} and set(fused_conv_spy) == {torch.float32}
+    assert folded.dtype == torch.float32
+    assert out.dtype == torch.float32 and set(stages) == {"res2", "res3", "res4", "res5"}
+    assert torch.nn.functional.cosine_similarity(out, ref).min() > 0.999
+    assert torch.isfinite(direct).all() and torch.nn.functional.cosine_similarity(direct.float(), ref).min() > 0.99
 
 
 def test_inference_in_place_se_gate_spares_hooked_outputs():

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from seer import hardware
+
 __all__ = [
     "RegNetCfg",
     "PRESETS",
@@ -267,13 +269,15 @@ def _cpu_autocast_input(x: torch.Tensor) -> torch.Tensor:
     """``x`` in bf16 under CPU bf16 autocast (the folded / fused convs are not autocast ops and would stay fp32).
 
     On CPUs with AMX this is where ``amp="bf16"`` pays: measured 1.7-2.3x the fp32 inference speed of
-    regnety_800mf / 1_6gf (batch 16, 224 px), features within ~3e-3 relative error.
+    regnety_800mf / 1_6gf (batch 16, 224 px), features within ~3e-3 relative error. Where oneDNN has no bf16
+    kernels (AVX2-only CPUs) the folded convs stay fp32: the fused bf16 convolution would raise there.
     """
     if (
         x.device.type == "cpu"
         and x.dtype == torch.float32
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and hardware.cpu_bf16_kernels()
     ):
         return x.to(torch.bfloat16)
     return x
@@ -285,9 +289,23 @@ def _fusable(x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         return False
     if x.dtype not in (torch.float32, torch.bfloat16):
         return False
+    if x.dtype == torch.bfloat16 and not hardware.cpu_bf16_kernels():
+        return False
     if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
         return False
     return residual is None or (residual.dtype == x.dtype and residual.is_contiguous(memory_format=torch.channels_last))
+
+
+def _fused_conv(x, weight, bias, padding, stride, dilation, groups, act: str) -> torch.Tensor:
+    """oneDNN conv [+ ReLU] in one kernel (a module-level function so tests can watch what reaches it)."""
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups, act, [], "")
+
+
+def _fused_conv_add_relu(x, residual, weight, bias, padding, stride, dilation, groups) -> torch.Tensor:
+    """oneDNN conv + residual sum + ReLU in one kernel."""
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        x, residual, weight, bias, padding, stride, dilation, groups, "add", None, "relu", [], ""
+    )
 
 
 class ConvBN(nn.Module):
@@ -318,11 +336,8 @@ class ConvBN(nn.Module):
                 # oneDNN conv with the ReLU (and the residual sum) as post-ops: one pass over the output, not 2-3.
                 args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
                 if residual is not None:
-                    return torch.ops.mkldnn._convolution_pointwise.binary(
-                        x, residual, weight, bias, *args, "add", None, "relu", [], ""
-                    )
-                return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, "relu" if self.act else "none",
-                                                               [], "")  # fmt: skip
+                    return _fused_conv_add_relu(x, residual, weight, bias, *args)
+                return _fused_conv(x, weight, bias, *args, "relu" if self.act else "none")
             x = F.conv2d(x, weight, bias, conv.stride, conv.padding, 1, conv.groups)
         else:
             x = F.conv2d(x, _like_input(conv.weight, x), None, conv.stride, conv.padding, 1, conv.groups)
