@@ -48,6 +48,9 @@ def machine_info() -> dict:
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+    from seer import hardware
+
+    info.update(hardware.cpu_info())  # ISA level and the capabilities every ISA-dependent choice was made from
     for lib in ("torchvision", "timm", "transformers", "numpy", "faiss", "sklearn", "webdataset", "PIL"):
         try:
             module = __import__(lib)
