@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from seer.extras import optional
+
 # The demo trunk: 4 stages, widths 16-128 (0.1M parameters), fast on 2 cores at 32 px.
 DEMO_TRUNK = {"depth": 6, "w0": 16, "wa": 16.0, "wm": 2.0, "group_w": 8}
 
@@ -94,8 +96,9 @@ def _pretrain(cfg_path: Path, world_size: int, log_path: Path) -> None:
 
 
 def _plot(out: Path, metrics: list[dict], table: dict) -> None:
-    import matplotlib
-
+    matplotlib = optional("matplotlib", "loss.png and accuracy.png")
+    if matplotlib is None:
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

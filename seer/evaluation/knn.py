@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from seer.extras import require
+
 __all__ = ["eval_knn", "knn_search", "knn_vote", "write_json", "load_features", "cli_main"]
 
 log = logging.getLogger(__name__)
@@ -303,7 +305,7 @@ def _search_torch(
 def _search_faiss(
     bank: _Bank, test: torch.Tensor, k: int, normalize: bool, train_chunk: int, use_gpu: bool, progress: bool
 ):
-    import faiss
+    faiss = require("faiss", 'backend="faiss"')
 
     test_np = test.cpu().numpy()
     nt, d = test_np.shape

@@ -27,6 +27,7 @@ from torch import nn
 
 from seer import hardware
 from seer.config import PretrainConfig, batch_per_gpu, crop_shapes, dump_config, load_config, trunk_cfg, validate
+from seer.extras import optional
 
 __all__ = ["pretrain", "cli_main", "SwAVModel", "SyntheticMultiCrop", "build_model", "peak_memory_bytes"]
 
@@ -254,10 +255,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
     )
     metrics_file = open(run_dir / "metrics.jsonl", "a") if env.is_main else None
     writer = None
-    if env.is_main and cfg.train.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(run_dir / "tensorboard"))
+    tensorboard = (
+        optional("torch.utils.tensorboard", "TensorBoard logs") if env.is_main and cfg.train.tensorboard else None
+    )
+    if tensorboard is not None:
+        writer = tensorboard.SummaryWriter(str(run_dir / "tensorboard"))
     ckpt_meta = {
         "global_batch": global_batch,
         "regnet_cfg": trunk_cfg(cfg.model).to_dict(),
