@@ -15,9 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __name__ == "__main__":  # a source checkout's `seer`, also when it is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmark import add_single_run_args, cached_features_cli, run_single  # noqa: E402
+from seer.evaluation.suites import add_single_run_args, cached_features_cli, run_single  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

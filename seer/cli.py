@@ -20,6 +20,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "extract": ("seer.features", "cli_main", "extract features of a folder, file list or shards to a features file"),
     "knn": ("seer.evaluation.knn", "cli_main", "kNN evaluation on frozen features"),
     "linear": ("seer.evaluation.linear", "cli_main", "linear-probe evaluation on frozen features"),
+    "eval-suite": (
+        "seer.evaluation.suites",
+        "main",
+        "run an evaluation suite (datasets x protocols x checkpoints) -> table",
+    ),
+    "launch": ("seer.launch.cli", "main", "pretrain|eval|collect|status on SLURM (or here) through submitit"),
     "bench": ("benchmarks.run_all", "cli_main", "run the performance benchmarks"),
     "demo": ("seer.demo", "cli_main", "the end-to-end demo: data, pretraining, export, features, kNN, linear probe"),
 }

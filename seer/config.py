@@ -1,6 +1,6 @@
 """Pretraining configuration: a dataclass tree with defaults in code, yaml overrides, dotted CLI overrides.
 
-    cfg = load_config("configs/pretrain/tiny_cpu.yaml", ["optim.base_lr=0.1", "train.total_steps=50"])
+    cfg = load_config("tiny_cpu", ["optim.base_lr=0.1", "train.total_steps=50"])   # a shipped recipe, or a path
 
 A yaml file holds only the keys it changes (``yaml.safe_load``: configs are data, never code). Unknown keys and
 values of the wrong type are rejected with the full dotted key and a close-match suggestion; impossible values
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Union
 
 import yaml
+
+from seer.catalog import resolve
 
 __all__ = [
     "ModelConfig",
@@ -272,15 +274,15 @@ def config_from_dict(data: dict) -> PretrainConfig:
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
     """Defaults <- yaml file (overrides only) <- dotted ``key=value`` overrides; validated.
 
+    ``path`` is a yaml file or the name of a shipped recipe (``"seer_rg32"``: see ``seer.catalog``).
+
     Raises:
         ConfigError: naming the dotted key of an unknown key, a wrong type or an impossible value.
-        FileNotFoundError: when ``path`` does not exist.
+        FileNotFoundError: when ``path`` is neither a file nor a recipe name (the message lists the names).
     """
     cfg = PretrainConfig()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+        path = resolve(path, "pretrain")
         with open(path) as f:
             try:
                 data = yaml.safe_load(f)

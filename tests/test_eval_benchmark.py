@@ -1,4 +1,5 @@
-"""eval/benchmark.py: suites -> features -> protocols -> results.{json,md,png}; placeholders; shards == folders."""
+"""seer eval-suite (seer.evaluation.suites): suites -> features -> protocols -> results.{json,md,png};
+placeholders; suites by name; shards == folders."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import pytest
 import torch
 import yaml
 
+from seer.evaluation import suites as bench
+from seer.evaluation.cache import compute_features, split_features
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,8 +26,6 @@ def _load(name: str):
     spec.loader.exec_module(module)
     return module
 
-
-bench = _load("benchmark")
 
 TINY = {"depth": 4, "w0": 16, "wa": 8.0, "wm": 2.0, "group_w": 8}
 
@@ -135,17 +137,15 @@ def test_shards_give_the_same_features_as_the_folder(tmp_path):
         "num_workers": 0,
         "device": torch.device("cpu"),
     }
-    f_dir, y_dir = bench.compute_features(trunk, str(folder), **kw)
-    f_sh, y_sh = bench.compute_features(trunk, str(tmp_path / "shards"), **kw)
+    f_dir, y_dir = compute_features(trunk, str(folder), **kw)
+    f_sh, y_sh = compute_features(trunk, str(tmp_path / "shards"), **kw)
     assert f_dir["avgpool"].shape == (12, trunk.num_features)
     np.testing.assert_array_equal(y_dir, y_sh)
     np.testing.assert_allclose(f_dir["avgpool"], f_sh["avgpool"], rtol=1e-4, atol=1e-5)
     # the suite path: trunks go through seer.features.extract_dataset (one cache directory per layer)
     kw.pop("layers")
-    g_dir, z_dir = bench.split_features(trunk, str(folder), tmp_path / "c1", layers=["avgpool", "res2"], **kw)
-    g_sh, z_sh = bench.split_features(
-        trunk, str(tmp_path / "shards"), tmp_path / "c2", layers=["avgpool", "res2"], **kw
-    )
+    g_dir, z_dir = split_features(trunk, str(folder), tmp_path / "c1", layers=["avgpool", "res2"], **kw)
+    g_sh, z_sh = split_features(trunk, str(tmp_path / "shards"), tmp_path / "c2", layers=["avgpool", "res2"], **kw)
     np.testing.assert_array_equal(z_dir, y_dir)
     np.testing.assert_array_equal(z_sh, y_dir)
     for layer in ("avgpool", "res2"):
@@ -221,3 +221,55 @@ def test_small_suite(tmp_path):
     assert bench.main(["--suite", str(ROOT / "configs/eval/small.yaml"), "--out", str(tmp_path), "--quiet"]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {r["dataset"] for r in rows} == {"digits", "shapes"}
+
+
+def test_suites_by_name_and_the_seer_command(tmp_path, capsys, monkeypatch):
+    """`--suite small` finds the shipped suite from any directory; `seer eval-suite` runs it (two quick protocols of
+    one dataset here; the whole suite is test_seer_eval_suite_small)."""
+    from seer.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert bench.load_suite("small") == bench.load_suite(ROOT / "configs/eval/small.yaml")
+    with pytest.raises(bench.SuiteError, match="did you mean small"):
+        bench.load_suite("smal")
+    out = tmp_path / "out"
+    argv = ["eval-suite", "--suite", "small", "--out", str(out), "--quiet", "--only-dataset", "digits",
+            "--only-protocol", "knn", "--only-protocol", "knn-5shot"]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    # pixels: 1 layer; tiny-random: avgpool and res2
+    assert [(r["checkpoint"], r["protocol"], r["layer"]) for r in rows] == [
+        ("pixels", "knn", "pixels"), ("pixels", "knn-5shot", "pixels"),
+        ("tiny-random", "knn", "avgpool"), ("tiny-random", "knn", "res2"),
+        ("tiny-random", "knn-5shot", "avgpool"), ("tiny-random", "knn-5shot", "res2"),
+    ]  # fmt: skip
+    assert rows[0]["top1"] > 0.9
+    assert (out / "data" / "digits" / ".complete").exists()  # generated data goes under --out
+    assert "wrote results.json, results.md, results.png" in capsys.readouterr().out
+    # a typo in a subset is an error, not an empty run
+    assert main([*argv[:5], "--only-dataset", "digit"]) == 2
+    assert "--only-dataset digit: not in the suite" in capsys.readouterr().err
+
+
+def test_plot_is_optional(tmp_path, capsys, monkeypatch):
+    """Without matplotlib the table and JSON are written and one line names the extra that installs it."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    rows = [{"dataset": "d", "checkpoint": "c", "protocol": "knn", "kind": "knn", "layer": "avgpool", "top1": 0.5,
+             "top5": 0.9, "detail": ""}]  # fmt: skip
+    payload = {"suite": {"name": "t"}, "rows": rows, "results": []}
+    assert bench.write_outputs(tmp_path, payload, bench.markdown_table(rows, {"name": "t"})) == [
+        "results.json",
+        "results.md",
+    ]
+    assert not (tmp_path / "results.png").exists() and (tmp_path / "results.md").is_file()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install "seer-ssl[plots]"' in err
+
+
+@pytest.mark.slow
+def test_seer_eval_suite_small(tmp_path):
+    from seer.cli import main
+
+    assert main(["eval-suite", "--suite", "small", "--out", str(tmp_path), "--quiet"]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert len(rows) == 20 and {r["dataset"] for r in rows} == {"digits", "shapes"}

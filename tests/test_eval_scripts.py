@@ -1,4 +1,5 @@
-"""eval/knn.py and eval/linear.py end to end on a tiny generated dataset (random-init trunk)."""
+"""eval/knn.py, eval/linear.py and eval/benchmark.py (thin scripts over seer.evaluation) end to end on a tiny
+generated dataset (random-init trunk)."""
 
 import json
 import runpy
@@ -54,3 +55,14 @@ def test_eval_script_features_mode_runs_the_cached_cli(tmp_path, monkeypatch, sc
         runpy.run_path(str(ROOT / "eval" / f"{script}.py"), run_name="__main__")
     assert exit_info.value.code == 0
     assert json.loads(out.read_text())["settings"]["protocol"] == script
+
+
+def test_benchmark_script_is_seer_eval_suite(tmp_path, monkeypatch, capsys):
+    """eval/benchmark.py takes the options of `seer eval-suite` (here: a suite name that is not shipped)."""
+    monkeypatch.setattr(sys, "argv", ["eval/benchmark.py", "--suite", "smal", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "eval" / "benchmark.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python eval/benchmark.py: error:") and "did you mean small" in err
+    assert not (tmp_path / "results.json").exists()

@@ -496,7 +496,7 @@ def test_launch_submit_dry_run_fuzzed(files, tmp_path_factory, capsys, data) -> 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from test_faults_configs import TINY
 
-    from launch.submit import main
+    from seer.launch.cli import main
 
     tmp = tmp_path_factory.mktemp("submit")
     hostile = _hostile(files, tmp)

@@ -1,4 +1,5 @@
-"""launch/submit.py: argument checks, the sbatch script, the torch.distributed environment, requeue and eval arrays.
+"""seer launch (launch/submit.py): argument checks, the sbatch script, the torch.distributed environment, requeue
+and eval arrays.
 
 The SLURM side is checked through the script submitit renders (--dry-run) and a fake `sbatch` on PATH; the requeue
 side runs for real through submitit's LocalExecutor (2 gloo tasks, a time limit short enough to interrupt the run).
@@ -18,13 +19,11 @@ from pathlib import Path
 import cloudpickle
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `launch/` is a folder of the checkout, not part of the installed package
-    sys.path.insert(0, str(REPO))
+from seer.distributed.env import detect_launcher
+from seer.launch import cli as submit
+from seer.launch.jobs import PretrainJob, export_torch_env, master_port, read_attempts
 
-from launch import submit  # noqa: E402
-from launch.jobs import PretrainJob, export_torch_env, master_port, read_attempts  # noqa: E402
-from seer.distributed.env import detect_launcher  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 RG256 = str(REPO / "configs/pretrain/seer_rg256.yaml")
 TENB = str(REPO / "configs/pretrain/seer_10b.yaml")
@@ -442,7 +441,7 @@ def test_eval_bad_arguments(tmp_path, capsys, extra, message):
 
 
 def test_run_checkpoints_become_suite_checkpoints(tmp_path):
-    from launch.evaljobs import _run_checkpoints
+    from seer.launch.cli import run_checkpoints as _run_checkpoints
 
     for step in (1000, 2000):
         d = tmp_path / "myrun" / "checkpoints" / f"step_{step:08d}"
@@ -457,7 +456,8 @@ def test_run_checkpoints_become_suite_checkpoints(tmp_path):
 
 
 def test_collect_builds_one_table_and_lists_missing_tasks(tmp_path):
-    from launch.evaljobs import _status_path, collect
+    from seer.evaluation.suites import collect
+    from seer.evaluation.suites import task_record_path as _status_path
 
     suite = {"name": "t", "features": {}, "checkpoints": [{"name": "a"}, {"name": "b"}],
              "datasets": [{"name": "d"}], "protocols": [{"name": "knn"}]}  # fmt: skip
@@ -489,7 +489,7 @@ def test_collect_builds_one_table_and_lists_missing_tasks(tmp_path):
 def test_eval_local_arrays_match_the_single_process_benchmark(tmp_path, capsys):
     import yaml
 
-    from launch.evaljobs import _load_benchmark
+    from seer.evaluation import suites as bench
 
     suite_file = tmp_path / "suite.yaml"
     suite_file.write_text(yaml.safe_dump({
@@ -513,8 +513,7 @@ def test_eval_local_arrays_match_the_single_process_benchmark(tmp_path, capsys):
                         ("tiny", "knn", "avgpool"), ("tiny", "knn-5shot", "avgpool")}  # fmt: skip
     assert "| digits | tiny | knn | avgpool |" in (out_dir / "results.md").read_text()
 
-    # The same suite in one process (eval/benchmark.py): the same table.
-    bench = _load_benchmark()
+    # The same suite in one process (seer eval-suite): the same table.
     ref = bench.run_suite(bench.load_suite(suite_file), tmp_path / "ref", progress=False)
     assert len(ref["rows"]) == len(payload["rows"])
     for r in ref["rows"]:
@@ -588,7 +587,7 @@ def test_slurm_path_end_to_end_with_preemption_on_fake_sbatch_and_srun(tmp_path,
 
     from submitit.core.utils import DelayedSubmission
 
-    from launch.jobs import run_progress
+    from seer.launch.jobs import run_progress
 
     bindir = tmp_path / "bin"
     bindir.mkdir()
@@ -661,3 +660,41 @@ def test_slurm_path_end_to_end_with_preemption_on_fake_sbatch_and_srun(tmp_path,
             if pgid is not None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pgid, signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the same launcher as `seer launch` and as the launch/submit.py script; recipes and suites by name
+# ----------------------------------------------------------------------------------------------------------------
+def test_seer_launch_pretrain_by_recipe_name_dry_run(tmp_path, capsys, monkeypatch):
+    from seer.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the recipe is found by name from anywhere, not through the working directory
+    code = main(["launch", "pretrain", "--config", "seer_rg32", "--nodes", "2", "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    flags = _sbatch_flags(out)
+    assert (flags["nodes"], flags["ntasks-per-node"], flags["gpus-per-node"]) == ("2", "8", "8")
+    assert "world size 16" in err and "nothing submitted" in err
+    assert flags["output"].startswith(str(tmp_path / "runs" / "seer_rg32" / "launch" / "logs"))
+    assert not (tmp_path / "runs").exists()
+    # an unknown name: one line naming close matches and the shipped recipes
+    assert main(["launch", "pretrain", "--config", "seer_rg23", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean seer_rg32" in err and "tiny_cpu" in err and err.count("\n") == 1
+    # the eval suites too
+    code = main(["launch", "eval", "--suite", "small", "--out", str(tmp_path / "ev"), "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "features: array of 4" in out and "4 feature + 16 protocol tasks" in err
+    assert main(["launch", "bogus"]) == 2
+
+
+def test_launch_submit_script_is_the_seer_launch_command(tmp_path):
+    import subprocess
+
+    argv = [sys.executable, str(REPO / "launch" / "submit.py"), "pretrain", "--config", "seer_rg32", "--nodes", "2",
+            "--job-dir", str(tmp_path / "j"), "--dry-run"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert _sbatch_flags(proc.stdout)["nodes"] == "2" and "world size 16" in proc.stderr
+    proc = subprocess.run(argv[:2] + ["pretrian"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "python launch/submit.py: unknown command" in proc.stderr

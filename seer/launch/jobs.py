@@ -1,18 +1,19 @@
-"""What runs inside a submitit task: the torch.distributed environment, the pretraining job, attempt records.
+"""What runs inside a submitit task: the pretraining job, the eval suite's array tasks, attempt records.
 
-A job directory (= the run directory of the pretraining) looks like::
+submitit pickles these callables on the login node and unpickles them in every task, so they live in the installed
+package. A pretraining job directory (= the run directory) looks like::
 
     JOB_DIR/
       config.yaml                      resolved config (written at submission, again by the training loop)
       metrics.jsonl  checkpoints/  tensorboard/      the run's outputs (seer.train.loop)
       launch/
-        submission_000.json            one per `submit.py pretrain` call: argv, executor parameters, job id
+        submission_000.json            one per `seer launch pretrain` call: argv, executor parameters, job id
         submission_000.sh              the sbatch script submitit wrote (SLURM)
         logs/<job_id>/                 submitit's folder: pickles, <job_id>_<task>_log.out / .err
         attempts/attempt_000.json      one per start of the job (first run and each requeue), written by rank 0
 
-This module is imported by the workers; it imports submitit and the training loop only inside functions that
-need them, so ``launch.submit --dry-run`` stays light.
+submitit, torch and the training loop are imported inside the functions that need them, so a ``--dry-run`` stays
+light.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import re
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,10 @@ __all__ = [
     "PretrainJob",
     "attempts_dir",
     "read_attempts",
-    "write_json_atomic",
     "run_progress",
+    "FeatureTask",
+    "ProtocolTask",
+    "CollectTask",
 ]
 
 # Ranks 0..N-1 of every task agree on these without talking: they come from the job id and the requeue count.
@@ -46,16 +50,10 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def write_json_atomic(path: str | os.PathLike, payload: Any) -> Path:
-    """Write ``payload`` as JSON through a temporary file in the same directory (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+def _write_json(path: str | os.PathLike, payload: Any) -> None:
+    from seer.evaluation import write_json  # atomic, numpy-aware
+
+    write_json(payload, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,13 +151,13 @@ class _Attempt:
         index = len(list(root.glob("attempt_*.json")))
         self.path = root / f"attempt_{index:03d}.json"
         self.data = {"attempt": index, "status": "running", "started": _now(), "started_unix": time.time(), **fields}
-        write_json_atomic(self.path, self.data)
+        _write_json(self.path, self.data)
 
     def update(self, **fields: Any) -> None:
         if "ended" in fields:
             fields["ended_unix"] = time.time()
         self.data.update(fields)
-        write_json_atomic(self.path, self.data)
+        _write_json(self.path, self.data)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -177,7 +175,7 @@ class PretrainJob:
         config: the resolved config as a plain dict (``seer.config.config_to_dict``); ``run_dir`` is the job dir.
         job_dir: the job directory (attempt records go to ``job_dir/launch/attempts``).
         max_requeues: requeues allowed to this submission (timeouts and preemptions alike).
-        submission: index of the ``submit.py`` call that created the job (a manual resume is a new submission).
+        submission: index of the ``launch pretrain`` call that created the job (a manual resume is a new submission).
         requeue: how many times this submission was requeued before (carried in the pickle submitit rewrites).
     """
 
@@ -299,3 +297,122 @@ def _ignore_late_signal(signum: int, frame: Any) -> None:
 def _total_steps(config: dict) -> int:
     t = config.get("train", {})
     return int(t.get("total_steps") or int(t.get("epochs", 1)) * int(t.get("steps_per_epoch", 1)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The eval suite's array tasks (seer launch eval)
+# ----------------------------------------------------------------------------------------------------------------
+def _entry(suite: dict, key: str, name: str) -> dict:
+    return next(e for e in suite[key] if e["name"] == name)
+
+
+class _Task:
+    """Common part of the array tasks: the resolved suite, the output dir, status records, error capture."""
+
+    kind = "task"
+
+    def __init__(self, suite: dict, out: str, *parts: str) -> None:
+        self.suite, self.out, self.parts = suite, str(out), tuple(parts)
+
+    @property
+    def status_path(self) -> Path:
+        from seer.evaluation.suites import task_record_path
+
+        return task_record_path(self.out, self.kind, *self.parts)
+
+    def __call__(self) -> dict:
+        record = {"kind": self.kind, "task": list(self.parts), "status": "running", "started": _now(),
+                  "host": os.uname().nodename, "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get(
+                      "SUBMITIT_LOCAL_JOB_ID")}  # fmt: skip
+        _write_json(self.status_path, record)
+        t0 = time.perf_counter()
+        try:
+            record.update(self.run())
+            record["status"] = "done"
+        except Exception as exc:  # recorded for the table, then re-raised so the scheduler marks the task failed
+            record.update(status="failed", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            raise
+        finally:
+            record.update(ended=_now(), seconds=time.perf_counter() - t0)
+            _write_json(self.status_path, record)
+        return {k: v for k, v in record.items() if k not in ("results",)}
+
+    def run(self) -> dict:
+        raise NotImplementedError
+
+    def checkpoint(self) -> Any:
+        """Preempted or timed out: run the same task again (feature caches and finished results are reused)."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+class FeatureTask(_Task):
+    """Features of one checkpoint on both splits of one dataset, into the suite's feature cache."""
+
+    kind = "features"
+
+    def run(self) -> dict:
+        import torch
+
+        from seer.evaluation.cache import build_model, split_features
+        from seer.evaluation.suites import feature_cache, split_kwargs, suite_device
+
+        ckpt_name, ds_name = self.parts
+        ckpt, ds = _entry(self.suite, "checkpoints", ckpt_name), _entry(self.suite, "datasets", ds_name)
+        torch.set_grad_enabled(False)
+        model = build_model(ckpt, suite_device(self.suite))
+        kwargs = split_kwargs(self.suite, ckpt, ds)
+        shapes = {}
+        for split in ("train", "test"):
+            cache = feature_cache(self.out, ckpt_name, ds_name, split)
+            feats, _ = split_features(model, str(ds[split]), cache, **kwargs)
+            shapes[split] = {k: list(v.shape) for k, v in feats.items()}
+        return {"shapes": shapes}
+
+
+class ProtocolTask(_Task):
+    """One protocol (a suite ``protocols`` entry) on one checkpoint's cached features of one dataset."""
+
+    kind = "protocol"
+
+    def run(self) -> dict:
+        from seer.evaluation.cache import cached_split_features
+        from seer.evaluation.suites import (
+            feature_cache,
+            protocol_label,
+            protocol_meta,
+            result_row,
+            run_protocol,
+            suite_device,
+        )
+
+        ckpt_name, ds_name, name = self.parts
+        suite = self.suite
+        ckpt, ds = _entry(suite, "checkpoints", ckpt_name), _entry(suite, "datasets", ds_name)
+        proto = next(p for p in suite["protocols"] if protocol_label(p) == name)
+        layers = list(suite["features"].get("layers", ["avgpool"]))
+        try:
+            (xtr, ytr), (xte, yte) = (
+                cached_split_features(feature_cache(self.out, ckpt_name, ds_name, s), layers) for s in ("train", "test")
+            )
+        except FileNotFoundError as exc:  # extraction belongs to the features array: never redo it here
+            raise RuntimeError(
+                f"features of {ckpt_name}/{ds_name} are not cached: did its features task fail? ({exc})"
+            ) from None
+        meta = protocol_meta(suite, ckpt, ds)
+        results = run_protocol(proto, xtr, ytr, xte, yte, meta, str(suite_device(suite)))
+        return {"results": results, "rows": [result_row(r, suite["name"]) for r in results]}
+
+
+class CollectTask:
+    """The last job of a SLURM launch: builds the table once every protocol task has ended."""
+
+    def __init__(self, out: str) -> None:
+        self.out = str(out)
+
+    def __call__(self) -> dict:
+        from seer.evaluation.suites import collect
+
+        payload = collect(self.out)
+        return {"rows": len(payload["rows"]), "missing": len(payload["missing"])}
