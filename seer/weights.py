@@ -539,7 +539,7 @@ def _hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
             f"no local file or directory {repo_id!r}, and could not get it from the Hugging Face hub "
             f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}). "
             f"Without network access, pass a local directory holding config.json and model.safetensors (or "
-            f"pytorch_model.bin), e.g. one made with `huggingface-cli download {repo_id} --local-dir DIR` elsewhere."
+            f"pytorch_model.bin), e.g. one made with `hf download {repo_id} --local-dir DIR` elsewhere."
         ) from None
     if not has_weights(path):
         raise CheckpointError(f"{repo_id}: the hub repository has no model.safetensors or pytorch_model.bin")
@@ -551,6 +551,8 @@ def _read_hf_dir(path: Path) -> Checkpoint:
         hf = json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}/config.json: cannot read ({exc})") from exc
+    if isinstance(hf, Mapping) and "model_type" not in hf and "pretrained_cfg" in hf:
+        return _read_timm_dir(path, hf)
     tensors: dict[str, torch.Tensor] = {}
     index = next((path / n for n in _WEIGHT_INDEXES if (path / n).is_file()), None)
     if index is not None:  # sharded weights (large models)
@@ -569,6 +571,42 @@ def _read_hf_dir(path: Path) -> Checkpoint:
     ckpt.hf_config = hf
     ckpt.preprocess = _hf_preprocess(path)
     return ckpt
+
+
+def _read_timm_dir(path: Path, config: Mapping) -> Checkpoint:
+    """A timm hub directory (``timm/regnety_320.seer_ft_in1k``): timm keys, preprocessing from ``pretrained_cfg``."""
+    weights = next((path / n for n in _WEIGHT_FILES if (path / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{path}: timm directory without model.safetensors or pytorch_model.bin")
+    tensors, _, heads = _read_file_tensors(weights)
+    ckpt = convert_state_dict(tensors, "timm", origin=str(path))
+    ckpt.heads.update(heads)
+    ckpt.preprocess = timm_preprocess(config.get("pretrained_cfg") or {})
+    return ckpt
+
+
+def timm_preprocess(pretrained_cfg: Mapping) -> dict:
+    """Our preprocessing from a timm ``pretrained_cfg``: the ``.seer`` feature weights use 224 px / crop 0.965,
+    the ``.seer_ft_in1k`` classifiers 384 px / crop 1.0 (timm resizes the short side, then center-crops)."""
+    pre = dict(DEFAULT_PREPROCESS["timm"])
+    size = pretrained_cfg.get("test_input_size") or pretrained_cfg.get("input_size")
+    if isinstance(size, (list, tuple)) and size:
+        pre["resolution"] = int(size[-1])
+    if pretrained_cfg.get("test_crop_pct") or pretrained_cfg.get("crop_pct"):
+        pre["crop_pct"] = float(pretrained_cfg.get("test_crop_pct") or pretrained_cfg["crop_pct"])
+    if pretrained_cfg.get("interpolation") in ("bilinear", "bicubic", "nearest", "lanczos"):
+        pre["interpolation"] = pretrained_cfg["interpolation"]
+    for key in ("mean", "std"):
+        if isinstance(pretrained_cfg.get(key), (list, tuple)) and len(pretrained_cfg[key]) == 3:
+            pre[key] = tuple(float(v) for v in pretrained_cfg[key])
+    return pre
+
+
+# A timm / VISSL file carries no preprocessing; SEER's fine-tuned classifiers (timm ``*.seer_ft_in1k``, VISSL
+# ``seer_finetuned/*finetuned_in1k*``) were trained and are evaluated at 384 px with crop 1.0, unlike the 224 px
+# feature weights: their file names say which they are.
+_FINETUNED_NAME = re.compile(r"seer_ft|finetuned", re.IGNORECASE)
+FINETUNED_PREPROCESS = {"resolution": 384, "crop_pct": 1.0, "interpolation": "bicubic", "resize_mode": "shorter"}
 
 
 def _hf_preprocess(path: Path) -> dict | None:
@@ -653,6 +691,8 @@ def read_checkpoint(source: Any, *, format: str | None = None) -> Checkpoint:
         return ckpt
     ckpt = convert_state_dict(tensors, format, origin=str(path))
     ckpt.heads.update(heads)
+    if ckpt.format in ("timm", "vissl", "classy") and _FINETUNED_NAME.search(path.name):
+        ckpt.preprocess = dict(FINETUNED_PREPROCESS)
     return ckpt
 
 

@@ -76,6 +76,29 @@ def test_timm_parity(tmp_path, name, suffix):
     assert set(read_checkpoint(path).heads) == {"head.fc.weight", "head.fc.bias"}
 
 
+def test_timm_hub_directory_preprocessing_follows_its_pretrained_cfg(tmp_path):
+    """timm's ``.seer_ft_in1k`` classifiers use 384 px / crop 1.0, its ``.seer`` feature weights 224 px / 0.965: a
+    directory written by timm's own ``save_for_hf`` (what a hub snapshot of ``timm/...`` holds) says which."""
+    timm = pytest.importorskip("timm")
+    from timm.models._hub import save_for_hf
+
+    ref = randomize_bn(timm.create_model("regnety_004", pretrained=False, num_classes=10))
+    for tag, size, crop in (("seer_ft_in1k", 384, 1.0), ("seer", 224, 0.965)):
+        ref.pretrained_cfg = {**ref.pretrained_cfg, "tag": tag, "input_size": (3, size, size), "crop_pct": crop}
+        folder = tmp_path / tag
+        save_for_hf(ref, str(folder), safe_serialization=True)
+        trunk = load_trunk(folder)
+        assert trunk.checkpoint_format == "timm"
+        assert (trunk.pretrained_cfg["resolution"], trunk.pretrained_cfg["crop_pct"]) == (size, crop), tag
+        with torch.no_grad():
+            assert rel_err(ref.forward_head(ref.forward_features(X), pre_logits=True), trunk(X)) < 1e-4
+    # a bare file says nothing but its name: SEER's fine-tuned classifiers are named so
+    torch.save(ref.state_dict(), tmp_path / "regnety_320.seer_ft_in1k.pth")
+    torch.save(ref.state_dict(), tmp_path / "regnety_320.seer.pth")
+    assert load_trunk(tmp_path / "regnety_320.seer_ft_in1k.pth").pretrained_cfg["resolution"] == 384
+    assert load_trunk(tmp_path / "regnety_320.seer.pth").pretrained_cfg["resolution"] == 224
+
+
 def test_torchvision_parity(tmp_path):
     torchvision = pytest.importorskip("torchvision")
     ref = randomize_bn(torchvision.models.regnet_y_400mf(weights=None))
