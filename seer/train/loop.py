@@ -1,7 +1,7 @@
 """SwAV pretraining loop: flat, top to bottom, one screen per section (nanoGPT habit).
 
-    seer pretrain --config configs/pretrain/tiny_cpu.yaml train.total_steps=200
-    torchrun --nproc_per_node 8 -m seer.cli pretrain --config configs/pretrain/seer_rg32.yaml
+    seer pretrain --config tiny_cpu train.total_steps=200          # a shipped recipe by name, or a yaml file
+    torchrun --nproc_per_node 8 -m seer.cli pretrain --config seer_rg32
 
 One process with no launcher variables trains without a process group; under torchrun / SLURM the model is
 sharded with FSDP2 (``seer.distributed.parallel.parallelize``). The run resumes from the latest complete checkpoint
@@ -379,7 +379,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     from seer.distributed.env import destroy_distributed
 
     ap = argparse.ArgumentParser(prog="seer pretrain", description="SwAV pretraining of a RegNetY trunk.")
-    ap.add_argument("--config", help="yaml file of overrides (configs/pretrain/*.yaml)")
+    ap.add_argument("--config", help="a shipped recipe's name (seer_rg32, tiny_cpu, ...) or a yaml file of overrides")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=0.1 train.total_steps=100")
     args = ap.parse_args(argv)
     try:

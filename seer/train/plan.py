@@ -388,7 +388,7 @@ def measure_cpu(overrides: Sequence[str], steps: int = 3, threads: int | None = 
 def cli_main(argv: list[str] | None = None) -> int:
     """`seer plan --config X --world-size N [--gpu-memory-gb M] [key=value ...]`."""
     ap = argparse.ArgumentParser(prog="seer plan", description="Per-GPU memory and FLOPs of a pretraining config.")
-    ap.add_argument("--config", help="yaml file of overrides (configs/pretrain/*.yaml)")
+    ap.add_argument("--config", help="a shipped recipe's name (seer_10b, seer_rg32, ...) or a yaml file of overrides")
     ap.add_argument("--world-size", type=int, default=1)
     ap.add_argument("--gpu-memory-gb", type=float, default=40.0)
     ap.add_argument("--json", action="store_true", help="print the plan as json")
