@@ -59,7 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         from pathlib import Path
 
         root = Path(__file__).resolve().parents[1]
-        if (root / "benchmarks").is_dir() and str(root) not in sys.path:
+        if not (root / "benchmarks" / "run_all.py").is_file():
+            print(
+                f"seer {name}: the benchmarks compare seer with timm, torchvision, transformers, faiss and scikit-learn"
+                " and live in the source tree, not in the installed package. Run them from a checkout: git clone the "
+                "seer repository, then `make bench` (or `pip install -e '.[dev]' && seer bench` there).",
+                file=sys.stderr,
+            )
+            return 2
+        if str(root) not in sys.path:
             sys.path.insert(0, str(root))
     try:
         module = importlib.import_module(module_name)
