@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import itertools
 import json
-import math
 import os
 import sys
 import tempfile
@@ -25,12 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 
 from seer import hardware
+from seer.data.images import INTERPOLATIONS, Preprocess, check_image_array, check_image_tensor, load_image
 from seer.models.regnet import RegNetTrunk
-from seer.weights import DEFAULT_HUB_MODEL, IMAGENET_MEAN, IMAGENET_STD, load_trunk
+from seer.weights import DEFAULT_HUB_MODEL, load_trunk
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -48,190 +47,10 @@ __all__ = [
 DEFAULT_MODEL = DEFAULT_HUB_MODEL
 LAYERS = ("avgpool", "res2", "res3", "res4", "res5")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".gif")
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-}
 
 
 class ImageError(ValueError):
     """An input that cannot be read as an image (the message names the input)."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Preprocessing
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Preprocess:
-    """Eval preprocessing: resize (short side to ``resolution / crop_pct``) + center crop, or warp to a square.
-
-    ``resize_mode="shorter"`` is timm's / torchvision's eval transform; ``"warp"`` is HF's ConvNext processor at
-    384 px and above (the image is squashed to ``resolution x resolution``, nothing is cropped).
-    """
-
-    resolution: int = 224
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
-    resize_mode: str = "shorter"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.resolution, int) or self.resolution < 8:
-            raise ValueError(f"Preprocess.resolution must be an integer >= 8, got {self.resolution!r}")
-        if not 0 < self.crop_pct <= 1:
-            raise ValueError(f"Preprocess.crop_pct must be in (0, 1], got {self.crop_pct!r}")
-        if self.interpolation not in _RESAMPLE:
-            raise ValueError(f"Preprocess.interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
-        if self.resize_mode not in ("shorter", "warp"):
-            raise ValueError(f"Preprocess.resize_mode must be 'shorter' or 'warp', got {self.resize_mode!r}")
-
-    @classmethod
-    def for_model(cls, model: nn.Module, **overrides: Any) -> Preprocess:
-        """The checkpoint's convention (``model.pretrained_cfg``) with ``overrides`` (None values ignored)."""
-        base = dict(getattr(model, "pretrained_cfg", None) or {})
-        fields = {f for f in cls.__dataclass_fields__}
-        kwargs = {k: v for k, v in base.items() if k in fields}
-        kwargs.update({k: v for k, v in overrides.items() if v is not None})
-        for key in ("mean", "std"):
-            if key in kwargs:
-                kwargs[key] = tuple(float(v) for v in kwargs[key])
-        if "resolution" in kwargs:
-            kwargs["resolution"] = int(kwargs["resolution"])
-        return cls(**kwargs)
-
-    @property
-    def resize_size(self) -> int:
-        """Short side before the center crop (timm: floor(resolution / crop_pct))."""
-        return int(math.floor(self.resolution / self.crop_pct))
-
-    def draft_size(self) -> int:
-        """Smallest side the decoder must deliver for this transform."""
-        return self.resolution if self.resize_mode == "warp" else self.resize_size
-
-    def __call__(self, img: Image.Image) -> np.ndarray:
-        """RGB PIL image -> uint8 array [resolution, resolution, 3]."""
-        r = self.resolution
-        w, h = img.size
-        resample = _RESAMPLE[self.interpolation]
-        # A draft-decoded JPEG may end in a partial row / column of padding: its true extent is a float.
-        w, h = img.info.get("seer_extent", (w, h))
-        if self.resize_mode == "warp":
-            box = (0.0, 0.0, float(w), float(h))
-        else:
-            # Resize so the short side is resize_size (torchvision's rounding of the long side), then take the
-            # center crop -- done in one call by resizing only the source box that the crop keeps.
-            short, long = (w, h) if w <= h else (h, w)
-            new_short, new_long = self.resize_size, int(self.resize_size * long / short)
-            new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-            sx, sy = w / new_w, h / new_h
-            left, top = int(round((new_w - r) / 2.0)), int(round((new_h - r) / 2.0))
-            box = (left * sx, top * sy, (left + r) * sx, (top + r) * sy)
-        out = img.resize((r, r), resample, box=box, reducing_gap=3.0)
-        return np.asarray(out, dtype=np.uint8)
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB: 16-bit images are scaled (not clipped), palettes and alpha resolved."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode.startswith("I;16") or mode == "I":
-        arr = np.asarray(img).astype(np.int64)
-        arr = (np.clip(arr, 0, 65535) * 255 + 32767) // 65535  # 65535 -> 255, like a 16-bit -> 8-bit export
-        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
-    if mode == "F":
-        arr = np.asarray(img, dtype=np.float32)
-        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")  # a palette with transparency: resolve through RGBA, as PIL recommends
-    return img.convert("RGB")
-
-
-def _open(data: str | os.PathLike | bytes, draft: int | None) -> Image.Image:
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        data = Path(data).read_bytes()  # one read: PIL's own file reads go 4 KB at a time
-    img = Image.open(io.BytesIO(data))
-    if draft and img.format == "JPEG" and min(img.size) >= 2 * draft:
-        # DCT-domain downscaling (1/2, 1/4, 1/8) while decoding: both sides stay >= draft, so any EXIF rotation
-        # and the resize that follows still have enough pixels. The scaled image may end in a partial pixel:
-        # keep its exact extent so the crop geometry matches a full decode.
-        orientation = img.getexif().get(0x0112, 1)
-        result = img.draft("RGB", (draft, draft))
-        if result is not None and img.size != (result[1][2], result[1][3]):
-            extent = (float(result[1][2]), float(result[1][3]))
-            img.info["seer_extent"] = extent[::-1] if orientation in (5, 6, 7, 8) else extent
-    img.load()
-    return img
-
-
-def load_image(item: Any, draft: int | None = None) -> Image.Image:
-    """An image in any accepted form -> RGB PIL image (EXIF orientation applied).
-
-    Accepts a path, encoded bytes, a PIL image, a numpy array (HW or HWC, uint8 or uint16) or a tensor (CHW, uint8
-    or float in [0, 1]).
-    """
-    if isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview)):
-        img = _open(item, draft)
-    elif isinstance(item, Image.Image):
-        img = item
-    elif isinstance(item, np.ndarray):
-        img = _array_to_pil(item)
-    elif isinstance(item, torch.Tensor):
-        img = _array_to_pil(_tensor_to_hwc(item))
-    else:
-        raise TypeError(
-            f"cannot read a {type(item).__name__} as an image: pass PIL images, file paths, bytes, numpy HWC uint8 "
-            f"arrays or CHW tensors"
-        )
-    with contextlib.suppress(Exception):  # a broken EXIF block must not lose the image
-        img = ImageOps.exif_transpose(img)
-    return _to_rgb(img)
-
-
-def _check_array(arr: np.ndarray, what: str = "array") -> None:
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
-        raise ValueError(f"image {what}s must be HW or HWC with 1, 3 or 4 channels, got shape {tuple(arr.shape)}")
-    if arr.dtype not in (np.uint8, np.uint16):
-        raise TypeError(f"image {what}s must be uint8 (or uint16), got {arr.dtype}")
-    if min(arr.shape[:2]) < 1:
-        raise ValueError(f"empty image {what} of shape {tuple(arr.shape)}")
-
-
-def _array_to_pil(arr: np.ndarray) -> Image.Image:
-    _check_array(arr)
-    if arr.dtype == np.uint16:
-        arr = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    if arr.ndim == 3 and arr.shape[2] == 1:
-        arr = arr[:, :, 0]
-    mode = {2: "L"}.get(arr.ndim) or {3: "RGB", 4: "RGBA"}[arr.shape[2]]
-    return Image.fromarray(np.ascontiguousarray(arr), mode)
-
-
-def _check_tensor(t: torch.Tensor) -> None:
-    if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
-        raise ValueError(f"image tensors must be CHW (or NCHW) with 1, 3 or 4 channels, got shape {tuple(t.shape)}")
-    if t.dtype != torch.uint8 and not t.is_floating_point():
-        raise TypeError(f"image tensors must be uint8 or floating point in [0, 1], got {t.dtype}")
-    if min(t.shape[1:]) < 1:
-        raise ValueError(f"empty image tensor of shape {tuple(t.shape)}")
-
-
-def _tensor_to_hwc(t: torch.Tensor) -> np.ndarray:
-    _check_tensor(t)
-    t = t.detach().cpu()
-    if t.is_floating_point():
-        lo, hi = float(t.min()), float(t.max())
-        if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # written so that NaN fails too (it would decode as black)
-            raise ValueError(
-                f"float image tensors must hold values in [0, 1] (got [{lo:.3g}, {hi:.3g}]); for tensors that are "
-                f"already resized and normalized, pass preprocess=False"
-            )
-        t = (t.float() * 255).round_().clamp_(0, 255).to(torch.uint8)
-    return t.permute(1, 2, 0).numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,19 +80,19 @@ def _as_items(images: Any) -> tuple[Sequence | None, Iterable | None]:
         if images.ndim == 4:
             if images.shape[0] == 0:
                 raise ValueError("extract_features: no images (empty tensor batch)")
-            _check_tensor(images[0])
+            check_image_tensor(images[0])
             return images, None
-        _check_tensor(images)
+        check_image_tensor(images)
         return [images], None
     if isinstance(images, np.ndarray):
         if images.ndim == 4:
             if images.shape[0] == 0:
                 raise ValueError("extract_features: no images (empty array batch)")
-            _check_array(images[0])
+            check_image_array(images[0])
             return images, None
         if images.ndim == 1 and images.dtype == object:
             return list(images), None
-        _check_array(images)
+        check_image_array(images)
         return [images], None
     if isinstance(images, Mapping):
         raise TypeError("extract_features: got a mapping; pass a list, an iterable or a Dataset of images")
@@ -1135,7 +954,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="start over in OUT_DIR")
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--crop-pct", type=float, default=None)
-    p.add_argument("--interpolation", default=None, choices=sorted(_RESAMPLE))
+    p.add_argument("--interpolation", default=None, choices=sorted(INTERPOLATIONS))
     p.add_argument("--resize-mode", default=None, choices=["shorter", "warp"])
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)

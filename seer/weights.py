@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from seer.data.images import IMAGENET_MEAN, IMAGENET_STD
 from seer.models.regnet import PRESETS, RegNetCfg, RegNetTrunk, build_trunk, resolve_cfg
 
 __all__ = [
@@ -46,10 +47,6 @@ __all__ = [
 
 # The model `seer.extract_features(images)` uses when no model is given: SEER RegNetY-32GF (RG-32) features.
 DEFAULT_HUB_MODEL = "facebook/regnet-y-320-seer"
-
-# ImageNet statistics: every SEER checkpoint was trained with them.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Preprocessing each format's checkpoints expect when the checkpoint itself does not say (``trunk.pretrained_cfg``).
 # timm's regnety_*.seer tags: 224 px, crop_pct 0.965, bicubic. VISSL's SEER benchmarks and torchvision: resize 256,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
 import json
 import logging
 import os
@@ -34,11 +33,12 @@ from urllib.parse import urlparse
 import braceexpand
 import torch
 import webdataset as wds
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 from webdataset.utils import make_seed
 
+from seer.data.images import ImageDecodeError, decode_image
 from seer.data.sources import IMAGE_MEMBER_KEYS, Source, encode_item, item_description, resolve_source
 
 __all__ = [
@@ -535,16 +535,9 @@ class _Shuffle:
         return wds.filters._shuffle(iter(src), bufsize=self.bufsize, initial=initial, rng=rng)
 
 
-def decode_pil(data: bytes) -> Image.Image:
-    """Decode image bytes to an RGB PIL image (EXIF orientation applied); raises on corrupt data."""
-    img = Image.open(io.BytesIO(data))
-    img.load()  # the full decode happens here, so truncated data raises here
-    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to rotate
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
 # Exceptions a transform that decodes bytes itself raises on bad image data.
 _DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    ImageDecodeError,
     UnidentifiedImageError,
     Image.DecompressionBombError,
     OSError,
@@ -557,10 +550,8 @@ def _wants_bytes(transform: Any) -> bool:
     raw bytes; any other transform gets a decoded PIL image. A transform can opt in with `accepts_bytes = True`."""
     if getattr(transform, "accepts_bytes", False):
         return True
-    try:
-        from seer.data.transforms import MultiCrop
-    except ImportError:
-        return False
+    from seer.data.transforms import MultiCrop
+
     return isinstance(transform, MultiCrop)
 
 
@@ -595,15 +586,13 @@ class _Prepare:
         data = sample[image_key]
         if self.decode == "pil":
             try:
-                data = decode_pil(data)
+                data = decode_image(data)
             except Exception as exc:  # noqa: BLE001 - PIL raises many exception types on bad data
                 raise SampleError("corrupt_image", key, url, f"{type(exc).__name__}: {exc}") from exc
         try:
             out = self.transform(data) if self.transform is not None else data
         except Exception as exc:  # noqa: BLE001
-            decoding = self.decode == "bytes" and (
-                isinstance(exc, _DECODE_ERRORS) or type(exc).__name__ == "ImageDecodeError"
-            )
+            decoding = self.decode == "bytes" and isinstance(exc, _DECODE_ERRORS)
             kind = "corrupt_image" if decoding else "transform_error"
             raise SampleError(kind, key, url, f"{type(exc).__name__}: {exc}") from exc
         if self.skips is not None:
@@ -998,7 +987,7 @@ def _verify_one(args: tuple[str, int | None, bool]) -> dict:
                 data, _ = prepare(sample)
                 if decode:
                     try:
-                        decode_pil(data)
+                        decode_image(data)
                     except Exception as exc:  # noqa: BLE001
                         key = sample.get("__key__")
                         raise SampleError("corrupt_image", key, url, f"{type(exc).__name__}: {exc}") from exc

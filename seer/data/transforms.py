@@ -1,4 +1,4 @@
-"""Image transforms: SwAV / SEER multi-crop for pretraining and the resize + center-crop evaluation transform.
+"""Image transforms: SwAV / SEER multi-crop for pretraining (decoding and ``eval_transform`` are ``seer.data.images``).
 
 ``MultiCrop`` draws the same augmentations as SwAV's torchvision pipeline (``MultiCrop.torchvision_reference()``
 builds that pipeline with the same parameters) -- RandomResizedCrop, horizontal flip, ColorJitter(0.8, 0.8, 0.8, 0.2)
@@ -33,7 +33,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter
+
+from seer.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageDecodeError, decode_image, eval_transform
+from seer.data.images import finish_decode as _finish
+from seer.data.images import open_image as _open
+from seer.data.images import swaps_axes as _swaps_axes
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -47,9 +52,6 @@ __all__ = [
     "normalize_uint8",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 # name -> (counts, sizes, scales); large crops first. Mirrors seer.config.CROP_PRESETS.
 PRESETS: dict[str, dict] = {
     "swav": {"counts": (2, 6), "sizes": (224, 96), "scales": ((0.14, 1.0), (0.05, 0.14))},
@@ -61,69 +63,7 @@ PRESETS: dict[str, dict] = {
     "demo": {"counts": (2, 2), "sizes": (32, 16), "scales": ((0.3, 1.0), (0.15, 0.4)), "blur_p": 0.0},
 }
 
-_EXIF_ORIENTATION = 0x0112
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-
-
-class ImageDecodeError(ValueError):
-    """The bytes are not an image PIL can decode (unknown format, truncated, corrupt)."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Decoding
-# ----------------------------------------------------------------------------------------------------------------
-def _open(data: bytes) -> Image.Image:
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"expected image bytes, got {type(data).__name__}")
-    try:
-        return Image.open(io.BytesIO(data))
-    except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError from plugins
-        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
-
-
-def _swaps_axes(img: Image.Image) -> bool:
-    """Whether the EXIF orientation (5..8) transposes the image."""
-    try:
-        return img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-    except Exception:  # a broken EXIF block must not make the image unreadable
-        return False
-
-
-def _finish(img: Image.Image, nbytes: int) -> Image.Image:
-    try:
-        img.load()
-        img = ImageOps.exif_transpose(img) or img
-    except Exception as exc:
-        raise ImageDecodeError(f"cannot decode image ({nbytes} bytes): {exc}") from exc
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def decode_image(data: bytes, draft_size: int | tuple[int, int] | None = None) -> Image.Image:
-    """Decode image bytes to an RGB PIL image, EXIF orientation applied.
-
-    Args:
-        data: encoded image (JPEG, PNG, WebP, ...).
-        draft_size: when given, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale (DCT scaling, much faster) as long as
-            the result keeps its shorter side >= ``draft_size`` (an int) or its (width, height) >= the tuple, both in
-            displayed orientation. Pixel values differ slightly from a full decode followed by a resize.
-
-    Raises:
-        ImageDecodeError: the bytes are not a decodable image.
-    """
-    img = _open(data)
-    if draft_size is not None and img.format == "JPEG":
-        w, h = img.size
-        if _swaps_axes(img):
-            w, h = h, w
-        if isinstance(draft_size, int):
-            scale = draft_size / min(w, h)
-            want = (math.ceil(w * scale), math.ceil(h * scale))
-        else:
-            want = (int(draft_size[0]), int(draft_size[1]))
-        if _swaps_axes(img):
-            want = want[::-1]
-        img.draft("RGB", want)
-    return _finish(img, len(data))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -489,59 +429,3 @@ def normalize_uint8(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std:
     m = torch.tensor(mean, device=x.device, dtype=torch.float32).view(3, 1, 1) * 255.0
     s = torch.tensor(std, device=x.device, dtype=torch.float32).view(3, 1, 1) * 255.0
     return ((x.float() - m) / s).to(dtype)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------------------------
-_INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-                   "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}  # fmt: skip
-
-
-def eval_transform(
-    resolution: int = 224,
-    resize: int | None = None,
-    interpolation: str = "bicubic",
-    crop_pct: float | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
-    *,
-    draft: bool = False,
-) -> Callable[[Image.Image | bytes], torch.Tensor]:
-    """Resize the shorter side, center crop ``resolution``, normalize: ``(PIL | bytes) -> [3, r, r]`` float32.
-
-    The shorter side becomes ``resize`` if given, else ``floor(resolution / crop_pct)`` (timm's rule;
-    ``crop_pct`` defaults to 0.875, i.e. 256 for 224; timm's SEER models use 0.965). ``draft=True`` decodes JPEG
-    bytes at reduced size when that keeps the shorter side >= the resize target (faster, slightly different pixels).
-    """
-    if interpolation not in _INTERPOLATIONS:
-        raise ValueError(f"interpolation {interpolation!r} not in {sorted(_INTERPOLATIONS)}")
-    if resize is None:
-        pct = 0.875 if crop_pct is None else float(crop_pct)
-        if not 0 < pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
-        resize = int(math.floor(resolution / pct))
-    if resize < resolution:
-        raise ValueError(f"resize {resize} is smaller than the crop {resolution}")
-    mode = _INTERPOLATIONS[interpolation]
-    scale = torch.tensor([1.0 / (255.0 * v) for v in std]).view(3, 1, 1)
-    shift = torch.tensor([-m / v for m, v in zip(mean, std)]).view(3, 1, 1)
-
-    def transform(img: Image.Image | bytes) -> torch.Tensor:
-        if not isinstance(img, Image.Image):
-            img = decode_image(img, draft_size=resize if draft else None)
-        elif img.mode != "RGB":
-            img = img.convert("RGB")
-        w, h = img.size
-        if w <= h:
-            size = (resize, int(resize * h / w))
-        else:
-            size = (int(resize * w / h), resize)
-        img = img.resize(size, mode)
-        left = int(round((size[0] - resolution) / 2.0))
-        top = int(round((size[1] - resolution) / 2.0))
-        img = img.crop((left, top, left + resolution, top + resolution))
-        x = torch.from_numpy(np.array(img)).permute(2, 0, 1)
-        return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).add_(shift)
-
-    return transform

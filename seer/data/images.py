@@ -1,0 +1,372 @@
+"""Images in, 8-bit RGB out, and the evaluation resize + center crop: one module for extraction, shards and evaluation.
+
+* ``decode_image(bytes)`` and ``load_image(any input)`` decode once, apply the EXIF orientation and convert any mode
+  to 8-bit RGB (16-bit images are scaled, not clipped; palettes with transparency go through RGBA).
+* A JPEG can be decoded at 1/2, 1/4 or 1/8 scale in the DCT domain when the output needs fewer pixels
+  (``draft_jpeg``, PIL's draft mode): much faster, pixel values slightly different from a full decode.
+* ``Preprocess`` (uint8 HWC arrays, for extraction) and ``eval_transform`` (normalized float tensors) share one
+  geometry, ``resize_crop``: the shorter side to ``resize``, then the centered square; or a warp to the square.
+* ``IMAGENET_MEAN`` / ``IMAGENET_STD``: every SEER checkpoint was trained with them. ``INTERPOLATIONS``: the names
+  every option that takes an interpolation accepts.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "INTERPOLATIONS",
+    "ImageDecodeError",
+    "Preprocess",
+    "check_image_array",
+    "check_image_tensor",
+    "decode_image",
+    "draft_jpeg",
+    "eval_transform",
+    "finish_decode",
+    "load_image",
+    "open_image",
+    "resize_crop",
+    "swaps_axes",
+    "to_rgb",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+INTERPOLATIONS: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image PIL can decode (unknown format, truncated, corrupt)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------------------------
+def open_image(data: bytes) -> Image.Image:
+    """Identify encoded image bytes: the header is read, the pixels are not (``finish_decode`` reads them).
+
+    Raises:
+        TypeError: ``data`` is not bytes.
+        ImageDecodeError: not an image format PIL knows (or a decompression bomb).
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected image bytes, got {type(data).__name__}")
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError from plugins, DecompressionBombError
+        raise ImageDecodeError(f"cannot decode image ({len(data)} bytes): {exc}") from exc
+
+
+def swaps_axes(img: Image.Image) -> bool:
+    """Whether the EXIF orientation (5..8) transposes the image."""
+    try:
+        return img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not make the image unreadable
+        return False
+
+
+def draft_jpeg(img: Image.Image, size: int | tuple[int, int]) -> None:
+    """Let an opened, not yet decoded JPEG decode at 1/2, 1/4 or 1/8 scale (DCT scaling); other formats: no-op.
+
+    Args:
+        img: from ``open_image``.
+        size: the decoded image keeps its shorter side >= ``size`` (an int), or its (width, height) >= ``size`` (a
+            tuple), both in displayed orientation.
+
+    A scaled image may end in a partial row / column of padding: its exact extent (displayed orientation) is kept
+    in ``img.info["seer_extent"]``, so that ``resize_crop`` takes the same crop as on a full decode.
+    """
+    if img.format != "JPEG":
+        return
+    swap = swaps_axes(img)
+    if isinstance(size, int):
+        want = (size, size)
+    else:
+        want = (int(size[1]), int(size[0])) if swap else (int(size[0]), int(size[1]))
+    result = img.draft("RGB", want)
+    if result is not None and img.size != (result[1][2], result[1][3]):
+        extent = (float(result[1][2]), float(result[1][3]))
+        img.info["seer_extent"] = extent[::-1] if swap else extent
+
+
+def finish_decode(img: Image.Image, nbytes: int) -> Image.Image:
+    """Decode an opened image: pixels read, EXIF orientation applied (in place), 8-bit RGB.
+
+    Raises:
+        ImageDecodeError: truncated or corrupt pixel data (``nbytes`` is for the message).
+    """
+    try:
+        img.load()
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types on corrupt data
+        raise ImageDecodeError(f"cannot decode image ({nbytes} bytes): {exc}") from exc
+    return to_rgb(_upright(img, in_place=True))
+
+
+def decode_image(data: bytes, draft_size: int | tuple[int, int] | None = None) -> Image.Image:
+    """Decode image bytes to an RGB PIL image, EXIF orientation applied.
+
+    Args:
+        data: encoded image (JPEG, PNG, WebP, ...).
+        draft_size: when given, a JPEG may be decoded at reduced size (see ``draft_jpeg``: the shorter side stays
+            >= an int, or (width, height) >= a tuple). Pixel values differ slightly from a full decode + resize.
+
+    Raises:
+        TypeError: ``data`` is not bytes.
+        ImageDecodeError: the bytes are not a decodable image.
+    """
+    img = open_image(data)
+    if draft_size:
+        draft_jpeg(img, draft_size)
+    return finish_decode(img, len(data))
+
+
+def _upright(img: Image.Image, *, in_place: bool) -> Image.Image:
+    """The EXIF orientation applied (the image itself is changed only with ``in_place``)."""
+    try:
+        if img.getexif().get(_EXIF_ORIENTATION, 1) == 1:
+            return img
+        if in_place:
+            ImageOps.exif_transpose(img, in_place=True)
+            return img
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the image
+        return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB: 16-bit images are scaled (not clipped), palettes and alpha resolved."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        arr = np.asarray(img).astype(np.int64)
+        arr = (np.clip(arr, 0, 65535) * 255 + 32767) // 65535  # 65535 -> 255, like a 16-bit -> 8-bit export
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float32)
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # a palette with transparency: resolve through RGBA, as PIL recommends
+    return img.convert("RGB")
+
+
+def load_image(item: Any, draft: int | tuple[int, int] | None = None) -> Image.Image:
+    """An image in any accepted form -> RGB PIL image (EXIF orientation applied).
+
+    Args:
+        item: a path, encoded bytes, a PIL image (left unchanged), a numpy array (HW or HWC, uint8 or uint16) or a
+            tensor (CHW, uint8 or float in [0, 1]).
+        draft: JPEG files and bytes may be decoded at reduced size (see ``decode_image``).
+
+    Raises:
+        FileNotFoundError / OSError: an unreadable path. ImageDecodeError: undecodable bytes. TypeError /
+        ValueError: arrays and tensors of the wrong type, shape or range.
+    """
+    if isinstance(item, (str, os.PathLike)):
+        return decode_image(Path(item).read_bytes(), draft)  # one read: PIL's own file reads go 4 KB at a time
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return decode_image(item, draft)
+    if isinstance(item, Image.Image):
+        return to_rgb(_upright(item, in_place=False))
+    if isinstance(item, np.ndarray):
+        return to_rgb(_array_to_pil(item))
+    if isinstance(item, torch.Tensor):
+        return to_rgb(_array_to_pil(_tensor_to_hwc(item)))
+    raise TypeError(
+        f"cannot read a {type(item).__name__} as an image: pass PIL images, file paths, bytes, numpy HWC uint8 "
+        f"arrays or CHW tensors"
+    )
+
+
+def check_image_array(arr: np.ndarray, what: str = "array") -> None:
+    """Raise ValueError / TypeError unless ``arr`` is an HW or HWC (1, 3 or 4 channels) uint8 / uint16 image."""
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+        raise ValueError(f"image {what}s must be HW or HWC with 1, 3 or 4 channels, got shape {tuple(arr.shape)}")
+    if arr.dtype not in (np.uint8, np.uint16):
+        raise TypeError(f"image {what}s must be uint8 (or uint16), got {arr.dtype}")
+    if min(arr.shape[:2]) < 1:
+        raise ValueError(f"empty image {what} of shape {tuple(arr.shape)}")
+
+
+def check_image_tensor(t: torch.Tensor) -> None:
+    """Raise ValueError / TypeError unless ``t`` is a CHW (1, 3 or 4 channels) uint8 or floating-point image."""
+    if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
+        raise ValueError(f"image tensors must be CHW (or NCHW) with 1, 3 or 4 channels, got shape {tuple(t.shape)}")
+    if t.dtype != torch.uint8 and not t.is_floating_point():
+        raise TypeError(f"image tensors must be uint8 or floating point in [0, 1], got {t.dtype}")
+    if min(t.shape[1:]) < 1:
+        raise ValueError(f"empty image tensor of shape {tuple(t.shape)}")
+
+
+def _array_to_pil(arr: np.ndarray) -> Image.Image:
+    check_image_array(arr)
+    if arr.dtype == np.uint16:
+        arr = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    mode = {2: "L"}.get(arr.ndim) or {3: "RGB", 4: "RGBA"}[arr.shape[2]]
+    return Image.fromarray(np.ascontiguousarray(arr), mode)
+
+
+def _tensor_to_hwc(t: torch.Tensor) -> np.ndarray:
+    check_image_tensor(t)
+    t = t.detach().cpu()
+    if t.is_floating_point():
+        lo, hi = float(t.min()), float(t.max())
+        if not (lo >= -1e-3 and hi <= 1 + 1e-3):  # written so that NaN fails too (it would decode as black)
+            raise ValueError(
+                f"float image tensors must hold values in [0, 1] (got [{lo:.3g}, {hi:.3g}]); for tensors that are "
+                f"already resized and normalized, pass preprocess=False"
+            )
+        t = (t.float() * 255).round_().clamp_(0, 255).to(torch.uint8)
+    return t.permute(1, 2, 0).numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation geometry: resize + center crop, or warp
+# ----------------------------------------------------------------------------------------------------------------
+def resize_crop(img: Image.Image, resolution: int, resize: int, interpolation: str = "bicubic", *,
+                warp: bool = False, exact: bool = False) -> Image.Image:  # fmt: skip
+    """Resize the shorter side to ``resize`` (torchvision's rounding of the longer side) and take the centered
+    ``resolution`` square; with ``warp``, squash the whole image to ``resolution x resolution`` instead.
+
+    ``exact=True`` is torchvision's ``Resize(resize)`` + ``CenterCrop(resolution)`` bit for bit (two PIL calls). The
+    default resizes only the source box the crop keeps, in one PIL call with ``reducing_gap=3`` (large downscales
+    first reduce by an integer factor), and uses a draft-decoded JPEG's exact extent: values within one gray level.
+    """
+    r = resolution
+    resample = INTERPOLATIONS[interpolation]
+    w, h = img.size
+    if not exact:
+        w, h = img.info.get("seer_extent", (w, h))
+    if warp:
+        box = (0.0, 0.0, float(w), float(h))
+        return img.resize((r, r), resample) if exact else img.resize((r, r), resample, box=box, reducing_gap=3.0)
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = resize, int(resize * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    left, top = int(round((new_w - r) / 2.0)), int(round((new_h - r) / 2.0))
+    if exact:
+        return img.resize((new_w, new_h), resample).crop((left, top, left + r, top + r))
+    sx, sy = w / new_w, h / new_h
+    box = (left * sx, top * sy, (left + r) * sx, (top + r) * sy)
+    return img.resize((r, r), resample, box=box, reducing_gap=3.0)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Eval preprocessing for extraction: RGB PIL image -> uint8 array ``[resolution, resolution, 3]``.
+
+    Resize (short side to ``resolution / crop_pct``) + center crop, or warp to a square. ``resize_mode="shorter"``
+    is timm's / torchvision's eval transform; ``"warp"`` is HF's ConvNext processor at 384 px and above (the image
+    is squashed to ``resolution x resolution``, nothing is cropped). Normalization with ``mean`` / ``std`` happens
+    on the device, batched.
+    """
+
+    resolution: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    resize_mode: str = "shorter"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.resolution, int) or self.resolution < 8:
+            raise ValueError(f"Preprocess.resolution must be an integer >= 8, got {self.resolution!r}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"Preprocess.crop_pct must be in (0, 1], got {self.crop_pct!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(
+                f"Preprocess.interpolation must be one of {sorted(INTERPOLATIONS)}, got {self.interpolation!r}"
+            )
+        if self.resize_mode not in ("shorter", "warp"):
+            raise ValueError(f"Preprocess.resize_mode must be 'shorter' or 'warp', got {self.resize_mode!r}")
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, **overrides: Any) -> Preprocess:
+        """The checkpoint's convention (``model.pretrained_cfg``) with ``overrides`` (None values ignored)."""
+        base = dict(getattr(model, "pretrained_cfg", None) or {})
+        fields = set(cls.__dataclass_fields__)
+        kwargs = {k: v for k, v in base.items() if k in fields}
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        for key in ("mean", "std"):
+            if key in kwargs:
+                kwargs[key] = tuple(float(v) for v in kwargs[key])
+        if "resolution" in kwargs:
+            kwargs["resolution"] = int(kwargs["resolution"])
+        return cls(**kwargs)
+
+    @property
+    def resize_size(self) -> int:
+        """Short side before the center crop (timm: floor(resolution / crop_pct))."""
+        return int(math.floor(self.resolution / self.crop_pct))
+
+    def draft_size(self) -> int:
+        """Smallest side the decoder must deliver for this transform."""
+        return self.resolution if self.resize_mode == "warp" else self.resize_size
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        """RGB PIL image -> uint8 array [resolution, resolution, 3]."""
+        out = resize_crop(img, self.resolution, self.resize_size, self.interpolation, warp=self.resize_mode == "warp")
+        return np.asarray(out, dtype=np.uint8)
+
+
+def eval_transform(
+    resolution: int = 224,
+    resize: int | None = None,
+    interpolation: str = "bicubic",
+    crop_pct: float | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    *,
+    draft: bool = False,
+) -> Callable[[Image.Image | bytes], torch.Tensor]:
+    """Resize the shorter side, center crop ``resolution``, normalize: ``(PIL | bytes) -> [3, r, r]`` float32.
+
+    The shorter side becomes ``resize`` if given, else ``floor(resolution / crop_pct)`` (timm's rule;
+    ``crop_pct`` defaults to 0.875, i.e. 256 for 224; timm's SEER models use 0.965). The result equals
+    torchvision's ``Resize`` + ``CenterCrop`` + ``Normalize``. ``draft=True`` decodes JPEG bytes at reduced size when
+    that keeps the shorter side >= the resize target (faster, slightly different pixels).
+    """
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation {interpolation!r} not in {sorted(INTERPOLATIONS)}")
+    if resize is None:
+        pct = 0.875 if crop_pct is None else float(crop_pct)
+        if not 0 < pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        resize = int(math.floor(resolution / pct))
+    if resize < resolution:
+        raise ValueError(f"resize {resize} is smaller than the crop {resolution}")
+    scale = torch.tensor([1.0 / (255.0 * v) for v in std]).view(3, 1, 1)
+    shift = torch.tensor([-m / v for m, v in zip(mean, std)]).view(3, 1, 1)
+
+    def transform(img: Image.Image | bytes) -> torch.Tensor:
+        img = to_rgb(img) if isinstance(img, Image.Image) else decode_image(img, draft_size=resize if draft else None)
+        img = resize_crop(img, resolution, resize, interpolation, exact=True)
+        x = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+        return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).add_(shift)
+
+    return transform
