@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "presets": ("seer.models.regnet", "cli_presets", "print the RegNetY preset table (widths, depths, params, GMACs)"),
     "shards": ("seer.data.shards", "cli_main", "write webdataset tar shards from a folder, a file list or a dataset"),
     "pretrain": ("seer.train.loop", "cli_main", "SwAV pretraining (one process, torchrun or SLURM)"),
-    "export": ("seer.train.checkpoint", "cli_export", "export a pretraining run's trunk to a checkpoint file"),
+    "export": ("seer.weights.cli", "cli_export", "export a pretraining run's trunk to a checkpoint file"),
     "plan": ("seer.train.plan", "cli_main", "memory and FLOPs plan for a pretraining config before you run it"),
     "extract": ("seer.features", "cli_main", "extract features of a folder, file list or shards to a features file"),
     "knn": ("seer.evaluation.knn", "cli_main", "kNN evaluation on frozen features"),
@@ -71,10 +71,12 @@ def main(argv: list[str] | None = None) -> int:
             sys.path.insert(0, str(root))
     try:
         module = importlib.import_module(module_name)
-        func = getattr(module, func_name)
-    except (ImportError, AttributeError) as exc:
-        print(f"seer {name}: this command is not available in this build ({exc})", file=sys.stderr)
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] == "seer":
+            raise  # seer's own modules are always there: a broken import is a bug, shown as one
+        print(f"seer {name}: a package this command needs is not installed ({exc})", file=sys.stderr)
         return 2
+    func = getattr(module, func_name)
     try:
         result = func(rest)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:

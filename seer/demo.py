@@ -172,7 +172,7 @@ def run_demo(out: str | Path = "runs/demo", *, n_train_per_class: int = 200, n_t
     # 4. export ----------------------------------------------------------------------------------------------------
     t = time.perf_counter()
     trunk_path = out / "trunk.safetensors"
-    from seer.train.checkpoint import cli_export
+    from seer.weights.cli import cli_export
 
     if cli_export([str(out / "pretrain"), str(trunk_path)]) != 0:
         raise RuntimeError("seer export failed")

@@ -103,7 +103,7 @@ def test_pickled_code_in_dcp_metadata_refused(run_dir: Path, tmp_path: Path) -> 
         with pytest.raises(ValueError, match=r"refused to load checkpoint metadata.*posix.system|refused"):
             loader(run)
         assert not marker.exists(), f"{loader.__name__} executed the payload"
-    from seer.train.checkpoint import cli_export
+    from seer.weights.cli import cli_export
 
     assert cli_export([str(run), str(tmp_path / "out.safetensors")]) == 1
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
@@ -210,8 +210,9 @@ def test_truncated_torch_zip_detected(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("target", [".metadata", "shard"])
 def test_truncated_dcp_checkpoint_detected(run_dir: Path, tmp_path: Path, target: str) -> None:
-    from seer.train.checkpoint import cli_export, read_trunk_state
+    from seer.train.checkpoint import read_trunk_state
     from seer.weights import load_trunk
+    from seer.weights.cli import cli_export
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from seer.io import atomic_path, atomic_write, parse_key_values
+from seer.io import atomic_dir, atomic_path, atomic_write, parse_key_values
 
 
 def test_atomic_write_text_bytes_and_writer(tmp_path):
@@ -29,6 +29,25 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
             tmp.write_bytes(b"x")
             raise KeyError("stop")
     assert not (tmp_path / "other.npy").exists() and len(list(tmp_path.iterdir())) == 1
+
+
+def test_atomic_dir_swaps_a_whole_directory_or_nothing(tmp_path):
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.json").write_text("1")
+    with atomic_dir(target) as tmp:  # replaced whole: files of the old version do not survive
+        (tmp / "b.json").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["b.json"]
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_dir(target) as tmp:
+            (tmp / "c.json").write_text("half")
+            raise OSError("disk full")
+    assert sorted(p.name for p in target.iterdir()) == ["b.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary left
+    atomic_write(tmp_path / "file", "x")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        with atomic_dir(tmp_path / "file"):
+            pass
 
 
 def test_parse_key_values_names_the_bad_item():

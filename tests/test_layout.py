@@ -1,5 +1,5 @@
-"""The code lives in the `seer` package: eval/ and launch/ are thin scripts, and seer's launch / evaluation modules
-import one another without cycles."""
+"""The code lives in the `seer` package: eval/ and launch/ are thin scripts, seer's modules import one another
+without cycles, and model / data / weights / features code loads no distributed code."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ def test_scripts_are_thin():
 
 
 MODULES = ["seer.catalog", "seer.launch", "seer.launch.executor", "seer.launch.jobs", "seer.launch.cli",
-           "seer.evaluation", "seer.evaluation.suites", "seer.evaluation.cache", "seer.cli"]  # fmt: skip
+           "seer.evaluation", "seer.evaluation.suites", "seer.evaluation.cache", "seer.cli",
+           "seer.weights", "seer.weights.formats", "seer.weights.read", "seer.weights.load", "seer.weights.save",
+           "seer.weights.cli", "seer.train.checkpoint", "seer.data.images"]  # fmt: skip
 
 
 def test_each_module_imports_first_without_a_cycle():
@@ -43,6 +45,31 @@ def test_the_library_never_imports_the_scripts():
     code = (
         "import sys, seer.launch.cli, seer.launch.jobs, seer.evaluation.suites, seer.evaluation.cache;"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('launch', 'eval', 'benchmark'));"
+        "assert not bad, bad"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_model_data_weights_and_features_import_no_distributed_code():
+    """Checkpoint formats, extraction, data and the model run in one process: importing them loads neither seer's
+    distributed / training code nor torch's distributed checkpointing or FSDP (run directories are read lazily)."""
+    code = (
+        "import sys, seer.models.regnet, seer.data.images, seer.data.transforms, seer.data.shards, seer.weights,"
+        " seer.features;"
+        "bad = sorted(m for m in sys.modules if m.startswith(('seer.distributed', 'seer.train', 'seer.config',"
+        " 'torch.distributed.checkpoint', 'torch.distributed.fsdp', 'submitit')));"
+        "assert not bad, bad"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_the_checkpoint_format_does_not_import_the_weights_package():
+    """One direction only: seer.weights reads run directories through seer.train.checkpoint, never the reverse."""
+    code = (
+        "import sys, seer.train.checkpoint;"
+        "bad = [m for m in sys.modules if m.startswith('seer.weights')];"
         "assert not bad, bad"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)

@@ -153,8 +153,8 @@ def test_read_trunk_state_matches_the_trained_trunk(tmp_path):
     assert all(torch.equal(state[k], state2[k]) for k in state)
 
     # `seer export RUN_DIR OUT` writes a file the weights loaders read back, and load_trunk reads run dirs too
-    weights = pytest.importorskip("seer.weights")
-    from seer.train.checkpoint import cli_export
+    import seer.weights as weights
+    from seer.weights.cli import cli_export
 
     out = tmp_path / "trunk.safetensors"
     assert cli_export([str(tmp_path), str(out)]) == 0

@@ -260,7 +260,7 @@ def test_save_hf_round_trip_through_transformers(tmp_path):
 def test_save_hf_seer_preset_groups_width(tmp_path):
     transformers = pytest.importorskip("transformers")
     trunk = build_trunk("regnety_32gf", device="meta")
-    from seer.weights import _hf_groups_width
+    from seer.weights.save import _hf_groups_width
 
     assert _hf_groups_width(trunk.cfg) == 232
     cfg = transformers.RegNetConfig(hidden_sizes=trunk.cfg.widths, depths=trunk.cfg.depths, groups_width=232)
@@ -438,13 +438,12 @@ def test_hub_id_from_local_cache(tmp_path):
 
 
 def test_run_directory(tmp_path):
-    ckpt_mod = pytest.importorskip("seer.train.checkpoint")
-    if not hasattr(ckpt_mod, "save_checkpoint") or not hasattr(ckpt_mod, "read_trunk_state"):
-        pytest.skip("seer.train.checkpoint.save_checkpoint / read_trunk_state not available yet")
+    from seer.train.checkpoint import save_checkpoint
+
     model = torch.nn.Module()
     model.trunk = tiny_trunk()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ckpt_mod.save_checkpoint(tmp_path / "run", 5, model, opt, meta={"regnet_cfg": model.trunk.cfg.to_dict()})
+    save_checkpoint(tmp_path / "run", 5, model, opt, meta={"regnet_cfg": model.trunk.cfg.to_dict()})
     back = load_trunk(tmp_path / "run")
     assert back.cfg == model.trunk.cfg
     with torch.no_grad():

@@ -14,7 +14,6 @@ process with no process group).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import contextlib
 import errno
@@ -24,7 +23,6 @@ import pickle
 import random
 import re
 import shutil
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,8 +39,8 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "read_trunk_state",
+    "resolve_checkpoint",
     "read_meta",
-    "cli_export",
 ]
 
 _STEP_RE = re.compile(r"^step_(\d{8,})$")
@@ -373,9 +371,10 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer: to
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reading the trunk back in one process (export, seer.load_trunk)
+# Reading the trunk back in one process (seer.load_trunk, `seer export`)
 # ----------------------------------------------------------------------------------------------------------------
-def _resolve_ckpt(path: str | os.PathLike) -> Path:
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint directory a path names: itself (one ``step_*`` directory) or a run's latest checkpoint."""
     path = Path(path)
     if (path / ".metadata").is_file():
         return path
@@ -395,7 +394,7 @@ def read_trunk_state(path: str | os.PathLike, prefix: str = "trunk.") -> tuple[d
     """
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    ckpt = _resolve_ckpt(path)
+    ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     md = SafeReader(str(ckpt)).read_metadata()
     want = f"model.{prefix}"
@@ -410,32 +409,3 @@ def read_trunk_state(path: str | os.PathLike, prefix: str = "trunk.") -> tuple[d
     if cfg is None:
         raise ValueError(f"{ckpt}/{META_NAME} has no 'regnet_cfg'")
     return state, cfg
-
-
-def cli_export(argv: list[str] | None = None) -> int:
-    """`seer export RUN_DIR OUT [--format seer|hf|timm]`: write a pretraining run's trunk for ``seer.load_trunk``."""
-    ap = argparse.ArgumentParser(prog="seer export", description=cli_export.__doc__)
-    ap.add_argument("run_dir", help="a pretraining run directory (latest checkpoint) or one checkpoint directory")
-    ap.add_argument("out", help="output path (a .safetensors file for --format seer, a directory for hf)")
-    ap.add_argument("--format", default="seer", choices=["seer", "hf", "timm"])
-    args = ap.parse_args(argv)
-    try:
-        trunk = load_trunk_from_run(args.run_dir)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"seer export: {exc}", file=sys.stderr)
-        return 1
-    from seer.weights import save_trunk  # written by the weights module; imported lazily
-
-    save_trunk(trunk, args.out, format=args.format)
-    print(f"wrote {args.out} ({args.format}) from {_resolve_ckpt(args.run_dir)}")
-    return 0
-
-
-def load_trunk_from_run(path: str | os.PathLike) -> Any:
-    """A ``RegNetTrunk`` (eval mode, CPU) holding a run's latest (or the given) checkpoint's trunk weights."""
-    from seer.models.regnet import build_trunk
-
-    state, cfg = read_trunk_state(path)
-    trunk = build_trunk(cfg)
-    trunk.load_state_dict(state)
-    return trunk.eval()

@@ -1,0 +1,457 @@
+"""Checkpoint formats: one key-renaming table per layout, the conversion to our names, the architecture inferred
+from tensor shapes, and each format's preprocessing convention.
+
+Every format (ours = timm's regnety names, torchvision, HF transformers, VISSL, ClassyVision) describes the same
+modules under other names, so one small table per format (``LAYOUTS``) converts keys both ways. Nothing here reads
+or writes files: ``seer.weights.read`` does, ``seer.weights.save`` writes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from seer.data.images import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
+from seer.models.regnet import PRESETS, RegNetCfg, resolve_cfg
+
+__all__ = [
+    "CheckpointError",
+    "Checkpoint",
+    "Layout",
+    "LAYOUTS",
+    "DEFAULT_PREPROCESS",
+    "FINETUNED_PREPROCESS",
+    "detect_layout",
+    "convert_state_dict",
+    "infer_cfg",
+    "cfg_from_dict",
+    "check_hf_config",
+    "timm_preprocess",
+    "hf_preprocess",
+    "hf_processor",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the trunk (the message names the file and keys)."""
+
+
+# Preprocessing each format's checkpoints expect when the checkpoint itself does not say (``trunk.pretrained_cfg``).
+# timm's regnety_*.seer tags: 224 px, crop_pct 0.965, bicubic. VISSL's SEER benchmarks and torchvision: resize 256,
+# center crop 224, bilinear. HF directories carry their own processor (``preprocessor_config.json``).
+DEFAULT_PREPROCESS: dict[str, dict] = {
+    "seer": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bicubic", "resize_mode": "shorter"},
+    "timm": {"resolution": 224, "crop_pct": 0.965, "interpolation": "bicubic", "resize_mode": "shorter"},
+    "torchvision": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bilinear", "resize_mode": "shorter"},
+    "vissl": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bilinear", "resize_mode": "shorter"},
+    "classy": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bilinear", "resize_mode": "shorter"},
+    "hf": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bicubic", "resize_mode": "shorter"},
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Key layouts: one table per format
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """How one format names the trunk's modules.
+
+    ``stem`` and ``inner`` map our module names to theirs (the parameter name after the last dot is shared);
+    ``block`` formats their block prefix from ``s`` (stage, from 1), ``b`` (block, from 1) and ``s0``/``b0`` (from
+    0); ``block_re`` parses it back (named groups ``s``/``s0`` and ``b``/``b0``); ``head`` lists prefixes of
+    classifier / SSL-head tensors, which are set aside.
+    """
+
+    name: str
+    stem: dict[str, str]
+    block: str
+    block_re: str
+    inner: dict[str, str]
+    head: tuple[str, ...] = ()
+    extra_inner: dict[str, str] = field(default_factory=dict)  # theirs -> ours, only when reading
+
+    def their_key(self, key: str) -> str:
+        """Our key -> theirs."""
+        module, param = key.rsplit(".", 1)
+        if module in self.stem:
+            return f"{self.stem[module]}.{param}"
+        m = _OUR_BLOCK.match(module)
+        if m is None:
+            raise KeyError(f"{key!r} is not a trunk tensor")
+        s, b, inner = int(m["s"]), int(m["b"]), m["inner"]
+        prefix = self.block.format(s=s, b=b, s0=s - 1, b0=b - 1, res=s + 1)
+        return f"{prefix}.{self.inner[inner]}.{param}"
+
+    def our_key(self, key: str) -> str | None:
+        """Their key -> ours (``None`` when the key is not a trunk tensor of this layout)."""
+        if "." not in key:
+            return None
+        module, param = key.rsplit(".", 1)
+        stem = {v: k for k, v in self.stem.items()}
+        if module in stem:
+            return f"{stem[module]}.{param}"
+        m = re.match(self.block_re + r"\.(?P<inner>.+)$", module)
+        if m is None:
+            return None
+        groups = m.groupdict()
+        s = int(groups["s"]) if groups.get("s") is not None else int(groups["s0"]) + 1
+        b = int(groups["b"]) if groups.get("b") is not None else int(groups["b0"]) + 1
+        inner = {v: k for k, v in self.inner.items()}
+        inner.update(self.extra_inner)
+        if m["inner"] not in inner:
+            return None
+        return f"s{s}.b{b}.{inner[m['inner']]}.{param}"
+
+
+_OUR_BLOCK = re.compile(r"^s(?P<s>\d+)\.b(?P<b>\d+)\.(?P<inner>.+)$")
+_OUR_INNER = ("conv1.conv", "conv1.bn", "conv2.conv", "conv2.bn", "se.fc1", "se.fc2", "conv3.conv", "conv3.bn",
+              "downsample.conv", "downsample.bn")  # fmt: skip
+
+LAYOUTS: dict[str, Layout] = {
+    # timm's regnety_* and ours: identical names.
+    "timm": Layout(
+        name="timm",
+        stem={"stem.conv": "stem.conv", "stem.bn": "stem.bn"},
+        block="s{s}.b{b}",
+        block_re=r"^s(?P<s>\d+)\.b(?P<b>\d+)",
+        inner={k: k for k in _OUR_INNER},
+        head=("head.", "final_conv."),
+    ),
+    "torchvision": Layout(
+        name="torchvision",
+        stem={"stem.conv": "stem.0", "stem.bn": "stem.1"},
+        block="trunk_output.block{s}.block{s}-{b0}",
+        block_re=r"^trunk_output\.block(?P<s>\d+)\.block\d+-(?P<b0>\d+)",
+        inner={
+            "conv1.conv": "f.a.0",
+            "conv1.bn": "f.a.1",
+            "conv2.conv": "f.b.0",
+            "conv2.bn": "f.b.1",
+            "se.fc1": "f.se.fc1",
+            "se.fc2": "f.se.fc2",
+            "conv3.conv": "f.c.0",
+            "conv3.bn": "f.c.1",
+            "downsample.conv": "proj.0",
+            "downsample.bn": "proj.1",
+        },  # fmt: skip
+        head=("fc.",),
+    ),
+    # HF transformers RegNetModel (``regnet.`` inside RegNetForImageClassification is stripped before matching).
+    "hf": Layout(
+        name="hf",
+        stem={"stem.conv": "embedder.embedder.convolution", "stem.bn": "embedder.embedder.normalization"},
+        block="encoder.stages.{s0}.layers.{b0}",
+        block_re=r"^encoder\.stages\.(?P<s0>\d+)\.layers\.(?P<b0>\d+)",
+        inner={
+            "conv1.conv": "layer.0.convolution",
+            "conv1.bn": "layer.0.normalization",
+            "conv2.conv": "layer.1.convolution",
+            "conv2.bn": "layer.1.normalization",
+            "se.fc1": "layer.2.attention.0",
+            "se.fc2": "layer.2.attention.2",
+            "conv3.conv": "layer.3.convolution",
+            "conv3.bn": "layer.3.normalization",
+            "downsample.conv": "shortcut.convolution",
+            "downsample.bn": "shortcut.normalization",
+        },  # fmt: skip
+        head=("classifier.",),
+        # RegNetX layers (layer_type "x") have no SE: their last 1x1 conv is layer.2.
+        extra_inner={"layer.2.convolution": "conv3.conv", "layer.2.normalization": "conv3.bn"},
+    ),
+    # VISSL / ClassyVision trunks; FSDP-trained ones (SEER 10B) add a ``block{s}-part{p}`` level.
+    "vissl": Layout(
+        name="vissl",
+        stem={"stem.conv": "_feature_blocks.conv1.stem.0", "stem.bn": "_feature_blocks.conv1.stem.1"},
+        block="_feature_blocks.res{res}.block{s}-{b0}",
+        block_re=r"^_feature_blocks\.res\d+\.(?:block\d+-part\d+\.)?block(?P<s>\d+)-(?P<b0>\d+)",
+        inner={
+            "conv1.conv": "f.a.0",
+            "conv1.bn": "f.a.1",
+            "conv2.conv": "f.b.0",
+            "conv2.bn": "f.b.1",
+            "se.fc1": "f.se.excitation.0",
+            "se.fc2": "f.se.excitation.2",
+            "conv3.conv": "f.c",
+            "conv3.bn": "f.final_bn",
+            "downsample.conv": "proj",
+            "downsample.bn": "bn",
+        },  # fmt: skip
+        head=("heads.",),
+    ),
+}
+# ClassyVision's own RegNet / AnyNet (``classy_state_dict`` of ClassyVision tasks): VISSL's block internals under
+# torchvision-like containers.
+LAYOUTS["classy"] = Layout(
+    name="classy",
+    stem={"stem.conv": "stem.stem.0", "stem.bn": "stem.stem.1"},
+    block="trunk_output.block{s}.block{s}-{b0}",
+    block_re=r"^trunk_output\.block(?P<s>\d+)\.block\d+-(?P<b0>\d+)",
+    inner=LAYOUTS["vissl"].inner,
+    head=("heads.", "head.", "fc."),
+)
+LAYOUTS["seer"] = LAYOUTS["timm"]
+
+# Wrapper prefixes that DDP / FSDP(1) / checkpoint wrappers / VISSL extraction scripts put in front of the names.
+_WRAPPER_TOKENS = ("_fsdp_wrapped_module.", "_fpw_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+_STRIP_PREFIXES = ("module.", "model.", "trunk.", "regnet.", "backbone.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A checkpoint under our names
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Checkpoint:
+    """A checkpoint read into our names: what ``load_trunk`` builds from.
+
+    Attributes:
+        state_dict: trunk tensors under our (timm) names; memory-mapped from the file where possible.
+        cfg: the architecture if the checkpoint states it (our metadata, a run directory) else ``None``.
+        format: "seer", "timm", "torchvision", "hf" or "vissl".
+        heads: classifier / SSL-head tensors under their original names (ignored by ``load_trunk``).
+        hf_config: HF ``config.json`` contents (HF directories).
+        preprocess: the preprocessing the checkpoint expects (resolution, crop_pct, interpolation, mean, std).
+        origin: where it came from, for messages.
+        renamed: our key -> the checkpoint's key, for messages.
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    cfg: RegNetCfg | None
+    format: str
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)
+    hf_config: dict | None = None
+    preprocess: dict | None = None
+    origin: str = "<state dict>"
+    renamed: dict[str, str] = field(default_factory=dict)
+
+
+def _clean_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for token in _WRAPPER_TOKENS:
+            k = k.replace(token, "")
+        out[k] = v
+    # Strip a prefix that every key shares (DDP's "module.", "trunk." of VISSL extracts, HF's "regnet.").
+    changed = True
+    while changed and out:
+        changed = False
+        for prefix in _STRIP_PREFIXES:
+            trunkish = [k for k in out if k.startswith(prefix)]
+            rest = [k for k in out if not k.startswith(prefix)]
+            # HF's RegNetForImageClassification: "regnet." on the trunk, "classifier." outside it.
+            if trunkish and all(k.startswith(("classifier.", "head.", "fc.", "heads.")) for k in rest):
+                out = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in out.items()}
+                changed = True
+                break
+    return out
+
+
+def detect_layout(keys: list[str], origin: str = "<state dict>") -> str:
+    """Which format a list of (cleaned) keys follows."""
+    keyset = set(keys)
+    if any(k.startswith("_feature_blocks.") for k in keys):
+        return "vissl"
+    if "embedder.embedder.convolution.weight" in keyset:
+        return "hf"
+    if "stem.stem.0.weight" in keyset:
+        return "classy"
+    if "stem.0.weight" in keyset and any(k.startswith("trunk_output.") for k in keys):
+        return "torchvision"
+    if "stem.conv.weight" in keyset:
+        return "timm"
+    raise CheckpointError(
+        f"{origin}: unknown checkpoint layout (not ours/timm, torchvision, HF transformers or VISSL RegNet); "
+        f"first keys: {keys[:6]}"
+    )
+
+
+def convert_state_dict(sd: Mapping[str, torch.Tensor], format: str | None = None, origin: str = "<state dict>"
+                       ) -> Checkpoint:  # fmt: skip
+    """A state dict in any supported layout -> ``Checkpoint`` with our key names (tensors are not copied).
+
+    Keys that are neither trunk tensors nor known head tensors are kept under their names, so that the strict
+    check in ``load_trunk`` reports them as unexpected.
+    """
+    sd = _clean_keys(dict(sd))
+    fmt = format or detect_layout(list(sd), origin)
+    if fmt not in LAYOUTS:
+        raise CheckpointError(f"unknown checkpoint format {fmt!r}; known: {sorted(LAYOUTS)}")
+    layout = LAYOUTS[fmt]
+    ours: dict[str, torch.Tensor] = {}
+    heads: dict[str, torch.Tensor] = {}
+    renamed: dict[str, str] = {}
+    for key, value in sd.items():
+        new = layout.our_key(key)
+        if new is None:
+            if key.startswith(layout.head):
+                heads[key] = value
+                continue
+            new = key  # reported as unexpected by the strict check
+        if new in ours:
+            raise CheckpointError(f"{origin}: keys {renamed[new]!r} and {key!r} both map to {new!r}")
+        ours[new] = value
+        renamed[new] = key
+    return Checkpoint(ours, None, fmt, heads=heads, origin=origin, renamed=renamed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Architecture from tensor shapes
+# ----------------------------------------------------------------------------------------------------------------
+def infer_cfg(sd: Mapping[str, torch.Tensor], origin: str = "<state dict>") -> RegNetCfg:
+    """The ``RegNetCfg`` of a state dict with our key names, from tensor shapes alone (meta tensors work).
+
+    Stage widths come from the last 1x1 conv, group widths from the 3x3 conv's input channels per group, the SE
+    ratio from the SE width over the block input width. A preset with exactly this architecture is returned when
+    there is one, else an explicit ``RegNetCfg.from_stages`` config.
+    """
+
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in sd:
+            raise CheckpointError(f"{origin}: cannot infer the architecture: missing tensor {key!r}")
+        return tuple(sd[key].shape)
+
+    stem_width = shape("stem.conv.weight")[0]
+    blocks: dict[int, int] = {}
+    for key in sd:
+        m = _OUR_BLOCK.match(key)
+        if m:
+            s, b = int(m["s"]), int(m["b"])
+            blocks[s] = max(blocks.get(s, 0), b)
+    if not blocks:
+        raise CheckpointError(f"{origin}: no RegNet blocks found (first keys: {list(sd)[:6]})")
+    n_stages = max(blocks)
+    missing_stages = [s for s in range(1, n_stages + 1) if s not in blocks]
+    if missing_stages:
+        raise CheckpointError(f"{origin}: stages {missing_stages} have no tensors")
+    widths, depths, group_ws, mids = [], [], [], []
+    for s in range(1, n_stages + 1):
+        widths.append(shape(f"s{s}.b1.conv3.conv.weight")[0])
+        mids.append(shape(f"s{s}.b1.conv1.conv.weight")[0])
+        group_ws.append(shape(f"s{s}.b1.conv2.conv.weight")[1])
+        depths.append(blocks[s])
+    ratios = {m / w for m, w in zip(mids, widths)}
+    if len(ratios) != 1:
+        raise CheckpointError(f"{origin}: bottleneck ratios differ between stages: {sorted(ratios)}")
+    bottleneck = ratios.pop()
+    # SE width = round(se_ratio * block input width): find the ratio that reproduces every block's SE width.
+    se_ratio = 0.0
+    if "s1.b1.se.fc1.weight" in sd:
+        pairs, in_chs = [], stem_width
+        for s, (w, d) in enumerate(zip(widths, depths), 1):
+            for b in range(1, d + 1):
+                pairs.append((in_chs if b == 1 else w, shape(f"s{s}.b{b}.se.fc1.weight")[0]))
+            in_chs = w
+        candidates = [0.25] + [se / cin for cin, se in pairs[:1]]
+        se_ratio = next((r for r in candidates if all(int(round(cin * r)) == se for cin, se in pairs)), -1.0)
+        if se_ratio < 0:
+            raise CheckpointError(f"{origin}: SE widths {[se for _, se in pairs]} follow no single SE ratio")
+    for preset in PRESETS.values():
+        if (
+            preset.stages() == (widths, depths, group_ws)
+            and preset.se_ratio == se_ratio
+            and preset.stem_width == stem_width
+            and preset.bottleneck == bottleneck
+        ):
+            return preset
+    if bottleneck == 1.0:
+        return RegNetCfg.from_stages(widths, depths, group_ws, se_ratio=se_ratio, stem_width=stem_width)
+    base = RegNetCfg.from_stages([int(m) for m in mids], depths, group_ws, se_ratio=se_ratio, stem_width=stem_width)
+    return RegNetCfg(**{**base.to_dict(), "bottleneck": bottleneck, "stage_widths": tuple(widths),
+                        "stage_depths": tuple(depths), "stage_group_widths": tuple(group_ws)})  # fmt: skip
+
+
+def cfg_from_dict(d: Mapping) -> RegNetCfg:
+    """A ``RegNetCfg`` from its ``to_dict()`` form (json lists back to tuples)."""
+    d = dict(d)
+    for key in ("stage_widths", "stage_depths", "stage_group_widths"):
+        if d.get(key) is not None:
+            d[key] = tuple(d[key])
+    return resolve_cfg(d)
+
+
+def check_hf_config(hf: dict, cfg: RegNetCfg, origin: str) -> None:
+    """HF's config.json must describe the tensors we found (else the file set is inconsistent)."""
+    widths, depths, group_ws = cfg.stages()
+    if hf.get("model_type", "regnet") != "regnet":
+        raise CheckpointError(f"{origin}/config.json: model_type is {hf.get('model_type')!r}, expected 'regnet'")
+    if not hf.get("downsample_in_first_stage", True):
+        raise CheckpointError(f"{origin}/config.json: downsample_in_first_stage=false is not a SEER/pycls RegNet")
+    checks = {
+        "hidden_sizes": (list(hf.get("hidden_sizes", widths)), widths),
+        "depths": (list(hf.get("depths", depths)), depths),
+        "embedding_size": (hf.get("embedding_size", cfg.stem_width), cfg.stem_width),
+    }
+    if "groups_width" in hf:
+        gw = int(hf["groups_width"])
+        checks["groups_width"] = ([w // max(1, w // gw) for w in widths], group_ws)
+    if "layer_type" in hf:
+        checks["layer_type"] = (hf["layer_type"], "y" if cfg.se_ratio else "x")
+    for name, (theirs, ours) in checks.items():
+        if theirs != ours:
+            raise CheckpointError(f"{origin}/config.json: {name}={theirs} but the weights have {ours}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preprocessing conventions
+# ----------------------------------------------------------------------------------------------------------------
+# A timm / VISSL file carries no preprocessing; SEER's fine-tuned classifiers (timm ``*.seer_ft_in1k``, VISSL
+# ``seer_finetuned/*finetuned_in1k*``) were trained and are evaluated at 384 px with crop 1.0, unlike the 224 px
+# feature weights: their file names say which they are.
+FINETUNED_NAME = re.compile(r"seer_ft|finetuned", re.IGNORECASE)
+FINETUNED_PREPROCESS = {"resolution": 384, "crop_pct": 1.0, "interpolation": "bicubic", "resize_mode": "shorter"}
+
+# HF processors name the interpolation by PIL's resampling number (2 bilinear, 3 bicubic, ...).
+_PIL_NUMBER = {name: int(mode) for name, mode in INTERPOLATIONS.items()}
+
+
+def timm_preprocess(pretrained_cfg: Mapping) -> dict:
+    """Our preprocessing from a timm ``pretrained_cfg``: the ``.seer`` feature weights use 224 px / crop 0.965,
+    the ``.seer_ft_in1k`` classifiers 384 px / crop 1.0 (timm resizes the short side, then center-crops)."""
+    pre = dict(DEFAULT_PREPROCESS["timm"])
+    size = pretrained_cfg.get("test_input_size") or pretrained_cfg.get("input_size")
+    if isinstance(size, (list, tuple)) and size:
+        pre["resolution"] = int(size[-1])
+    if pretrained_cfg.get("test_crop_pct") or pretrained_cfg.get("crop_pct"):
+        pre["crop_pct"] = float(pretrained_cfg.get("test_crop_pct") or pretrained_cfg["crop_pct"])
+    if pretrained_cfg.get("interpolation") in INTERPOLATIONS:
+        pre["interpolation"] = pretrained_cfg["interpolation"]
+    for key in ("mean", "std"):
+        if isinstance(pretrained_cfg.get(key), (list, tuple)) and len(pretrained_cfg[key]) == 3:
+            pre[key] = tuple(float(v) for v in pretrained_cfg[key])
+    return pre
+
+
+def hf_preprocess(processor: Mapping) -> dict:
+    """Our preprocessing from an HF ``preprocessor_config.json`` (ConvNextImageProcessor semantics: < 384 resize +
+    center crop, >= 384 warp)."""
+    size = processor.get("size", 224)
+    if isinstance(size, Mapping):
+        size = size.get("shortest_edge") or size.get("height") or 224
+    crop_pct = processor.get("crop_pct") or 0.875
+    by_number = {n: name for name, n in _PIL_NUMBER.items()}
+    return {
+        "resolution": int(size),
+        "crop_pct": float(crop_pct),
+        "interpolation": by_number.get(processor.get("resample", 3), "bicubic"),
+        "resize_mode": "warp" if int(size) >= 384 else "shorter",
+        "mean": tuple(processor.get("image_mean", IMAGENET_MEAN)),
+        "std": tuple(processor.get("image_std", IMAGENET_STD)),
+    }
+
+
+def hf_processor(pre: Mapping) -> dict:
+    """The HF ``preprocessor_config.json`` (ConvNextImageProcessor) for our preprocessing ``pre``."""
+    return {
+        "image_processor_type": "ConvNextImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": int(pre.get("resolution", 224))},
+        "crop_pct": float(pre.get("crop_pct", 0.875)),
+        "resample": _PIL_NUMBER.get(pre.get("interpolation"), 3),
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(pre.get("mean", IMAGENET_MEAN)),
+        "image_std": list(pre.get("std", IMAGENET_STD)),
+    }

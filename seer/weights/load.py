@@ -1,0 +1,120 @@
+"""``load_trunk``: any supported checkpoint -> a ``RegNetTrunk``, strictly, with the weights held once in memory.
+
+Loading works in three steps:
+
+1. read the tensors without copying them (``seer.weights.read``);
+2. rename the keys to ours (timm's regnety names) and infer the architecture from the tensor shapes (cross-checked
+   with HF's ``config.json``), or take it from ``preset=`` / our metadata (``seer.weights.formats``);
+3. build the trunk on the meta device and *assign* the checkpoint tensors to it: the weights exist once in memory
+   (the file's pages), whatever the model size.
+
+Loading is strict: a missing or unexpected tensor, or a shape mismatch, raises ``CheckpointError`` naming the keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from seer.data.images import IMAGENET_MEAN, IMAGENET_STD
+from seer.models.regnet import RegNetCfg, RegNetTrunk, build_trunk, resolve_cfg
+from seer.weights.formats import DEFAULT_PREPROCESS, Checkpoint, CheckpointError, check_hf_config, infer_cfg
+from seer.weights.read import read_checkpoint
+
+__all__ = ["load_trunk"]
+
+
+def _strict_check(trunk: nn.Module, ckpt: Checkpoint) -> None:
+    expected = {k: tuple(v.shape) for k, v in trunk.state_dict().items()}
+    got = ckpt.state_dict
+
+    def name(k: str) -> str:
+        theirs = ckpt.renamed.get(k, k)
+        return k if theirs == k else f"{k} (checkpoint: {theirs})"
+
+    missing = [k for k in expected if k not in got and not k.endswith("num_batches_tracked")]
+    unexpected = [name(k) for k in got if k not in expected]
+    mismatched = [
+        f"{name(k)}: checkpoint {tuple(got[k].shape)} vs model {expected[k]}"
+        for k in expected
+        if k in got and tuple(got[k].shape) != expected[k]
+    ]
+    if missing or unexpected or mismatched:
+
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s): {show(unexpected)}")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatch(es): {show(mismatched)}")
+        raise CheckpointError(f"{ckpt.origin} ({ckpt.format} layout) does not match the trunk: " + "; ".join(parts))
+
+
+def load_trunk(source: Any, *, preset: str | RegNetCfg | dict | None = None, device: torch.device | str | None = None,
+               format: str | None = None, dtype: torch.dtype | None = None) -> RegNetTrunk:  # fmt: skip
+    """Load a RegNetY trunk from any supported checkpoint, the architecture inferred from it.
+
+    Args:
+        source: our ``.safetensors`` export or a pretraining run directory; an HF RegNet directory
+            (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``, ``RegNetForImageClassification``
+            included) or hub id (``facebook/regnet-y-10b-seer``); a timm or torchvision state dict file; a VISSL /
+            ClassyVision ``.torch`` checkpoint (FSDP ``block{s}-part{p}`` level included); a state dict; a module.
+        preset: build this architecture instead of inferring it (the checkpoint must match it exactly).
+        device: move the loaded trunk there (default: CPU).
+        format: force a layout instead of detecting it ("seer", "timm", "torchvision", "hf", "vissl").
+        dtype: floating-point dtype of the parameters (default float32).
+
+    Returns:
+        The trunk in eval mode, with ``trunk.pretrained_cfg`` holding the preprocessing its checkpoint expects and
+        ``trunk.checkpoint_format`` the layout it came from. Heads (classifier, SwAV projection / prototypes) are
+        not loaded: ``read_checkpoint(source).heads`` has them.
+
+    Raises:
+        CheckpointError: unreadable file, unknown layout, pickled code, or any missing / unexpected tensor or
+            shape mismatch (the message names the keys).
+    """
+    ckpt = read_checkpoint(source, format=format)
+    if preset is not None:
+        cfg = resolve_cfg(preset)
+    elif ckpt.cfg is not None:
+        cfg = ckpt.cfg
+    else:
+        cfg = infer_cfg(ckpt.state_dict, ckpt.origin)
+    if ckpt.hf_config is not None:
+        check_hf_config(ckpt.hf_config, cfg, ckpt.origin)
+    # Meta device: no memory is allocated; `assign=True` then makes the checkpoint's (memory-mapped) tensors the
+    # parameters, so a large trunk never exists twice. Weights stay in their stored (contiguous) layout: the
+    # forward converts them to channels_last on the fly, which costs a weight-sized copy, not a second model.
+    trunk = build_trunk(cfg, device="meta", channels_last=False)
+    trunk.channels_last = True  # inputs still go channels_last
+    _check_and_assign(trunk, ckpt, dtype or torch.float32)
+    trunk.eval()
+    trunk.checkpoint_format = ckpt.format
+    pre = dict(DEFAULT_PREPROCESS.get(ckpt.format, DEFAULT_PREPROCESS["seer"]))
+    pre.update({"mean": IMAGENET_MEAN, "std": IMAGENET_STD})
+    pre.update(ckpt.preprocess or {})
+    trunk.pretrained_cfg = pre
+    if device is not None:
+        trunk.to(device)
+    return trunk
+
+
+def _check_and_assign(trunk: RegNetTrunk, ckpt: Checkpoint, dtype: torch.dtype) -> None:
+    _strict_check(trunk, ckpt)
+    state = {}
+    for key, ref in trunk.state_dict().items():
+        value = ckpt.state_dict.get(key)
+        if value is None:  # num_batches_tracked: absent from some formats, unused in eval and by momentum BN
+            value = torch.zeros((), dtype=torch.long)
+        elif value.is_floating_point() and value.dtype != dtype:
+            value = value.to(dtype)
+        elif not value.is_floating_point():
+            value = value.to(ref.dtype)
+        state[key] = value
+    trunk.load_state_dict(state, strict=True, assign=True)

@@ -1,0 +1,306 @@
+"""Reading checkpoints without building a model: files (safetensors, ``torch.load`` with ``weights_only=True``), HF
+directories and hub snapshots, timm hub directories, VISSL / ClassyVision checkpoints and pretraining run directories.
+
+Tensors are not copied: safetensors and ``torch.load(mmap=True, weights_only=True)`` both map the file, and nothing
+is unpickled but tensors and plain containers. ``read_checkpoint`` returns a ``Checkpoint`` under our key names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from seer.weights.formats import (
+    FINETUNED_NAME,
+    FINETUNED_PREPROCESS,
+    Checkpoint,
+    CheckpointError,
+    cfg_from_dict,
+    convert_state_dict,
+    hf_preprocess,
+    timm_preprocess,
+)
+
+__all__ = ["DEFAULT_HUB_MODEL", "read_checkpoint"]
+
+# The model `seer.extract_features(images)` uses when no model is given: SEER RegNetY-32GF (RG-32) features.
+DEFAULT_HUB_MODEL = "facebook/regnet-y-320-seer"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+# ----------------------------------------------------------------------------------------------------------------
+# numpy data types some checkpoints carry (VISSL stores numpy scalars next to the weights): data, never code.
+_NUMPY_DATA_GLOBALS = {"_reconstruct", "scalar", "ndarray", "dtype"}
+_NUMPY_DATA_MODULES = ("numpy", "numpy.core.multiarray", "numpy._core.multiarray")
+
+
+def _numpy_data_globals(path: Path) -> list:
+    """The numpy data-type globals a checkpoint needs, if those are all it needs beyond torch's defaults."""
+    import importlib
+
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint: no allowlisting, plain weights_only rules
+        return []
+    found = []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        if not ((module in _NUMPY_DATA_MODULES and attr in _NUMPY_DATA_GLOBALS) or module == "numpy.dtypes"):
+            return []
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            return []
+    if found:  # unpickling a numpy dtype builds its DType class (numpy.dtypes.Int64DType ...): data classes too
+        import numpy as np
+
+        found += [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", None)) if n.endswith("DType")]
+    return found
+
+
+def _torch_load(path: Path) -> Any:
+    """``torch.load`` of an untrusted file: tensors and plain containers only, memory-mapped when the format allows."""
+
+    def load(**kwargs: Any) -> Any:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True, **kwargs)
+        except RuntimeError as exc:  # legacy (pre-zip) serialization cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+
+    try:
+        numpy_globals = _numpy_data_globals(path)
+        if numpy_globals:
+            with torch.serialization.safe_globals(numpy_globals):
+                return load()
+        return load()
+    except pickle.UnpicklingError as exc:
+        with contextlib.suppress(Exception):
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        detail = f"it references {unsafe}" if "unsafe" in locals() and unsafe else str(exc).splitlines()[0]
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds pickled objects other than tensors and plain containers "
+            f"({detail}). It was read with torch.load(weights_only=True), so nothing in it was executed. If you "
+            f"trust the file, convert it yourself to a plain state dict or safetensors."
+        ) from None
+    except (EOFError, OSError, RuntimeError, ValueError, IndexError, KeyError, TypeError, AttributeError) as exc:
+        # the weights-only unpickler meets arbitrary bytes with any of these (e.g. IndexError: pop from empty list)
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+        return load_file(str(path)), metadata  # memory-mapped: pages are read on first use
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot read as safetensors ({exc})") from exc
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(obj: Any, origin: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Find the trunk tensors (and head tensors) inside a loaded checkpoint object."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{origin}: expected a dict of tensors, got {type(obj).__name__}")
+    heads: dict[str, torch.Tensor] = {}
+    if "classy_state_dict" in obj:  # VISSL / ClassyVision
+        try:
+            model = obj["classy_state_dict"]["base_model"]["model"]
+            trunk = model["trunk"]
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(
+                f"{origin}: VISSL checkpoint without ['classy_state_dict']['base_model']['model']['trunk'] ({exc!r})"
+            ) from None
+        heads = {f"heads.{k}": v for k, v in (model.get("heads") or {}).items() if isinstance(v, torch.Tensor)}
+        return dict(trunk), heads
+    for key in ("state_dict", "model", "model_state", "model_state_dict", "module", "trunk"):
+        if key in obj and isinstance(obj[key], Mapping) and not isinstance(obj[key], torch.Tensor):
+            inner = obj[key]
+            if _is_tensor_dict(inner) or "trunk" in inner or "classy_state_dict" in inner:
+                return _unwrap(inner, origin)
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{origin}: no tensors found (top-level keys: {sorted(map(str, obj))[:10]})")
+    return tensors, heads
+
+
+def _read_file_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, torch.Tensor]]:
+    """(tensors, safetensors metadata, head tensors set aside by the unwrapping) of one file."""
+    if path.suffix == ".safetensors":
+        tensors, metadata = _read_safetensors(path)
+        return tensors, metadata, {}
+    obj = _torch_load(path)
+    tensors, heads = _unwrap(obj, str(path))
+    return tensors, {}, heads
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sources: paths, directories, hub ids, state dicts, modules
+# ----------------------------------------------------------------------------------------------------------------
+def read_checkpoint(source: Any, *, format: str | None = None) -> Checkpoint:
+    """Read any supported checkpoint into our key names, without building a model.
+
+    Args:
+        source: a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` / ``.torch`` file, an HF directory, a
+            pretraining run directory, an HF hub id, a state dict, or an ``nn.Module`` (timm, torchvision, HF).
+        format: force a layout ("seer", "timm", "torchvision", "hf", "vissl", "classy") instead of detecting it.
+    """
+    if isinstance(source, nn.Module):
+        hf_config = getattr(getattr(source, "config", None), "to_dict", lambda: None)()
+        ckpt = convert_state_dict(source.state_dict(), format, origin=type(source).__name__)
+        ckpt.hf_config = hf_config if ckpt.format == "hf" else None
+        return ckpt
+    if isinstance(source, Mapping):
+        tensors, heads = _unwrap(source, "<state dict>")
+        ckpt = convert_state_dict(tensors, format)
+        ckpt.heads.update(heads)
+        return ckpt
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"load_trunk: expected a path, hub id, state dict or module, got {type(source).__name__}")
+    path = Path(source).expanduser()
+    if not path.exists():
+        if isinstance(source, str) and _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+            return _read_hf_dir(_hub_snapshot(source))
+        raise FileNotFoundError(f"no such checkpoint file or directory: {path}")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return _read_hf_dir(path)
+        if (path / "checkpoints").is_dir() or (path / ".metadata").is_file():
+            return _read_run_dir(path)
+        raise CheckpointError(
+            f"{path}: a directory that is neither an HF model (config.json + weights) nor a pretraining run "
+            f"(checkpoints/step_*)"
+        )
+    tensors, metadata, heads = _read_file_tensors(path)
+    if metadata.get("format") == "seer":
+        try:
+            cfg = cfg_from_dict(json.loads(metadata["regnet_cfg"]))
+        except (KeyError, json.JSONDecodeError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: bad 'regnet_cfg' metadata ({exc})") from exc
+        ckpt = convert_state_dict(tensors, "seer", origin=str(path))
+        ckpt.cfg = cfg
+        if "preprocess" in metadata:
+            with contextlib.suppress(json.JSONDecodeError):
+                ckpt.preprocess = json.loads(metadata["preprocess"])
+        return ckpt
+    ckpt = convert_state_dict(tensors, format, origin=str(path))
+    ckpt.heads.update(heads)
+    if ckpt.format in ("timm", "vissl", "classy") and FINETUNED_NAME.search(path.name):
+        ckpt.preprocess = dict(FINETUNED_PREPROCESS)
+    return ckpt
+
+
+def _read_run_dir(path: Path) -> Checkpoint:
+    """A pretraining run (its latest checkpoint) or one checkpoint directory, read by the checkpoint format's owner."""
+    # Imported here: torch.distributed.checkpoint is loaded only when a run directory is read.
+    from seer.train.checkpoint import read_trunk_state
+
+    state, cfg_dict = read_trunk_state(path)
+    ckpt = convert_state_dict(state, "seer", origin=str(path))
+    ckpt.cfg = cfg_from_dict(cfg_dict)
+    return ckpt
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """Download (or find in the local HF cache) an HF hub model: config, processor and weights only."""
+    try:
+        import huggingface_hub
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - a hard dependency
+        raise CheckpointError(f"{repo_id}: huggingface_hub is needed to load hub models ({exc})") from exc
+
+    def has_weights(path: Path) -> bool:
+        return any((path / n).is_file() for n in _WEIGHT_FILES + _WEIGHT_INDEXES)
+
+    # The local cache first: works offline and makes no request.
+    with contextlib.suppress(Exception):
+        local = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        if has_weights(local) and (local / "config.json").is_file():
+            return local
+    try:
+        files = huggingface_hub.list_repo_files(repo_id, revision=revision)
+        kind = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", kind]))
+    except Exception as exc:  # noqa: BLE001 - network, auth, offline mode and missing repos all end here
+        raise CheckpointError(
+            f"no local file or directory {repo_id!r}, and could not get it from the Hugging Face hub "
+            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}). "
+            f"Without network access, pass a local directory holding config.json and model.safetensors (or "
+            f"pytorch_model.bin), e.g. one made with `hf download {repo_id} --local-dir DIR` elsewhere."
+        ) from None
+    if not has_weights(path):
+        raise CheckpointError(f"{repo_id}: the hub repository has no model.safetensors or pytorch_model.bin")
+    return path
+
+
+def _read_hf_dir(path: Path) -> Checkpoint:
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}/config.json: cannot read ({exc})") from exc
+    if isinstance(hf, Mapping) and "model_type" not in hf and "pretrained_cfg" in hf:
+        return _read_timm_dir(path, hf)
+    tensors: dict[str, torch.Tensor] = {}
+    index = next((path / n for n in _WEIGHT_INDEXES if (path / n).is_file()), None)
+    if index is not None:  # sharded weights (large models)
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index}: cannot read the shard index ({exc})") from exc
+        for shard in sorted(set(weight_map.values())):
+            tensors.update(_read_file_tensors(path / shard)[0])
+    else:
+        weights = next((path / n for n in _WEIGHT_FILES if (path / n).is_file()), None)
+        if weights is None:
+            raise CheckpointError(f"{path}: HF directory without model.safetensors or pytorch_model.bin")
+        tensors = _read_file_tensors(weights)[0]
+    ckpt = convert_state_dict(tensors, "hf", origin=str(path))
+    ckpt.hf_config = hf
+    ckpt.preprocess = _hf_preprocess(path)
+    return ckpt
+
+
+def _read_timm_dir(path: Path, config: Mapping) -> Checkpoint:
+    """A timm hub directory (``timm/regnety_320.seer_ft_in1k``): timm keys, preprocessing from ``pretrained_cfg``."""
+    weights = next((path / n for n in _WEIGHT_FILES if (path / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{path}: timm directory without model.safetensors or pytorch_model.bin")
+    tensors, _, heads = _read_file_tensors(weights)
+    ckpt = convert_state_dict(tensors, "timm", origin=str(path))
+    ckpt.heads.update(heads)
+    ckpt.preprocess = timm_preprocess(config.get("pretrained_cfg") or {})
+    return ckpt
+
+
+def _hf_preprocess(path: Path) -> dict | None:
+    """The preprocessing of an HF directory's ``preprocessor_config.json`` (None without a readable one)."""
+    file = path / "preprocessor_config.json"
+    if not file.is_file():
+        return None
+    try:
+        processor = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return hf_preprocess(processor)
