@@ -140,6 +140,23 @@ def test_forward_stages_shapes_and_api():
     torch.testing.assert_close(stages["res5"].mean((2, 3)), pooled)
 
 
+def test_forward_stages_until_stops_after_that_stage():
+    trunk = build_trunk(RegNetCfg.from_stages([8, 16, 24, 32], [1, 1, 2, 1], [8, 8, 8, 8])).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ran = []
+    for name, stage in zip(trunk.stage_names, trunk.stages):
+        stage.blocks[0].register_forward_hook(lambda *_, name=name: ran.append(name))
+    with torch.no_grad():
+        full = trunk.forward_stages(x)
+        ran.clear()
+        part = trunk.forward_stages(x, until="res3")
+    assert list(part) == ["res2", "res3"] and ran == ["res2", "res3"]  # res4 / res5 never computed
+    torch.testing.assert_close(part["res3"], full["res3"])
+    assert list(trunk.forward_stages(x, until="res5")) == list(full)
+    with pytest.raises(ValueError, match="res9"):
+        trunk.forward_stages(x, until="res9")
+
+
 def test_matches_timm_regnety():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)

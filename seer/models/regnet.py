@@ -568,13 +568,22 @@ class RegNetTrunk(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.stem(x)
 
-    def forward_stages(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Feature maps after each stage: ``{"res2": [B, w1, H/4, W/4], ..., "res5": [B, w4, H/32, W/32]}``."""
+    def forward_stages(self, x: torch.Tensor, until: str | None = None) -> dict[str, torch.Tensor]:
+        """Feature maps after each stage: ``{"res2": [B, w1, H/4, W/4], ..., "res5": [B, w4, H/32, W/32]}``.
+
+        Args:
+            x: images ``[B, 3, H, W]``.
+            until: stop after this stage: ``until="res3"`` returns res2 and res3 and computes nothing after them.
+        """
+        if until is not None and until not in self.stage_names:
+            raise ValueError(f"until={until!r}: this trunk has stages {self.stage_names}")
         x = self._prepare(x)
         out = {}
         for i, name in enumerate(self.stage_names):
             x = self._run_stage(i, x)
             out[name] = x
+            if name == until:
+                break
         return out
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
