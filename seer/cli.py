@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("seer.train.loop", "cli_main", "SwAV pretraining (one process, torchrun or SLURM)"),
     "export": ("seer.weights.cli", "cli_export", "export a pretraining run's trunk to a checkpoint file"),
     "plan": ("seer.train.plan", "cli_main", "memory and FLOPs plan for a pretraining config before you run it"),
-    "extract": ("seer.features", "cli_main", "extract features of a folder, file list or shards to a features file"),
+    "extract": ("seer.features.cli", "cli_main", "extract features of a folder, file list or shards to files on disk"),
     "knn": ("seer.evaluation.knn", "cli_main", "kNN evaluation on frozen features"),
     "linear": ("seer.evaluation.linear", "cli_main", "linear-probe evaluation on frozen features"),
     "eval-suite": (

@@ -190,7 +190,7 @@ def test_amp_bf16_on_a_cpu_without_onednn_bf16_runs_fp32_with_one_warning(trunk,
 
 def test_cpu_micro_batches_give_the_same_features(trunk, monkeypatch):
     """Large batches run in micro-batches on CPU (allocator-friendly); the features do not change."""
-    from seer.features import _Runner
+    from seer.features.runner import _Runner
 
     imgs = random_images(7)
     ref = extract_features(imgs, trunk)
@@ -222,6 +222,32 @@ def test_inference_forward_equals_the_trunk_at_every_layer(trunk, monkeypatch):
     big.load_state_dict(trunk.state_dict())
     assert not any(getattr(m, "cache_fold", False) for m in big.modules())
     np.testing.assert_allclose(extract_features(x, big, preprocess=False), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_pooled_features_use_the_trunk_feature_api_and_stop_early(trunk):
+    """One pooling for every layer; a stage layer runs the trunk only up to that stage."""
+    from seer.features import pool, pooled_features
+
+    x = torch.randn(2, 3, 40, 40)
+    ran = []
+    hooks = [stage.blocks[0].register_forward_hook(lambda *_, n=name: ran.append(n))
+             for name, stage in zip(trunk.stage_names, trunk.stages)]  # fmt: skip
+    try:
+        with torch.no_grad():
+            stages = trunk.forward_stages(x)
+            ran.clear()
+            got = pooled_features(trunk, x, ("res3", "avgpool"))
+            assert ran == ["res2", "res3", "res4", "res5"]  # avgpool needs the last stage: one pass for both
+            ran.clear()
+            extract_features(x, trunk, preprocess=False, layer="res3")
+            assert ran == ["res2", "res3"]  # res4 and res5 are never computed
+        torch.testing.assert_close(got["res3"], pool(stages["res3"]))
+        torch.testing.assert_close(got["avgpool"], trunk(x), rtol=1e-5, atol=1e-6)
+    finally:
+        for h in hooks:
+            h.remove()
+    with pytest.raises(ValueError, match="res9"):
+        pooled_features(trunk, x, ("res9",))
 
 
 def test_preprocess_false_takes_model_ready_tensors(trunk):
@@ -449,9 +475,10 @@ def test_merge_checks_coverage(trunk, folder, tmp_path):
 
 
 def test_shards_two_ranks(trunk, folder, tmp_path):
-    shards = pytest.importorskip("seer.data.shards")
+    from seer.data.shards import write_shards
+
     root, paths = folder
-    shards.write_shards(root, tmp_path / "shards", max_samples_per_shard=4, progress=False, workers=1)
+    write_shards(root, tmp_path / "shards", max_samples_per_shard=4, progress=False, workers=1)
     urls = sorted(str(p) for p in (tmp_path / "shards").glob("*.tar"))
     assert len(urls) >= 2
     out = tmp_path / "feats"

@@ -24,7 +24,9 @@ def test_scripts_are_thin():
 MODULES = ["seer.catalog", "seer.launch", "seer.launch.executor", "seer.launch.jobs", "seer.launch.cli",
            "seer.evaluation", "seer.evaluation.suites", "seer.evaluation.cache", "seer.cli",
            "seer.weights", "seer.weights.formats", "seer.weights.read", "seer.weights.load", "seer.weights.save",
-           "seer.weights.cli", "seer.train.checkpoint", "seer.data.images"]  # fmt: skip
+           "seer.weights.cli", "seer.train.checkpoint", "seer.data.images", "seer.features", "seer.features.inputs",
+           "seer.features.runner", "seer.features.memory", "seer.features.files", "seer.features.dataset",
+           "seer.features.cli"]  # fmt: skip
 
 
 def test_each_module_imports_first_without_a_cycle():

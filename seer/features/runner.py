@@ -1,0 +1,225 @@
+"""The model side of extraction: which model, on which device, and batches of uint8 images -> pooled features.
+
+Features come only from the trunk's public feature API (``forward_features``, ``forward_stages(x, until=...)``),
+pooled by one function (``pool``); on CPU a batch runs in micro-batches that keep activations allocator-friendly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from seer import hardware
+from seer.data.images import Preprocess
+from seer.features.inputs import batches
+from seer.models.regnet import RegNetTrunk
+from seer.weights import DEFAULT_HUB_MODEL, load_trunk
+
+__all__ = ["DEFAULT_MODEL", "LAYERS", "pool", "pooled_features", "Setup", "make_setup", "eval_mode", "progress_bar"]
+
+DEFAULT_MODEL = DEFAULT_HUB_MODEL
+LAYERS = ("avgpool", "res2", "res3", "res4", "res5")
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model and features
+# ----------------------------------------------------------------------------------------------------------------
+_MODEL_CACHE: dict[tuple, nn.Module] = {}
+
+
+def _resolve_model(model: Any) -> tuple[nn.Module, bool]:
+    """(model, owned): ``owned`` models were loaded here and may be moved freely."""
+    if model is None:
+        model = DEFAULT_MODEL
+    if isinstance(model, nn.Module):
+        return model, False
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        key = (os.fspath(model), path.stat().st_mtime if path.exists() else None)
+        if key not in _MODEL_CACHE:
+            _MODEL_CACHE.clear()  # one model at a time: SEER trunks are large
+            _MODEL_CACHE[key] = load_trunk(model)
+        return _MODEL_CACHE[key], True
+    raise TypeError(f"model must be None, a checkpoint path / hub id, or an nn.Module, got {type(model).__name__}")
+
+
+def pool(maps: torch.Tensor) -> torch.Tensor:
+    """The one pooling of extraction: feature maps ``[B, C, H, W]`` -> ``[B, C]`` (global average); any other
+    output ``[B, ...]`` -> ``[B, D]``."""
+    return maps.mean((2, 3)) if maps.ndim == 4 else maps.flatten(1)
+
+
+def pooled_features(model: nn.Module, x: torch.Tensor, layers: Sequence[str] = ("avgpool",)) -> dict[str, torch.Tensor]:
+    """Pooled features of ``x`` at each of ``layers``, in one forward.
+
+    Args:
+        model: a ``RegNetTrunk``: "avgpool" (its last stage pooled, what ``trunk(x)`` returns) and stage names
+            "res2".."res5" (computed only up to the deepest one asked for). Any other module: "avgpool" only, its
+            output (``pooler_output`` for HF models) pooled.
+        x: model-ready images ``[B, 3, H, W]``.
+        layers: the layers wanted.
+
+    Raises:
+        ValueError: a layer the model does not have.
+    """
+    if not isinstance(model, RegNetTrunk):
+        if any(layer != "avgpool" for layer in layers):
+            bad = next(layer for layer in layers if layer != "avgpool")
+            raise ValueError(f"layer={bad!r} needs a RegNetTrunk; other modules give their output (layer='avgpool')")
+        out = model(x)
+        out = getattr(out, "pooler_output", out)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return {"avgpool": pool(out)}
+    last = model.stage_names[-1]
+    names = {layer: last if layer == "avgpool" else layer for layer in layers}
+    unknown = [layer for layer in names.values() if layer not in model.stage_names]
+    if unknown:
+        raise ValueError(f"layer {unknown[0]!r}: this trunk has stages {model.stage_names}")
+    if set(names.values()) == {last}:
+        maps = {last: model.forward_features(x)}  # no earlier stage output is kept alive
+    else:
+        maps = model.forward_stages(x, until=max(names.values(), key=model.stage_names.index))
+    return {layer: pool(maps[name]) for layer, name in names.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches -> features
+# ----------------------------------------------------------------------------------------------------------------
+class _Runner:
+    """Batches of uint8 images -> features on the model's device."""
+
+    def __init__(self, model: nn.Module, device: torch.device, preprocess: Preprocess | None, layer: str,
+                 normalize: bool, amp: str | None) -> None:  # fmt: skip
+        self.model, self.device, self.layer, self.normalize = model, device, layer, normalize
+        self.amp = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+                    "bfloat16": torch.bfloat16}[amp]  # fmt: skip
+        if device.type == "cpu":
+            # bf16 / fp16 only where oneDNN has kernels for it; elsewhere fp32 (one warning line says why), which
+            # is also the faster choice there.
+            self.amp = hardware.cpu_amp_dtype(self.amp, what="extract_features")
+        if preprocess is not None:
+            std = torch.tensor(preprocess.std, dtype=torch.float32, device=device) * 255
+            mean = torch.tensor(preprocess.mean, dtype=torch.float32, device=device) * 255
+            self.scale = (1.0 / std).view(1, 3, 1, 1)
+            self.shift = (-mean / std).view(1, 3, 1, 1)
+
+    def micro_batch(self, images: torch.Tensor) -> int:
+        """Images per forward on CPU: keep the largest activation under glibc's 32 MB mmap threshold.
+
+        Larger tensors are mmap-ed and unmapped at every allocation, so each forward page-faults its activations
+        in again (~20% of the time of a RegNetY-800MF forward at batch 32); below it, freed memory is reused.
+        """
+        if self.device.type != "cpu" or not isinstance(self.model, RegNetTrunk) or images.ndim != 4:
+            return images.shape[0]
+        h, w = (images.shape[1], images.shape[2]) if images.dtype == torch.uint8 else images.shape[2:]
+
+        def area(k: int) -> int:  # spatial size after k stride-2 steps
+            return -(-h // 2**k) * -(-w // 2**k)
+
+        # The stem output, and each stage's first 1x1 conv, which still runs at the previous stage's resolution.
+        mids = [int(round(width * self.model.cfg.bottleneck)) for width in self.model.widths]
+        per_image = 4 * max([self.model.cfg.stem_width * area(1)] + [m * area(i + 1) for i, m in enumerate(mids)])
+        return max(1, min(images.shape[0], (30 << 20) // max(per_image, 1)))
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        micro = self.micro_batch(images)
+        if micro < images.shape[0]:
+            return torch.cat([self(chunk) for chunk in images.split(micro)])
+        if images.dtype == torch.uint8:  # [B, H, W, 3]: permute gives a channels_last view, no copy
+            x = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+            x = torch.addcmul(self.shift, x, self.scale)  # (x / 255 - mean) / std in one pass
+        else:
+            x = images.to(self.device, non_blocking=True).float()
+        ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
+        with ctx:
+            feats = pooled_features(self.model, x, (self.layer,))[self.layer]
+        feats = feats.float()
+        if self.normalize:
+            feats = torch.nn.functional.normalize(feats, dim=1)
+        return feats
+
+
+def _pick_device(device: Any, model: nn.Module, owned: bool) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if not owned:
+        p = next(itertools.chain(model.parameters(), model.buffers()), None)
+        return p.device if p is not None else torch.device("cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@dataclass
+class Setup:
+    """One extraction's model, runner, preprocessing and batching."""
+
+    model: nn.Module
+    runner: _Runner
+    preprocess: Preprocess | None
+    batch_size: int
+    num_workers: int
+
+    def batches(self, items: Sequence, positions: Sequence[int]) -> Iterator[tuple]:
+        """Decoded batches of ``items`` at ``positions`` (see ``seer.features.inputs.batches``)."""
+        return batches(items, positions, self.preprocess, batch_size=self.batch_size, num_workers=self.num_workers,
+                       pin_memory=self.runner.device.type == "cuda")  # fmt: skip
+
+
+def make_setup(model: Any, *, layer: str, batch_size: int | None, device: Any, normalize: bool, amp: str | None,
+               preprocess: bool | Preprocess, n_items: int | None, num_workers: int | None,
+               needs_decode: bool, overrides: dict) -> Setup:  # fmt: skip
+    """Resolve and check what ``extract_features`` / ``extract_dataset`` were given (see their arguments)."""
+    if layer not in LAYERS:
+        raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+    if amp not in (None, "bf16", "fp16", "bfloat16", "float16"):
+        raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
+    net, owned = _resolve_model(model)
+    if isinstance(net, RegNetTrunk) and layer != "avgpool" and layer not in net.stage_names:
+        raise ValueError(f"layer {layer!r}: this trunk has stages {net.stage_names}")
+    dev = _pick_device(device, net, owned)
+    if owned or device is not None:
+        net.to(dev)
+    if isinstance(preprocess, Preprocess):
+        pp: Preprocess | None = preprocess
+    elif preprocess:
+        pp = Preprocess.for_model(net, **overrides)
+    else:
+        pp = None
+    if batch_size is None:
+        batch_size = 64 if dev.type == "cuda" else 32
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers is None:
+        # Decoding in worker processes pays off once there are a few batches of files to decode and cores to spare:
+        # on 2-3 cores a worker only competes with the model's threads (measured slower on 2 cores).
+        big = n_items is not None and n_items >= 4 * batch_size
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        num_workers = min(8, cores // 2) if (big and needs_decode and cores >= 4) else 0
+    return Setup(net, _Runner(net, dev, pp, layer, normalize, amp), pp, batch_size, num_workers)
+
+
+def progress_bar(total: int | None, progress: bool | None, desc: str):
+    """A tqdm bar on stderr; ``progress=None`` shows it for 512 images or more, and for unknown totals."""
+    from tqdm.auto import tqdm
+
+    show = progress if progress is not None else (total is None or total >= 512)
+    return tqdm(total=total, disable=not show, unit="img", desc=desc, dynamic_ncols=True, file=sys.stderr)
