@@ -1,0 +1,118 @@
+"""`seer shards`: write or verify shards."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from seer.data.shards.read import verify_shards
+from seer.data.shards.write import write_shards
+
+# ====================================================================================================================
+# CLI
+
+
+def _dataset_from_spec(spec: str) -> Any:
+    """`tv:NAME:ROOT[:SPLIT]` -> a torchvision dataset already on disk (never downloads)."""
+    parts = spec.split(":", 3)
+    if len(parts) < 3:
+        raise ValueError(f"{spec!r}: expected tv:NAME:ROOT[:SPLIT], e.g. tv:CIFAR10:/data/cifar:train")
+    import inspect
+
+    import torchvision.datasets as tvd
+
+    name, root = parts[1], parts[2]
+    split = parts[3] if len(parts) > 3 else "train"
+    cls = getattr(tvd, name, None)
+    if cls is None:
+        raise ValueError(f"torchvision.datasets has no dataset {name!r}")
+    params = inspect.signature(cls).parameters
+    kwargs: dict[str, Any] = {}
+    if "split" in params:
+        kwargs["split"] = split
+    elif "train" in params:
+        kwargs["train"] = split == "train"
+    if "download" in params:
+        kwargs["download"] = False
+    return cls(root, **kwargs)
+
+
+def _cli_verify(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="seer shards verify",
+        description="Read shards to the end and report bad shards and samples (and counts that differ from the index).",
+    )
+    parser.add_argument("shards", help="shard directory (with index.json), index.json, or a shard pattern")
+    parser.add_argument("--decode", action="store_true", help="also decode every image")
+    parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        report = verify_shards(args.shards, decode=args.decode, workers=args.workers, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"seer shards verify: error: {exc}", file=sys.stderr)
+        return 2
+    for p in report["problems"][:50]:
+        print(f"{p['kind']}: shard={p['url']} key={p['key']}: {p['error']}")
+    if len(report["problems"]) > 50:
+        print(f"... and {len(report['problems']) - 50} more problems")
+    print(f"{len(report['shards'])} shards, {report['total']} good samples, {len(report['problems'])} problem(s)")
+    return 0 if report["ok"] else 1
+
+
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    """`seer shards SOURCE OUT_DIR [options]`: write webdataset shards (see `write_shards`);
+    `seer shards verify SHARDS [--decode]`: check them (see `verify_shards`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "verify":
+        return _cli_verify(argv[1:])
+    parser = argparse.ArgumentParser(
+        prog="seer shards",
+        description="Write webdataset tar shards from an image folder (class subfolders -> labels), a CSV/TXT file "
+        "list (path[,label]) or a torchvision dataset on disk (tv:NAME:ROOT[:SPLIT]). "
+        "`seer shards verify SHARDS [--decode]` checks written shards.",
+    )
+    parser.add_argument("source", help="image folder, .csv/.tsv/.txt file list, or tv:NAME:ROOT[:SPLIT]")
+    parser.add_argument("out_dir", help="output directory (must be empty unless --overwrite)")
+    parser.add_argument("--prefix", default="data", help="shard file prefix (default: data)")
+    parser.add_argument("--max-samples", type=int, default=1000, help="samples per shard (default: 1000)")
+    parser.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard (default: 1e9)")
+    parser.add_argument("--shuffle", action="store_true", help="write samples in a seeded random order")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="reader processes")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards and index already in OUT_DIR")
+    parser.add_argument("--max-image-side", type=int, default=None, help="downscale + re-encode larger images")
+    parser.add_argument("--jpeg-quality", type=int, default=90)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    source: Any = _dataset_from_spec(args.source) if args.source.startswith("tv:") else args.source
+    try:
+        index = write_shards(
+            source,
+            args.out_dir,
+            prefix=args.prefix,
+            max_samples_per_shard=args.max_samples,
+            max_bytes_per_shard=args.max_bytes,
+            shuffle=args.shuffle,
+            seed=args.seed,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            max_image_side=args.max_image_side,
+            progress=not args.no_progress,
+            jpeg_quality=args.jpeg_quality,
+        )
+    except (FileExistsError, FileNotFoundError, ValueError, TypeError) as exc:
+        print(f"seer shards: error: {exc}", file=sys.stderr)
+        return 2
+    classes = f", {index['num_classes']} classes" if index["num_classes"] else ""
+    skipped = f", {index['num_skipped']} unreadable item(s) skipped" if index["num_skipped"] else ""
+    print(
+        f"wrote {index['total']} samples in {index['num_shards']} shards ({index['pattern']}{classes}{skipped}) "
+        f"to {args.out_dir} in {index['seconds']:.1f}s"
+    )
+    return 0
