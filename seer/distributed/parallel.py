@@ -8,15 +8,23 @@ The model files never import any of this.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["parallelize", "block_groups", "sync_bn_stats", "is_fsdp"]
+from seer.models.regnet import checkpoint_segments
+
+__all__ = ["parallelize", "block_groups", "SHARD_UNITS", "sync_bn_stats", "is_fsdp"]
 
 
-def block_groups(trunk: nn.Module, activation_checkpointing=False, shard_unit: str = "block") -> list[list[nn.Module]]:
+# FSDP unit choices (``train.fsdp.shard_unit``); seer.config checks a run's value against them once, at load.
+SHARD_UNITS = ("block", "group")
+
+
+def block_groups(trunk: nn.Module, activation_checkpointing=False,
+                 shard_unit: Literal["block", "group"] = "block") -> list[list[nn.Module]]:  # fmt: skip
     """The trunk's blocks grouped into FSDP units.
 
     ``shard_unit="block"``: one unit per block. ``"group"``: SEER-style groups: the activation-checkpointing
@@ -25,18 +33,11 @@ def block_groups(trunk: nn.Module, activation_checkpointing=False, shard_unit: s
     stages = [s.blocks for s in trunk.stages]
     if shard_unit == "block":
         return [[b] for blocks in stages for b in blocks]
-    if shard_unit != "group":
-        raise ValueError(f"shard_unit must be 'block' or 'group', got {shard_unit!r}")
-    groups: list[list[nn.Module]] = []
-    if isinstance(activation_checkpointing, Sequence) and not isinstance(activation_checkpointing, str):
-        for blocks, ends in zip(stages, activation_checkpointing):
-            start = 0
-            for end in list(ends) + ([len(blocks)] if not ends or ends[-1] < len(blocks) else []):
-                groups.append(blocks[start:end])
-                start = end
-    else:
-        groups = [list(blocks) for blocks in stages]
-    return [g for g in groups if g]
+    groups_spec = activation_checkpointing
+    if not isinstance(groups_spec, Sequence) or isinstance(groups_spec, str):
+        groups_spec = "stage"
+    segments = checkpoint_segments(groups_spec, trunk.depths)
+    return [blocks[a:b] for blocks, segs in zip(stages, segments) for a, b, _ in segs]
 
 
 def is_fsdp(module: nn.Module) -> bool:
@@ -54,7 +55,7 @@ def parallelize(
     fsdp: bool | None = None,
     reshard_after_forward: bool = True,
     cpu_offload: bool = False,
-    shard_unit: str = "block",
+    shard_unit: Literal["block", "group"] = "block",
     sync_bn: bool = True,
     mesh=None,
 ) -> nn.Module:

@@ -32,6 +32,7 @@ __all__ = [
     "PRESETS",
     "RegNetTrunk",
     "build_trunk",
+    "checkpoint_segments",
     "complexity",
     "generate_widths",
     "get_preset",
@@ -451,6 +452,47 @@ class RegNetStage(nn.Module):
 CheckpointSpec = bool | str | Sequence[Sequence[int]] | None
 
 
+def checkpoint_segments(spec: CheckpointSpec, depths: Sequence[int]) -> list[list[tuple[int, int, bool]]]:
+    """The one parser of activation-checkpointing specs: per stage, its ``(start, end, checkpointed)`` block ranges.
+
+    Args:
+        spec: ``False``/``None`` off; ``True`` or ``"block"`` one segment per block; ``"stage"`` one per stage; or
+            SEER-style groups, one list per stage of segment end indices, e.g. ``[[2], [7], [9, 17], []]``
+            checkpoints blocks 0-1 of stage 1, 0-6 of stage 2, 0-8 and 9-16 of stage 3, nothing in stage 4. Blocks
+            after the last end index run without checkpointing.
+        depths: blocks per stage.
+
+    Raises:
+        ValueError: an unknown string, not one list per stage, or end indices that do not increase within a stage.
+    """
+    if spec is None or spec is False:
+        return [[(0, d, False)] for d in depths]
+    if spec is True or spec == "block":
+        return [[(j, j + 1, True) for j in range(d)] for d in depths]
+    if spec == "stage":
+        return [[(0, d, True)] for d in depths]
+    if isinstance(spec, str) or not isinstance(spec, Sequence) or not all(isinstance(g, Sequence) for g in spec):
+        raise ValueError(f"activation_checkpointing must be a bool, 'block', 'stage' or groups, got {spec!r}")
+    groups = [list(g) for g in spec]
+    if len(groups) != len(depths):
+        raise ValueError(f"activation_checkpointing groups need one list per stage ({len(depths)}), got {groups}")
+    plan = []
+    for s, (ends, depth) in enumerate(zip(groups, depths)):
+        segs, start = [], 0
+        for end in ends:
+            if not isinstance(end, int) or isinstance(end, bool) or not start < end <= depth:
+                raise ValueError(
+                    f"activation_checkpointing groups: stage {s + 1} (depth {depth}) has end index {end!r};"
+                    f" ends must increase within 1..{depth}"
+                )
+            segs.append((start, end, True))
+            start = end
+        if start < depth:
+            segs.append((start, depth, False))
+        plan.append(segs)
+    return plan
+
+
 class RegNetTrunk(nn.Module):
     """RegNetY trunk: ``trunk(x)`` -> pooled features ``[B, num_features]``.
 
@@ -510,39 +552,9 @@ class RegNetTrunk(nn.Module):
 
         Args:
             enable: ``False``/``None`` off; ``True`` or ``"block"`` one segment per block; ``"stage"`` one per
-                stage; or SEER-style groups, one list per stage of segment end indices, e.g. ``[[2], [7], [9, 17],
-                []]`` checkpoints blocks 0-1 of stage 1, 0-6 of stage 2, 0-8 and 9-16 of stage 3, nothing in
-                stage 4. Blocks after the last end index run without checkpointing.
+                stage; or SEER-style groups of segment end indices per stage (see ``checkpoint_segments``).
         """
-        plan: list[list[tuple[int, int, bool]]] = []
-        if enable is None or enable is False:
-            plan = [[(0, d, False)] for d in self.depths]
-        elif enable is True or enable == "block":
-            plan = [[(j, j + 1, True) for j in range(d)] for d in self.depths]
-        elif enable == "stage":
-            plan = [[(0, d, True)] for d in self.depths]
-        elif isinstance(enable, str):
-            raise ValueError(f"activation_checkpointing must be a bool, 'block', 'stage' or groups, got {enable!r}")
-        else:
-            groups = [list(g) for g in enable]
-            if len(groups) != len(self.depths):
-                raise ValueError(
-                    f"activation_checkpointing groups need one list per stage ({len(self.depths)}), got {groups}"
-                )
-            for s, (ends, depth) in enumerate(zip(groups, self.depths)):
-                segs, start = [], 0
-                for end in ends:
-                    if not isinstance(end, int) or not start < end <= depth:
-                        raise ValueError(
-                            f"activation_checkpointing groups: stage {s + 1} (depth {depth}) has end index {end!r};"
-                            f" ends must increase within 1..{depth}"
-                        )
-                    segs.append((start, end, True))
-                    start = end
-                if start < depth:
-                    segs.append((start, depth, False))
-                plan.append(segs)
-        self._ckpt_plan = plan
+        self._ckpt_plan = checkpoint_segments(enable, self.depths)
 
     @property
     def grad_checkpointing(self) -> bool:
@@ -706,13 +718,11 @@ def presets_table(cfgs: dict[str, RegNetCfg] | None = None, resolution: int = 22
 
 
 def _parse_cfg_overrides(items: list[str]) -> dict:
+    from seer.io import parse_key_values
+
     fields = {f.name: f.type for f in dataclasses.fields(RegNetCfg)}
     out: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--cfg expects key=value pairs, got {item!r}")
-        key, value = item.split("=", 1)
-        key = key.strip()
+    for key, value in parse_key_values(items, what="--cfg", example="depth=13"):
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=2)
             raise ValueError(f"unknown RegNetCfg field {key!r}" + (f" (did you mean {close[0]}?)" if close else ""))
