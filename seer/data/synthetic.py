@@ -1,10 +1,15 @@
-"""A small image dataset with learnable structure, for demos and tests ("shapes and textures").
+"""Generated images for demos and tests, two generators:
 
-Each class is a shape or texture family (disc, square, triangle, cross, ring, stripes, checkerboard, dots, ...)
-drawn at a random position, scale, rotation, phase and contrast polarity over a random brightness ramp with pixel
-noise. The class is decided by geometry alone, never by brightness or position, so raw-pixel kNN is weak (placement
-and brightness dominate pixel distances: about 47% 1-NN on 10 classes) while a network that learned the invariances
-SwAV's augmentations teach (crops, flips, colour jitter) separates the classes.
+* ``make_dataset`` / ``write_image_folder``: a small labelled dataset with learnable structure ("shapes and
+  textures"), written as files for the demo's shards and evaluations;
+* ``SyntheticMultiCrop``: procedural images cut straight into multi-crop batches (``data.source: synthetic``),
+  a pure function of (seed, sample index), for pretraining runs that need no files.
+
+Each "shapes and textures" class is a shape or texture family (disc, square, triangle, cross, ring, stripes,
+checkerboard, dots, ...) drawn at a random position, scale, rotation, phase and contrast polarity over a random
+brightness ramp with pixel noise. The class is decided by geometry alone, never by brightness or position, so
+raw-pixel kNN is weak (placement and brightness dominate pixel distances: about 47% 1-NN on 10 classes) while a
+network that learned the invariances SwAV's augmentations teach (crops, flips, colour jitter) separates the classes.
 
 The default "gray" palette keeps colours near-gray on purpose: with fully random colours ("color" palette) the
 per-image colour is the easiest thing two crops of one image share, and a short SwAV run learns colour identity
@@ -14,10 +19,17 @@ instead of shape.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
+
+from seer.data.transforms import swav_scales
+
+__all__ = ["CLASSES", "SyntheticMultiCrop", "make_dataset", "make_image", "write_image_folder"]
 
 CLASSES = (
     "disc",
@@ -160,3 +172,56 @@ def write_image_folder(root: str | Path, n_per_class: int, size: int = 64, seed:
     for i, (img, label) in enumerate(zip(images, labels)):
         img.save(root / CLASSES[label] / f"{i:06d}.jpg", quality=quality)
     return root
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-crop batches of procedural images, a pure function of (seed, sample index)
+# ----------------------------------------------------------------------------------------------------------------
+class SyntheticMultiCrop:
+    """Deterministic procedural images (``classes`` families of colored blobs and stripes) cut into random resized
+    crops. Sample ``n`` depends only on ``(seed, n)``, so any split of a global batch over ranks sees the same data.
+
+    Args:
+        shapes: ``[(count, resolution), ...]`` crop runs, large crops first.
+        image_size: side of the generated images. classes: number of image families. seed: the data seed.
+        scales: RandomResizedCrop area range per run (a multi-crop preset's ``scales``); default SwAV's
+            (``seer.data.transforms.swav_scales``).
+    """
+
+    def __init__(self, shapes: list[tuple[int, int]], image_size: int = 96, classes: int = 16, seed: int = 0,
+                 scales: Sequence[tuple[float, float]] | None = None) -> None:  # fmt: skip
+        self.shapes, self.size, self.seed = shapes, image_size, seed
+        self.scales = list(swav_scales(len(shapes)) if scales is None else scales)
+        if len(self.scales) != len(shapes):
+            raise ValueError(f"{len(self.scales)} scale ranges for {len(shapes)} crop runs")
+        g = torch.Generator().manual_seed(seed * 7919 + 17)
+        grids = torch.rand(classes, 3, 4, 4, generator=g)
+        self.bases = F.interpolate(grids, size=(image_size, image_size), mode="bicubic", align_corners=False)
+        yy, xx = torch.meshgrid(torch.linspace(0, 1, image_size), torch.linspace(0, 1, image_size), indexing="ij")
+        angle, freq = torch.rand(classes, generator=g) * math.pi, 2 + 6 * torch.rand(classes, generator=g)
+        for c in range(classes):
+            wave = torch.sin(2 * math.pi * freq[c] * (xx * angle[c].cos() + yy * angle[c].sin()))
+            self.bases[c] += 0.3 * wave
+
+    def sample(self, index: int) -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        cls = int(torch.randint(len(self.bases), (1,), generator=g))
+        img = self.bases[cls].roll(tuple(torch.randint(self.size, (2,), generator=g).tolist()), dims=(1, 2))
+        img = img + 0.1 * torch.randn(img.shape, generator=g)
+        crops = []
+        for (count, res), (lo, hi) in zip(self.shapes, self.scales):
+            for _ in range(count):
+                area = self.size * self.size * float(lo + (hi - lo) * torch.rand(1, generator=g))
+                side = max(2, min(self.size, int(round(math.sqrt(area)))))
+                y, x = torch.randint(self.size - side + 1, (2,), generator=g).tolist()
+                crop = F.interpolate(img[None, :, y : y + side, x : x + side], size=(res, res), mode="bilinear")[0]
+                if bool(torch.rand(1, generator=g) < 0.5):
+                    crop = crop.flip(-1)
+                crops.append((crop - 0.5) / 0.25)
+        return crops
+
+    def batch(self, step: int, rank: int, batch_size: int, world_size: int) -> list[torch.Tensor]:
+        """The ``[B, 3, r, r]`` crop tensors of this rank's share of global step ``step``."""
+        first = (step * world_size + rank) * batch_size
+        samples = [self.sample(first + i) for i in range(batch_size)]
+        return [torch.stack(c) for c in zip(*samples)]

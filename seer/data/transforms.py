@@ -44,24 +44,45 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "PRESETS",
+    "SWAV_SCALES",
     "ImageDecodeError",
     "MultiCrop",
     "collate_multicrop",
     "decode_image",
     "eval_transform",
     "normalize_uint8",
+    "preset_crops",
+    "swav_scales",
 ]
 
-# name -> (counts, sizes, scales); large crops first. Mirrors seer.config.CROP_PRESETS.
+# SwAV's RandomResizedCrop area ranges: the first (large) resolution, then every other one.
+SWAV_SCALES = ((0.14, 1.0), (0.05, 0.14))
+
+# The multi-crop presets, the one table of them: ``MultiCrop.from_preset`` builds one, a config names one
+# (``data.multicrop``), and the synthetic source and ``seer plan`` read its runs (``preset_crops``) and scales.
+# name -> MultiCrop arguments (counts, sizes, scales, ...); large crops first.
 PRESETS: dict[str, dict] = {
-    "swav": {"counts": (2, 6), "sizes": (224, 96), "scales": ((0.14, 1.0), (0.05, 0.14))},
-    "seer": {"counts": (2, 4), "sizes": (224, 96), "scales": ((0.14, 1.0), (0.05, 0.14))},
-    "seer_10b": {"counts": (2, 4), "sizes": (160, 96), "scales": ((0.14, 1.0), (0.05, 0.14))},
-    "cpu_tiny": {"counts": (2, 2), "sizes": (64, 32), "scales": ((0.14, 1.0), (0.05, 0.14))},
+    "swav": {"counts": (2, 6), "sizes": (224, 96), "scales": SWAV_SCALES},
+    "seer": {"counts": (2, 4), "sizes": (224, 96), "scales": SWAV_SCALES},
+    "seer_10b": {"counts": (2, 4), "sizes": (160, 96), "scales": SWAV_SCALES},
+    "cpu_tiny": {"counts": (2, 2), "sizes": (64, 32), "scales": SWAV_SCALES},
     # `seer demo` on 32 px synthetic images: crops wide enough to hold the shape that defines the class, and no
     # blur (a radius of 0.1-2 px wipes out 16 px crops).
     "demo": {"counts": (2, 2), "sizes": (32, 16), "scales": ((0.3, 1.0), (0.15, 0.4)), "blur_p": 0.0},
 }
+
+
+def preset_crops(name: str) -> list[tuple[int, int]]:
+    """A multi-crop preset's ``[(count, resolution), ...]`` runs, large crops first."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown multi-crop preset {name!r}; choose from {sorted(PRESETS)}")
+    return [(int(c), int(s)) for c, s in zip(PRESETS[name]["counts"], PRESETS[name]["sizes"])]
+
+
+def swav_scales(n_groups: int) -> tuple[tuple[float, float], ...]:
+    """SwAV's area ranges for ``n_groups`` crop groups (explicit crops, no preset): large first, then small."""
+    return tuple(SWAV_SCALES[min(i, 1)] for i in range(n_groups))
+
 
 _GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
@@ -204,7 +225,7 @@ class MultiCrop:
         self,
         counts: Sequence[int] = (2, 6),
         sizes: Sequence[int] = (224, 96),
-        scales: Sequence[tuple[float, float]] = ((0.14, 1.0), (0.05, 0.14)),
+        scales: Sequence[tuple[float, float]] = SWAV_SCALES,
         *,
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         flip_p: float = 0.5,
