@@ -6,6 +6,10 @@ A yaml file holds only the keys it changes (``yaml.safe_load``: configs are data
 values of the wrong type are rejected with the full dotted key and a close-match suggestion; impossible values
 (negative learning rate, crops larger than the synthetic images, ...) are rejected by ``validate``. The resolved
 config is written next to the run's outputs with ``dump_config``.
+
+This file assembles the tree; a component's own knobs live with it: the method's section (``swav``:
+``seer.ssl.swav.SwAVConfig``, chosen by ``method``, see ``seer.train.methods``) validates itself, and the multi-crop
+presets ``data.multicrop`` names are ``seer.data.transforms.PRESETS``.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
 from seer.catalog import resolve
+from seer.io import atomic_write, parse_key_values
+from seer.ssl.swav import SwAVConfig
 
 __all__ = [
     "ModelConfig",
@@ -33,26 +38,16 @@ __all__ = [
     "TrainConfig",
     "PretrainConfig",
     "ConfigError",
-    "CROP_PRESETS",
     "load_config",
     "dump_config",
     "config_to_dict",
     "config_from_dict",
     "validate",
     "crop_shapes",
+    "crop_scales",
     "batch_per_gpu",
     "trunk_cfg",
 ]
-
-# Multi-crop presets as (count, resolution) runs, large crops first. They mirror
-# seer.data.transforms.MultiCrop.from_preset; the synthetic source and the planner read them from here.
-CROP_PRESETS: dict[str, list[tuple[int, int]]] = {
-    "swav": [(2, 224), (6, 96)],
-    "seer": [(2, 224), (4, 96)],
-    "seer_10b": [(2, 160), (4, 96)],
-    "cpu_tiny": [(2, 64), (2, 32)],
-    "demo": [(2, 32), (2, 16)],
-}
 
 
 class ConfigError(ValueError):
@@ -75,28 +70,12 @@ class ModelConfig:
 
 
 @dataclass
-class SwAVConfig:
-    """The SwAV head and loss (see seer.ssl.swav.SwAV); ``head_dims`` follow the trunk width."""
-
-    head_dims: list = field(default_factory=lambda: [2048, 128])
-    use_bn: bool = True
-    n_prototypes: int = 3000
-    temperature: float = 0.1
-    sinkhorn_iters: int = 3
-    epsilon: float = 0.05
-    crops_for_assign: list = field(default_factory=lambda: [0, 1])
-    freeze_prototypes_iters: int = 313
-    queue_length: int = 0
-    queue_start_iter: int = 0
-
-
-@dataclass
 class DataConfig:
     """Where images come from and how they are cropped."""
 
     source: str = "synthetic"  # synthetic | shards
     urls: str | None = None  # webdataset pattern for source=shards, e.g. "data/train-{000000..000099}.tar"
-    multicrop: str = "cpu_tiny"  # a CROP_PRESETS / MultiCrop.from_preset name
+    multicrop: str = "cpu_tiny"  # a multi-crop preset: a seer.data.transforms.PRESETS name
     crops: list | None = None  # explicit [[count, resolution], ...] instead of the preset (synthetic source only)
     batch_size_per_gpu: int = 32
     # When > 0, the global batch; the per-GPU batch is then global_batch_size / world size (must divide).
@@ -161,6 +140,7 @@ class PretrainConfig:
     """The whole pretraining run."""
 
     run_dir: str = "runs/pretrain"
+    method: str = "swav"  # a seer.train.methods.METHODS name; its options are the section of the same name
     model: ModelConfig = field(default_factory=ModelConfig)
     swav: SwAVConfig = field(default_factory=SwAVConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -236,14 +216,12 @@ def _merge(node: Any, updates: dict, prefix: str = "") -> None:
 
 
 def _dotted_to_nested(items: list[str] | tuple[str, ...]) -> dict:
+    try:
+        pairs = parse_key_values(items, what="override", example="optim.base_lr=0.1")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     nested: dict = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.base_lr=0.1)")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if not key or any(not part for part in key.split(".")):
-            raise ConfigError(f"override {item!r} has an empty key")
+    for key, raw in pairs:
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
@@ -299,22 +277,28 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
 
 def dump_config(cfg: PretrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as yaml (atomically: temp file then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    atomic_write(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Validation
 # ----------------------------------------------------------------------------------------------------------------
 def crop_shapes(data: DataConfig) -> list[tuple[int, int]]:
-    """The multi-crop runs ``[(count, resolution), ...]`` of a data config."""
+    """The multi-crop runs ``[(count, resolution), ...]`` of a data config: ``data.crops`` or the preset's."""
+    from seer.data.transforms import preset_crops
+
     if data.crops is not None:
         return [(int(c), int(r)) for c, r in data.crops]
-    return list(CROP_PRESETS[data.multicrop])
+    return preset_crops(data.multicrop)
+
+
+def crop_scales(data: DataConfig) -> list[tuple[float, float]]:
+    """RandomResizedCrop area range per crop run: the preset's, or SwAV's for explicit ``data.crops``."""
+    from seer.data.transforms import PRESETS, swav_scales
+
+    if data.crops is not None:
+        return list(swav_scales(len(data.crops)))
+    return [tuple(sc) for sc in PRESETS[data.multicrop]["scales"]]
 
 
 def _bad(key: str, value: Any, why: str) -> ConfigError:
@@ -323,32 +307,34 @@ def _bad(key: str, value: Any, why: str) -> ConfigError:
 
 def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
     """Reject impossible values, naming the dotted key. ``world_size`` adds the checks that depend on it."""
-    from seer.models.regnet import resolve_cfg
+    from seer.data.transforms import PRESETS
+    from seer.distributed.parallel import SHARD_UNITS
+    from seer.models.regnet import checkpoint_segments
+    from seer.train.methods import get_method, method_config
 
-    m, s, d, o, t = cfg.model, cfg.swav, cfg.data, cfg.optim, cfg.train
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    try:
+        get_method(cfg.method)
+    except ValueError as exc:
+        raise ConfigError(f"method: {exc}") from None
     # model
     try:
-        if m.cfg is not None:
-            base = {} if set(m.cfg) >= {"depth", "w0", "wa", "wm", "group_w"} else resolve_cfg(m.preset).to_dict()
-            resolve_cfg({**base, **m.cfg})
-        else:
-            resolve_cfg(m.preset)
-    except (ValueError, TypeError) as exc:
+        depths = trunk_cfg(m).depths
+    except (ValueError, TypeError, ArithmeticError) as exc:
         raise ConfigError(f"model.{'cfg' if m.cfg is not None else 'preset'}: {exc}") from None
-    ac = m.activation_checkpointing
-    if isinstance(ac, str) and ac not in ("block", "stage"):
-        raise _bad("model.activation_checkpointing", ac, "must be a bool, 'block', 'stage' or a list of groups")
-    if isinstance(ac, list) and not all(isinstance(g, list) for g in ac):
-        raise _bad("model.activation_checkpointing", ac, "groups must be one list of end indices per stage")
+    try:
+        checkpoint_segments(m.activation_checkpointing, depths)
+    except ValueError as exc:
+        raise ConfigError(f"model.activation_checkpointing: {exc}") from None
     # data
     if d.source not in ("synthetic", "shards"):
         raise _bad("data.source", d.source, "must be 'synthetic' or 'shards'")
     if d.source == "shards" and not d.urls:
         raise _bad("data.urls", d.urls, "is required when data.source is 'shards'")
-    if d.crops is None and d.multicrop not in CROP_PRESETS:
-        close = difflib.get_close_matches(d.multicrop, CROP_PRESETS, n=1)
+    if d.crops is None and d.multicrop not in PRESETS:
+        close = difflib.get_close_matches(d.multicrop, PRESETS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise _bad("data.multicrop", d.multicrop, f"must be one of {sorted(CROP_PRESETS)}{hint}")
+        raise _bad("data.multicrop", d.multicrop, f"must be one of {sorted(PRESETS)}{hint}")
     if d.crops is not None:
         ok = all(isinstance(c, list) and len(c) == 2 and all(isinstance(v, int) and v > 0 for v in c) for c in d.crops)
         if not ok or not d.crops:
@@ -364,22 +350,13 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
         raise _bad(
             "data.image_size", d.image_size, f"is smaller than the largest crop ({max(r for _, r in shapes)} px)"
         )
-    # swav
-    if not s.head_dims or any(not isinstance(v, int) or v < 1 for v in s.head_dims):
-        raise _bad("swav.head_dims", s.head_dims, "must be a non-empty list of positive integers")
-    for key in ("n_prototypes", "sinkhorn_iters"):
-        if getattr(s, key) < 1:
-            raise _bad(f"swav.{key}", getattr(s, key), "must be >= 1")
-    for key in ("temperature", "epsilon"):
-        if not getattr(s, key) > 0:
-            raise _bad(f"swav.{key}", getattr(s, key), "must be > 0")
-    if not s.crops_for_assign or any(not isinstance(i, int) or not 0 <= i < n_crops for i in s.crops_for_assign):
-        raise _bad("swav.crops_for_assign", s.crops_for_assign, f"must be crop indices in [0, {n_crops})")
-    if n_crops < 2:
-        raise _bad("data.crops", shapes, "need at least 2 crops per image")
-    for key in ("freeze_prototypes_iters", "queue_length", "queue_start_iter"):
-        if getattr(s, key) < 0:
-            raise _bad(f"swav.{key}", getattr(s, key), "must be >= 0")
+    # the method's own section (swav.*)
+    section = method_config(cfg)
+    if section is not None:
+        try:
+            section.validate(n_crops)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     # optim
     if o.name not in ("lars", "sgd"):
         raise _bad("optim.name", o.name, "must be 'lars' or 'sgd'")
@@ -413,8 +390,8 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
         raise _bad("train.precision", t.precision, "must be 'fp32' or 'bf16'")
     if t.device not in ("auto", "cpu", "cuda"):
         raise _bad("train.device", t.device, "must be 'auto', 'cpu' or 'cuda'")
-    if t.fsdp.shard_unit not in ("block", "group"):
-        raise _bad("train.fsdp.shard_unit", t.fsdp.shard_unit, "must be 'block' or 'group'")
+    if t.fsdp.shard_unit not in SHARD_UNITS:
+        raise _bad("train.fsdp.shard_unit", t.fsdp.shard_unit, f"must be one of {', '.join(map(repr, SHARD_UNITS))}")
     if d.global_batch_size < 0:
         raise _bad("data.global_batch_size", d.global_batch_size, "must be >= 0 (0: batch_size_per_gpu x world)")
     if world_size is not None:

@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from seer.config import (
-    CROP_PRESETS,
     ConfigError,
     PretrainConfig,
     batch_per_gpu,
@@ -18,6 +17,7 @@ from seer.config import (
     trunk_cfg,
     validate,
 )
+from seer.data.transforms import preset_crops
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "pretrain").glob("*.yaml"))
 
@@ -46,7 +46,7 @@ def test_recipes_match_the_published_settings():
         assert c.optim.name == "lars" and c.optim.weight_decay == 1e-5 and c.optim.trust_coeff == 0.001
     ten = names["seer_10b"]
     assert ten.model.preset == "regnety_10b" and ten.swav.epsilon == 0.03 and ten.swav.use_bn is False
-    assert ten.swav.head_dims == [8192, 8192, 256] and CROP_PRESETS[ten.data.multicrop] == [(2, 160), (4, 96)]
+    assert ten.swav.head_dims == [8192, 8192, 256] and preset_crops(ten.data.multicrop) == [(2, 160), (4, 96)]
     assert batch_per_gpu(ten, 496) == 16
     assert names["seer_rg256"].optim.base_lr * 8192 / names["seer_rg256"].optim.reference_batch == pytest.approx(9.6)
 

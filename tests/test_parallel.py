@@ -15,8 +15,7 @@ import torch
 from seer.distributed.env import detect_launcher, init_distributed, parse_nodelist
 from seer.distributed.parallel import block_groups, parallelize
 from seer.models.regnet import build_trunk
-from seer.ssl.swav import SwAV
-from seer.train.loop import SwAVModel
+from seer.ssl.swav import SwAV, SwAVModel
 
 TINY = {"depth": 6, "w0": 16, "wa": 8.0, "wm": 2.0, "group_w": 8}
 

@@ -9,7 +9,8 @@ import pytest
 
 from seer.config import load_config
 from seer.models.regnet import PRESETS, complexity
-from seer.train.plan import block_stats, cli_main, head_params, measure_cpu, plan
+from seer.ssl.swav import head_params
+from seer.train.plan import block_stats, cli_main, measure_cpu, plan
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "pretrain"
 GiB = 2**30

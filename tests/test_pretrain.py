@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from seer.config import load_config
+from seer.data.synthetic import SyntheticMultiCrop
 from seer.train.checkpoint import latest_checkpoint, list_checkpoints, read_meta, read_trunk_state
-from seer.train.loop import SyntheticMultiCrop, pretrain
+from seer.train.loop import pretrain
 
 TINY = [
     "model.cfg={depth: 4, w0: 16, wa: 8.0, wm: 2.0, group_w: 8}",

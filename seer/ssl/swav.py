@@ -1,16 +1,19 @@
 """SwAV (Caron et al., "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments"), in one module.
 
-Everything the method needs lives here: the projection head, the prototypes, the Sinkhorn-Knopp codes, the queue and
-the swapped-prediction loss. It runs in one process as well as on many: the only collectives are the Sinkhorn sums,
+Everything the method needs lives here: its config (``SwAVConfig``, the ``swav:`` section of a pretraining config),
+the projection head, the prototypes, the Sinkhorn-Knopp codes, the queue, the swapped-prediction loss, and the
+trunk + head model the training loop trains (``SwAVModel``, built by ``build_model``; ``seer.train.methods`` maps
+``method: swav`` to it). It runs in one process as well as on many: the only collectives are the Sinkhorn sums,
 guarded by ``dist.is_available() and dist.is_initialized()``, which make the codes of a batch split over ranks equal
 to the codes of the whole batch in one process (as in SwAV's ``distributed_sinkhorn``).
 
-Typical step (what ``seer.train.loop`` does)::
+Typical step (what ``seer.train.loop`` does with any method's model)::
 
-    head.normalize_prototypes()
-    out = head(multicrop_forward(trunk, crops), n_crops=len(crops), iteration=step)
+    model = build_model(trunk, SwAVConfig(head_dims=[2048, 128]))
+    model.before_forward(step)          # L2-normalized prototypes; the step (queue start) for the forward
+    out = model(crops)                  # {"loss", "codes", "queue_used"}
     out["loss"].backward()
-    head.before_optimizer_step(step)   # no update reaches frozen prototypes
+    model.before_optimizer_step(step)   # no update reaches frozen prototypes
     optimizer.step()
 """
 
@@ -18,13 +21,23 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["sinkhorn", "SwAV", "multicrop_forward", "build_projection"]
+__all__ = [
+    "SwAVConfig",
+    "SwAV",
+    "SwAVModel",
+    "build_model",
+    "build_projection",
+    "head_params",
+    "multicrop_forward",
+    "sinkhorn",
+]
 
 
 def _dist_on() -> bool:
@@ -36,6 +49,61 @@ def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if _dist_on():
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: the ``swav`` section of a pretraining config
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class SwAVConfig:
+    """The SwAV head and loss (see ``SwAV``); ``head_dims`` follow the trunk width."""
+
+    head_dims: list = field(default_factory=lambda: [2048, 128])
+    use_bn: bool = True
+    n_prototypes: int = 3000
+    temperature: float = 0.1
+    sinkhorn_iters: int = 3
+    epsilon: float = 0.05
+    crops_for_assign: list = field(default_factory=lambda: [0, 1])
+    freeze_prototypes_iters: int = 313
+    queue_length: int = 0
+    queue_start_iter: int = 0
+
+    def validate(self, n_crops: int, section: str = "swav") -> None:
+        """Reject impossible values for a run of ``n_crops`` crops per image.
+
+        Raises:
+            ValueError: naming the dotted key (``swav.n_prototypes: must be >= 1, got 0``).
+        """
+
+        def bad(key: str, value, why: str) -> ValueError:
+            return ValueError(f"{key}: {why}, got {value!r}")
+
+        if not self.head_dims or any(not isinstance(v, int) or v < 1 for v in self.head_dims):
+            raise bad(f"{section}.head_dims", self.head_dims, "must be a non-empty list of positive integers")
+        for key in ("n_prototypes", "sinkhorn_iters"):
+            if getattr(self, key) < 1:
+                raise bad(f"{section}.{key}", getattr(self, key), "must be >= 1")
+        for key in ("temperature", "epsilon"):
+            if not getattr(self, key) > 0:
+                raise bad(f"{section}.{key}", getattr(self, key), "must be > 0")
+        c = self.crops_for_assign
+        if not c or any(not isinstance(i, int) or not 0 <= i < n_crops for i in c):
+            raise bad(f"{section}.crops_for_assign", c, f"must be crop indices in [0, {n_crops})")
+        if n_crops < 2:
+            raise bad("data.crops", n_crops, "SwAV needs at least 2 crops per image (its swapped prediction)")
+        for key in ("freeze_prototypes_iters", "queue_length", "queue_start_iter"):
+            if getattr(self, key) < 0:
+                raise bad(f"{section}.{key}", getattr(self, key), "must be >= 0")
+
+    def head_params(self, trunk_width: int) -> int:
+        """Parameters of the head (projection MLP + prototypes) on a trunk of ``trunk_width`` features."""
+        return head_params(trunk_width, self.head_dims, self.n_prototypes, self.use_bn)
+
+    def head_activations(self) -> int:
+        """Head elements held per crop image until backward (``seer plan``): projection outputs (+ BN), the
+        prototype scores, their softmax and its gradients."""
+        return sum(self.head_dims) * (3 if self.use_bn else 2) + 4 * self.n_prototypes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,6 +184,17 @@ def sinkhorn(scores: torch.Tensor, n_iters: int = 3, epsilon: float = 0.05) -> t
 # ----------------------------------------------------------------------------------------------------------------
 # Head
 # ----------------------------------------------------------------------------------------------------------------
+def head_params(trunk_width: int, head_dims: Sequence[int], n_prototypes: int, use_bn: bool = True) -> int:
+    """Parameters of the SwAV projection MLP (+ BN) and the prototypes (arithmetic: nothing is built)."""
+    dims = [trunk_width, *head_dims]
+    n = 0
+    for i in range(len(dims) - 1):
+        n += dims[i] * dims[i + 1] + dims[i + 1]
+        if use_bn and i < len(dims) - 2:
+            n += 2 * dims[i + 1]
+    return n + dims[-1] * n_prototypes
+
+
 def build_projection(dims: Sequence[int], use_bn: bool = True) -> nn.Sequential:
     """``Linear -> [BN] -> ReLU`` for every hidden layer, then a last ``Linear`` (SwAV / VISSL's ``swav_head``).
 
@@ -298,3 +377,57 @@ def multicrop_forward(trunk: nn.Module, crops: Sequence[torch.Tensor]) -> torch.
         group = list(group)
         outs.append(trunk(group[0] if len(group) == 1 else torch.cat(group)))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model the training loop trains: trunk + head behind one forward (FSDP2's root unit needs one)
+# ----------------------------------------------------------------------------------------------------------------
+class SwAVModel(nn.Module):
+    """``forward(crops) -> SwAV output dict`` (``{"loss", ...}``) with ``trunk`` and ``head`` submodules.
+
+    The loop's hooks: ``before_forward(step)`` normalizes the prototypes and records the step (the queue starts at
+    ``queue_start_iter``); ``before_optimizer_step(step)`` drops the prototypes' gradient while they are frozen.
+
+    ``bn_splits > 1`` runs the trunk on each crop batch in that many chunks (ghost batch norm): one process then
+    sees exactly the BatchNorm batches that ``bn_splits`` FSDP ranks without SyncBN would.
+    """
+
+    def __init__(self, trunk: nn.Module, head: nn.Module, bn_splits: int = 1) -> None:
+        super().__init__()
+        self.trunk, self.head, self.bn_splits = trunk, head, bn_splits
+        self.step = 0
+
+    def before_forward(self, step: int) -> None:
+        self.step = step
+        self.head.normalize_prototypes()
+
+    def before_optimizer_step(self, step: int) -> None:
+        self.head.before_optimizer_step(step)
+
+    def features(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        if self.bn_splits == 1:
+            return multicrop_forward(self.trunk, crops)
+        chunks = [multicrop_forward(self.trunk, list(part)) for part in zip(*(c.chunk(self.bn_splits) for c in crops))]
+        n = len(crops)  # crop-major [n * b, D] per chunk -> crop-major over the whole batch
+        return torch.cat([c.reshape(n, -1, c.shape[-1]) for c in chunks], dim=1).reshape(-1, chunks[0].shape[-1])
+
+    def forward(self, crops: list[torch.Tensor], iteration: int | None = None) -> dict:
+        """The loss of a multi-crop batch at ``iteration`` (default: the step given to ``before_forward``)."""
+        return self.head(self.features(crops), len(crops), self.step if iteration is None else iteration)
+
+
+def build_model(trunk: nn.Module, cfg: SwAVConfig, *, bn_splits: int = 1) -> SwAVModel:
+    """The SwAV model a config describes on ``trunk`` (its head freshly initialized, on CPU, fp32)."""
+    head = SwAV(
+        [trunk.num_features, *cfg.head_dims],
+        use_bn=cfg.use_bn,
+        n_prototypes=cfg.n_prototypes,
+        temperature=cfg.temperature,
+        sinkhorn_iters=cfg.sinkhorn_iters,
+        epsilon=cfg.epsilon,
+        crops_for_assign=cfg.crops_for_assign,
+        freeze_prototypes_iters=cfg.freeze_prototypes_iters,
+        queue_length=cfg.queue_length,
+        queue_start_iter=cfg.queue_start_iter,
+    )
+    return SwAVModel(trunk, head, bn_splits)

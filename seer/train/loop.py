@@ -1,11 +1,13 @@
-"""SwAV pretraining loop: flat, top to bottom, one screen per section (nanoGPT habit).
+"""The pretraining loop: flat, top to bottom, one screen per section (nanoGPT habit).
 
     seer pretrain --config tiny_cpu train.total_steps=200          # a shipped recipe by name, or a yaml file
     torchrun --nproc_per_node 8 -m seer.cli pretrain --config seer_rg32
 
-One process with no launcher variables trains without a process group; under torchrun / SLURM the model is
-sharded with FSDP2 (``seer.distributed.parallel.parallelize``). The run resumes from the latest complete checkpoint
-in ``cfg.run_dir`` automatically.
+The loop knows no method: it trains whatever model ``cfg.method`` builds (``seer.train.methods``), any module with a
+``trunk`` whose ``forward(batch)`` returns ``{"loss": ...}``, calling its ``before_forward(step)`` and
+``before_optimizer_step(step)`` hooks when it defines them. One process with no launcher variables trains without a
+process group; under torchrun / SLURM the model is sharded with FSDP2 (``seer.distributed.parallel.parallelize``).
+The run resumes from the latest complete checkpoint in ``cfg.run_dir`` automatically.
 """
 
 from __future__ import annotations
@@ -22,108 +24,35 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from seer import hardware
-from seer.config import PretrainConfig, batch_per_gpu, crop_shapes, dump_config, load_config, trunk_cfg, validate
+from seer.config import (
+    PretrainConfig,
+    batch_per_gpu,
+    crop_scales,
+    crop_shapes,
+    dump_config,
+    load_config,
+    trunk_cfg,
+    validate,
+)
+from seer.data.synthetic import SyntheticMultiCrop
 from seer.extras import optional
+from seer.train.methods import get_method, method_config
 
-__all__ = ["pretrain", "cli_main", "SwAVModel", "SyntheticMultiCrop", "build_model", "peak_memory_bytes"]
+__all__ = ["pretrain", "cli_main", "build_model", "peak_memory_bytes"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The model: trunk + SwAV head behind one forward (FSDP2's root unit needs one)
+# The model and the data: a randomly initialized trunk under the method's model, multi-crop batches
 # ----------------------------------------------------------------------------------------------------------------
-class SwAVModel(nn.Module):
-    """``forward(crops, iteration) -> SwAV output dict`` with ``trunk`` and ``head`` submodules.
-
-    ``bn_splits > 1`` runs the trunk on each crop batch in that many chunks (ghost batch norm): one process then
-    sees exactly the BatchNorm batches that ``bn_splits`` FSDP ranks without SyncBN would.
-    """
-
-    def __init__(self, trunk: nn.Module, head: nn.Module, bn_splits: int = 1) -> None:
-        super().__init__()
-        self.trunk, self.head, self.bn_splits = trunk, head, bn_splits
-
-    def features(self, crops: list[torch.Tensor]) -> torch.Tensor:
-        from seer.ssl.swav import multicrop_forward
-
-        if self.bn_splits == 1:
-            return multicrop_forward(self.trunk, crops)
-        chunks = [multicrop_forward(self.trunk, list(part)) for part in zip(*(c.chunk(self.bn_splits) for c in crops))]
-        n = len(crops)  # crop-major [n * b, D] per chunk -> crop-major over the whole batch
-        return torch.cat([c.reshape(n, -1, c.shape[-1]) for c in chunks], dim=1).reshape(-1, chunks[0].shape[-1])
-
-    def forward(self, crops: list[torch.Tensor], iteration: int = 0) -> dict:
-        return self.head(self.features(crops), len(crops), iteration)
-
-
-def build_model(cfg: PretrainConfig) -> SwAVModel:
-    """The randomly initialized trunk + SwAV head a config describes (on CPU, fp32)."""
+def build_model(cfg: PretrainConfig) -> nn.Module:
+    """The randomly initialized trunk wrapped by ``cfg.method``'s model (on CPU, fp32)."""
     from seer.models.regnet import build_trunk
-    from seer.ssl.swav import SwAV
 
     trunk = build_trunk(trunk_cfg(cfg.model), zero_init_last_bn=cfg.model.zero_init)
-    s = cfg.swav
-    head = SwAV(
-        [trunk.num_features, *s.head_dims],
-        use_bn=s.use_bn,
-        n_prototypes=s.n_prototypes,
-        temperature=s.temperature,
-        sinkhorn_iters=s.sinkhorn_iters,
-        epsilon=s.epsilon,
-        crops_for_assign=s.crops_for_assign,
-        freeze_prototypes_iters=s.freeze_prototypes_iters,
-        queue_length=s.queue_length,
-        queue_start_iter=s.queue_start_iter,
-    )
-    return SwAVModel(trunk, head, cfg.train.bn_splits)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Synthetic data: procedural images through the multi-crop shapes, a pure function of (seed, sample index)
-# ----------------------------------------------------------------------------------------------------------------
-class SyntheticMultiCrop:
-    """Deterministic procedural images (``classes`` families of colored blobs and stripes) cut into random resized
-    crops. Sample ``n`` depends only on ``(seed, n)``, so any split of a global batch over ranks sees the same data.
-    """
-
-    def __init__(self, shapes: list[tuple[int, int]], image_size: int = 96, classes: int = 16, seed: int = 0) -> None:
-        self.shapes, self.size, self.seed = shapes, image_size, seed
-        g = torch.Generator().manual_seed(seed * 7919 + 17)
-        grids = torch.rand(classes, 3, 4, 4, generator=g)
-        self.bases = F.interpolate(grids, size=(image_size, image_size), mode="bicubic", align_corners=False)
-        yy, xx = torch.meshgrid(torch.linspace(0, 1, image_size), torch.linspace(0, 1, image_size), indexing="ij")
-        angle, freq = torch.rand(classes, generator=g) * math.pi, 2 + 6 * torch.rand(classes, generator=g)
-        for c in range(classes):
-            wave = torch.sin(2 * math.pi * freq[c] * (xx * angle[c].cos() + yy * angle[c].sin()))
-            self.bases[c] += 0.3 * wave
-        # scale ranges: SwAV's (0.14, 1) for the first (large) resolution, (0.05, 0.14) for the others
-        self.scales = [(0.14, 1.0) if i == 0 else (0.05, 0.14) for i in range(len(shapes))]
-
-    def sample(self, index: int) -> list[torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        cls = int(torch.randint(len(self.bases), (1,), generator=g))
-        img = self.bases[cls].roll(tuple(torch.randint(self.size, (2,), generator=g).tolist()), dims=(1, 2))
-        img = img + 0.1 * torch.randn(img.shape, generator=g)
-        crops = []
-        for (count, res), (lo, hi) in zip(self.shapes, self.scales):
-            for _ in range(count):
-                area = self.size * self.size * float(lo + (hi - lo) * torch.rand(1, generator=g))
-                side = max(2, min(self.size, int(round(math.sqrt(area)))))
-                y, x = torch.randint(self.size - side + 1, (2,), generator=g).tolist()
-                crop = F.interpolate(img[None, :, y : y + side, x : x + side], size=(res, res), mode="bilinear")[0]
-                if bool(torch.rand(1, generator=g) < 0.5):
-                    crop = crop.flip(-1)
-                crops.append((crop - 0.5) / 0.25)
-        return crops
-
-    def batch(self, step: int, rank: int, batch_size: int, world_size: int) -> list[torch.Tensor]:
-        """The ``[B, 3, r, r]`` crop tensors of this rank's share of global step ``step``."""
-        first = (step * world_size + rank) * batch_size
-        samples = [self.sample(first + i) for i in range(batch_size)]
-        return [torch.stack(c) for c in zip(*samples)]
+    return get_method(cfg.method).build(trunk, method_config(cfg), bn_splits=cfg.train.bn_splits)
 
 
 def _batches(cfg: PretrainConfig, env, per_gpu: int, start_step: int, stats: dict | None = None):
@@ -133,7 +62,7 @@ def _batches(cfg: PretrainConfig, env, per_gpu: int, start_step: int, stats: dic
     """
     if cfg.data.source == "synthetic":
         d = cfg.data
-        data = SyntheticMultiCrop(crop_shapes(d), d.image_size, d.synthetic_classes, cfg.train.seed)
+        data = SyntheticMultiCrop(crop_shapes(d), d.image_size, d.synthetic_classes, cfg.train.seed, crop_scales(d))
         step = start_step
         while True:
             yield data.batch(step, env.rank, per_gpu, env.world_size)
@@ -249,7 +178,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         log(f"resumed from {ckpt} (step {start_step}, saved by {meta.get('world_size')} ranks)")
     n_params = sum(p.numel() for p in model.parameters())
     log(
-        f"pretraining {cfg.model.preset if cfg.model.cfg is None else cfg.model.cfg} + SwAV: {n_params / 1e6:.2f}M "
+        f"pretraining {cfg.model.preset if cfg.model.cfg is None else cfg.model.cfg} + {cfg.method}: "
+        f"{n_params / 1e6:.2f}M "
         f"params, world {env.world_size} ({env.backend or 'no process group'}, {env.device}), "
         f"batch {per_gpu}/rank = {global_batch}, lr {peak_lr:.4g}, steps {start_step} -> {total}"
     )
@@ -267,6 +197,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     }
 
     # -- train ------------------------------------------------------------------------------------------------------
+    # The method's optional hooks (found on the wrapped model: FSDP2 keeps the module's class as a base).
+    before_forward = getattr(model, "before_forward", None)
+    before_optimizer_step = getattr(model, "before_optimizer_step", None)
     model.train()
     data_stats: dict = {}
     batches = _batches(cfg, env, per_gpu, start_step, data_stats)
@@ -280,9 +213,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
         t1 = time.time()
 
         set_lr(optimizer, float(lrs[step]))
-        model.head.normalize_prototypes()
+        if before_forward is not None:
+            before_forward(step)
         with autocast:
-            out = model(crops, step)
+            out = model(crops)
         loss = out["loss"]
 
         # Every rank must agree before anything is updated: average the loss and the "checkpoint by time" vote.
@@ -300,7 +234,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        model.head.before_optimizer_step(step)  # frozen prototypes: grads set to None
+        if before_optimizer_step is not None:  # e.g. drop the gradients of parameters still frozen
+            before_optimizer_step(step)
         if cfg.optim.clip_grad > 0:
             # the optimizer's parameters: the (sharded) ones that hold the reduced gradients
             clip_grad_norm([p for g in optimizer.param_groups for p in g["params"]], cfg.optim.clip_grad)
@@ -378,7 +313,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     from seer.config import ConfigError
     from seer.distributed.env import destroy_distributed
 
-    ap = argparse.ArgumentParser(prog="seer pretrain", description="SwAV pretraining of a RegNetY trunk.")
+    ap = argparse.ArgumentParser(prog="seer pretrain", description="Self-supervised pretraining of a RegNetY trunk.")
     ap.add_argument("--config", help="a shipped recipe's name (seer_rg32, tiny_cpu, ...) or a yaml file of overrides")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=0.1 train.total_steps=100")
     args = ap.parse_args(argv)

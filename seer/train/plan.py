@@ -8,7 +8,8 @@ Per GPU (FSDP2, ``world_size`` ranks):
 - activations of every crop of the per-GPU batch, from ``seer.complexity``-style per-block element counts (exact
   arithmetic, replicated per block here) times a calibration factor measured on CPU (``ACT_FACTOR``); with
   activation checkpointing only segment inputs are kept, plus one segment recomputed at a time;
-- the SwAV head (projection activations, prototype scores) and the input crops;
+- the method's head (its parameters and per-crop activations, as the method's config reports them: for SwAV the
+  projection MLP and the prototype scores) and the input crops;
 - a fixed framework overhead on GPUs (CUDA context, cuDNN / NCCL workspaces).
 
 FLOPs per step: 2 x MACs per image per crop resolution, x3 for forward + backward (x4 with recomputation).
@@ -27,8 +28,10 @@ import sys
 from collections.abc import Sequence
 
 from seer.config import PretrainConfig, batch_per_gpu, crop_shapes, load_config, trunk_cfg
+from seer.models.regnet import checkpoint_segments
+from seer.train.methods import method_config
 
-__all__ = ["plan", "format_plan", "block_stats", "head_params", "measure_cpu", "cli_main"]
+__all__ = ["plan", "format_plan", "block_stats", "measure_cpu", "cli_main"]
 
 # Calibrated on CPU (fp32, oneDNN, glibc with a fixed 64 KiB mmap threshold so that RSS follows live tensors)
 # against the peak RSS of training steps of regnety_200mf / 400mf / 800mf at 32-96 px, with and without
@@ -84,34 +87,10 @@ def block_stats(regnet_cfg, resolution: int) -> dict:
     return {"stem": stem, "blocks": blocks}
 
 
-def head_params(trunk_width: int, head_dims: Sequence[int], n_prototypes: int, use_bn: bool = True) -> int:
-    """Parameters of the SwAV projection MLP (+ BN) and the prototypes."""
-    dims = [trunk_width, *head_dims]
-    n = 0
-    for i in range(len(dims) - 1):
-        n += dims[i] * dims[i + 1] + dims[i + 1]
-        if use_bn and i < len(dims) - 2:
-            n += 2 * dims[i + 1]
-    return n + dims[-1] * n_prototypes
-
-
 def _segments(depths: list[int], spec) -> list[tuple[int, int, bool]]:
-    """Flat (start, end, checkpointed) block ranges of an activation-checkpointing spec."""
+    """Flat (start, end, checkpointed) block ranges of an activation-checkpointing spec (the trunk's own parser)."""
     out, base = [], 0
-    for s, d in enumerate(depths):
-        if spec is None or spec is False:
-            segs = [(0, d, False)]
-        elif spec is True or spec == "block":
-            segs = [(j, j + 1, True) for j in range(d)]
-        elif spec == "stage":
-            segs = [(0, d, True)]
-        else:
-            segs, start = [], 0
-            for end in spec[s]:
-                segs.append((start, end, True))
-                start = end
-            if start < d:
-                segs.append((start, d, False))
+    for d, segs in zip(depths, checkpoint_segments(spec, depths)):
         out += [(base + a, base + b, ck) for a, b, ck in segs]
         base += d
     return out
@@ -165,12 +144,12 @@ def plan(
     act_bytes = 2 if bf16 else 4
     widths, depths, _ = rcfg.stages()
     d = widths[-1]
-    s = cfg.swav
+    head = method_config(cfg)  # None: a method without a head section counts no head
 
     # parameters (fp32 masters), gradients, momentum: sharded over the ranks under FSDP
     stats0 = block_stats(rcfg, shapes[0][1])
     p_trunk = complexity(rcfg)["params"]
-    p_head = head_params(d, s.head_dims, s.n_prototypes, s.use_bn)
+    p_head = head.head_params(d) if head is not None else 0
     p_total = p_trunk + p_head
     fsdp = world_size > 1
     shard = world_size if fsdp else 1
@@ -198,7 +177,7 @@ def plan(
 
     # activations of every crop (held until the loss) + the backward peak of one block / recomputed segment
     inputs = sum(c * b * 3 * r * r for c, r in shapes)
-    head_elems = sum(c * b * (sum(s.head_dims) * (3 if s.use_bn else 2) + 4 * s.n_prototypes) for c, r in shapes)
+    head_elems = sum(c for c, _ in shapes) * b * (head.head_activations() if head is not None else 0)
     macs = sum(c * complexity(rcfg, r)["macs"] for c, r in shapes)
     extra_b = 4 * (inputs + head_elems)
     acts_b = _activation_bytes(rcfg, shapes, b, spec, act_bytes) + extra_b
@@ -339,13 +318,17 @@ def _measure_here(overrides: list[str], steps: int) -> dict:
     b = batch_per_gpu(cfg, 1)
     model = parallelize(build_model(cfg), activation_checkpointing=cfg.model.activation_checkpointing, fsdp=False)
     opt = build_optimizer(model, cfg.optim)
-    it = cfg.swav.freeze_prototypes_iters  # past the freeze: every parameter has a gradient and momentum
+    # The run's last step: past the method's warm-up (a queue that starts late). No before_optimizer_step: every
+    # parameter keeps its gradient and momentum, as the plan counts them.
+    it = max(cfg.total_steps - 1, 0)
+    before_forward = getattr(model, "before_forward", None)
 
     def step(batch: int) -> float:
         crops = [torch.randn(batch, 3, r, r) for c, r in crop_shapes(cfg.data) for _ in range(c)]
         t0 = time.perf_counter()
-        model.head.normalize_prototypes()
-        loss = model(crops, it)["loss"]
+        if before_forward is not None:
+            before_forward(it)
+        loss = model(crops)["loss"]
         opt.zero_grad(set_to_none=False)
         loss.backward()
         opt.step()
