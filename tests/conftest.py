@@ -22,6 +22,28 @@ def _restore_environment():
             os.environ[key] = value
 
 
+# The smallest pretraining run the tests train (SwAV on a 4-block trunk, 2x32 + 2x16 crops of 48 px synthetic
+# images, metrics every step, no TensorBoard). A test adds what it changes on purpose (batch size, steps, the
+# prototype freeze, the learning rate, ...) after it: later overrides win.
+TINY_OVERRIDES = (
+    "model.cfg={depth: 4, w0: 16, wa: 8.0, wm: 2.0, group_w: 8}",
+    "swav.head_dims=[32, 16]",
+    "swav.n_prototypes=32",
+    "data.crops=[[2, 32], [2, 16]]",
+    "data.image_size=48",
+    "data.synthetic_classes=8",
+    "train.log_every=1",
+    "train.tensorboard=false",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides() -> tuple[str, ...]:
+    """``TINY_OVERRIDES``: dotted overrides of a tiny pretraining config (session-scoped, so hypothesis tests and
+    module-level fixtures can use it)."""
+    return TINY_OVERRIDES
+
+
 @pytest.fixture
 def fused_conv_spy(monkeypatch):
     """Record the dtype of every input that reaches the trunk's fused oneDNN convolutions.

@@ -12,16 +12,10 @@ from seer.config import load_config
 from seer.evaluation import eval_knn
 from seer.train.loop import pretrain
 
-TINY = [
-    "model.cfg={depth: 4, w0: 16, wa: 8.0, wm: 2.0, group_w: 8}",
-    "swav.head_dims=[32, 16]",
-    "swav.n_prototypes=32",
-    "data.crops=[[2, 32], [2, 16]]",
-    "data.image_size=48",
-    "data.batch_size_per_gpu=8",
-    "train.total_steps=2",
-    "train.log_every=1",
-]
+
+@pytest.fixture
+def tiny(tiny_overrides):
+    return [*tiny_overrides, "data.batch_size_per_gpu=8", "train.total_steps=2"]
 
 
 def _missing(monkeypatch, *names: str) -> None:
@@ -55,10 +49,10 @@ def test_knn_faiss_backend_without_faiss_names_the_extra(monkeypatch):
 
 
 @pytest.mark.slow
-def test_pretraining_without_tensorboard_logs_metrics_and_says_so(tmp_path, monkeypatch, capsys):
+def test_pretraining_without_tensorboard_logs_metrics_and_says_so(tmp_path, monkeypatch, capsys, tiny):
     _missing(monkeypatch, "torch.utils.tensorboard", "tensorboard")
     extras._SAID.discard("torch.utils.tensorboard")
-    summary = pretrain(load_config(None, [*TINY, f"run_dir={tmp_path}", "train.tensorboard=true"]))
+    summary = pretrain(load_config(None, [*tiny, f"run_dir={tmp_path}", "train.tensorboard=true"]))
     assert summary["step"] == 2 and (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
     assert not (tmp_path / "tensorboard").exists()
     assert "TensorBoard logs skipped" in capsys.readouterr().err

@@ -24,18 +24,11 @@ from seer.models.regnet import RegNetCfg, build_trunk
 pytestmark = pytest.mark.faults
 
 TINY = RegNetCfg(depth=4, w0=16, wa=8.0, wm=2.0, group_w=8)
-PRETRAIN_TINY = [
-    "model.cfg={depth: 4, w0: 16, wa: 8.0, wm: 2.0, group_w: 8}",
-    "swav.head_dims=[32, 16]",
-    "swav.n_prototypes=32",
-    "swav.freeze_prototypes_iters=0",
-    "data.crops=[[2, 32], [2, 16]]",
-    "data.image_size=48",
-    "data.synthetic_classes=8",
-    "train.log_every=1",
-    "train.tensorboard=false",
-    "data.batch_size_per_gpu=4",
-]
+
+
+@pytest.fixture(scope="module")
+def pretrain_tiny(tiny_overrides):
+    return [*tiny_overrides, "swav.freeze_prototypes_iters=0", "data.batch_size_per_gpu=4"]
 
 
 class Payload:
@@ -54,13 +47,13 @@ def _evil_state(marker: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def run_dir(tmp_path_factory, pretrain_tiny) -> Path:
     """A real 2-step pretraining run directory (one process), reused read-only by the tests (copy to modify)."""
     from seer.config import load_config
     from seer.train.loop import pretrain
 
     out = tmp_path_factory.mktemp("faults_ckpt") / "run"
-    pretrain(load_config(None, [*PRETRAIN_TINY, f"run_dir={out}", "train.total_steps=2"]))
+    pretrain(load_config(None, [*pretrain_tiny, f"run_dir={out}", "train.total_steps=2"]))
     return out
 
 
@@ -109,7 +102,7 @@ def test_pickled_code_in_dcp_metadata_refused(run_dir: Path, tmp_path: Path) -> 
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
 
 
-def test_pickled_code_in_dcp_metadata_refused_on_resume(run_dir: Path, tmp_path: Path) -> None:
+def test_pickled_code_in_dcp_metadata_refused_on_resume(run_dir: Path, tmp_path: Path, pretrain_tiny) -> None:
     """Auto-resume reads the run's latest checkpoint: a planted payload there stops the run, unexecuted."""
     from seer.config import load_config
     from seer.train.loop import pretrain
@@ -119,11 +112,11 @@ def test_pickled_code_in_dcp_metadata_refused_on_resume(run_dir: Path, tmp_path:
     marker = tmp_path / "PWNED"
     (_ckpt(run) / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     with pytest.raises(ValueError, match="refused"):
-        pretrain(load_config(None, [*PRETRAIN_TINY, f"run_dir={run}", "train.total_steps=3"]))
+        pretrain(load_config(None, [*pretrain_tiny, f"run_dir={run}", "train.total_steps=3"]))
     assert not marker.exists()
 
 
-def test_pickled_code_in_dcp_bytes_item_refused(run_dir: Path, tmp_path: Path) -> None:
+def test_pickled_code_in_dcp_bytes_item_refused(run_dir: Path, tmp_path: Path, pretrain_tiny) -> None:
     """Non-tensor DCP items (optimizer hyper-parameters) are torch.load-ed by DCP with weights_only=False."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
@@ -150,7 +143,7 @@ def test_pickled_code_in_dcp_bytes_item_refused(run_dir: Path, tmp_path: Path) -
     shard.write_bytes(bytes(data) + evil)
     (ckpt / ".metadata").write_bytes(pickle.dumps(md))
     with pytest.raises(ValueError, match="cannot read the checkpoint"):
-        pretrain(load_config(None, [*PRETRAIN_TINY, f"run_dir={run}", "train.total_steps=3"]))
+        pretrain(load_config(None, [*pretrain_tiny, f"run_dir={run}", "train.total_steps=3"]))
     assert not marker.exists(), "DCP's bytes item was unpickled with weights_only=False"
 
 

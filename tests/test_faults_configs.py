@@ -14,14 +14,10 @@ from seer.config import ConfigError, PretrainConfig, batch_per_gpu, load_config,
 
 pytestmark = pytest.mark.faults
 
-TINY = [
-    "model.cfg={depth: 4, w0: 16, wa: 8.0, wm: 2.0, group_w: 8}",
-    "swav.head_dims=[32, 16]",
-    "swav.n_prototypes=32",
-    "data.crops=[[2, 32], [2, 16]]",
-    "data.image_size=48",
-    "train.total_steps=4",
-]
+
+@pytest.fixture(scope="session")
+def tiny(tiny_overrides):
+    return [*tiny_overrides, "train.total_steps=4"]
 
 
 def _keys(node=None, prefix: str = "") -> list[str]:
@@ -48,9 +44,9 @@ KEYS = _keys()
         ("train.fsdp.shard=block", "train.fsdp.shard"),
     ],
 )
-def test_unknown_keys_named(override: str, key: str) -> None:
+def test_unknown_keys_named(override: str, key: str, tiny) -> None:
     with pytest.raises(ConfigError, match=re.escape(key)):
-        load_config(None, [*TINY, override])
+        load_config(None, [*tiny, override])
 
 
 @pytest.mark.parametrize(
@@ -81,30 +77,30 @@ def test_unknown_keys_named(override: str, key: str) -> None:
         ("model=regnety_400mf", "model"),
     ],
 )
-def test_wrong_types_and_impossible_values_named(override: str, key: str) -> None:
+def test_wrong_types_and_impossible_values_named(override: str, key: str, tiny) -> None:
     extra = ["model.cfg=null"] if key == "model.preset" else []  # a full model.cfg needs no preset
     with pytest.raises(ConfigError, match=re.escape(key)):
-        load_config(None, [*TINY, *extra, override])
+        load_config(None, [*tiny, *extra, override])
 
 
-def test_crops_larger_than_the_images_named() -> None:
+def test_crops_larger_than_the_images_named(tiny) -> None:
     with pytest.raises(ConfigError, match=r"data\.image_size.*largest crop \(64 px\)"):
-        load_config(None, [*TINY, "data.crops=[[2, 64], [2, 32]]", "data.image_size=48"])
+        load_config(None, [*tiny, "data.crops=[[2, 64], [2, 32]]", "data.image_size=48"])
 
 
 @pytest.mark.parametrize("world_size", [3, 5, 7])
-def test_global_batch_not_divisible_by_world_size_named(world_size: int) -> None:
-    cfg = load_config(None, [*TINY, "data.global_batch_size=32"])
+def test_global_batch_not_divisible_by_world_size_named(world_size: int, tiny) -> None:
+    cfg = load_config(None, [*tiny, "data.global_batch_size=32"])
     for check in (lambda: validate(cfg, world_size), lambda: batch_per_gpu(cfg, world_size)):
         with pytest.raises(ConfigError, match=rf"data\.global_batch_size.*world size {world_size}"):
             check()
     assert batch_per_gpu(cfg, 4) == 8
-    cfg = load_config(None, [*TINY, "data.global_batch_size=12", "train.bn_splits=4"])
+    cfg = load_config(None, [*tiny, "data.global_batch_size=12", "train.bn_splits=4"])
     with pytest.raises(ConfigError, match=r"train\.bn_splits"):
         validate(cfg, 2)  # 6 images per GPU cannot be split into 4 BN groups
 
 
-def test_yaml_files(tmp_path: Path) -> None:
+def test_yaml_files(tmp_path: Path, tiny) -> None:
     marker = tmp_path / "PWNED"
     cases = {
         "unknown.yaml": ("optim:\n  base_lr: 0.1\n  momentun: 0.9\n", "optim.momentun"),
@@ -117,7 +113,7 @@ def test_yaml_files(tmp_path: Path) -> None:
         path = tmp_path / name
         path.write_text(text)
         with pytest.raises(ConfigError, match=re.escape(expected)) as info:
-            load_config(path, TINY)
+            load_config(path, tiny)
         assert name in str(info.value)
     assert not marker.exists()
     with pytest.raises(FileNotFoundError, match="missing.yaml"):
@@ -126,12 +122,12 @@ def test_yaml_files(tmp_path: Path) -> None:
         load_config(tmp_path)  # a directory
 
 
-def test_cli_rejects_bad_configs_in_one_line(tmp_path: Path, capsys) -> None:
+def test_cli_rejects_bad_configs_in_one_line(tmp_path: Path, capsys, tiny) -> None:
     from seer.cli import main
 
     for args in (["optim.bse_lr=0.1"], ["train.total_steps=abc"], ["--config", str(tmp_path / "nope.yaml")],
                  ["no_equals_sign"], ["=3"], ["a..b=3"]):  # fmt: skip
-        code = main(["pretrain", *TINY, f"run_dir={tmp_path / 'run'}", *args])
+        code = main(["pretrain", *tiny, f"run_dir={tmp_path / 'run'}", *args])
         err = capsys.readouterr().err
         assert code == 2 and err.startswith("seer pretrain: ") and err.count("\n") == 1, (args, err)
     assert not (tmp_path / "run").exists()  # nothing was started
@@ -148,11 +144,11 @@ VALUES = st.one_of(
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(key=st.one_of(st.sampled_from(KEYS), st.text(min_size=1, max_size=15)), value=VALUES)
-def test_fuzzed_overrides_load_or_name_the_key(key: str, value: str) -> None:
+def test_fuzzed_overrides_load_or_name_the_key(key: str, value: str, tiny) -> None:
     """Any ``key=value`` either loads (and validates) or raises ConfigError naming the key; nothing else."""
     override = f"{key}={value}"
     try:
-        cfg = load_config(None, [*TINY, override])
+        cfg = load_config(None, [*tiny, override])
     except ConfigError as exc:
         top = key.split("=")[0].strip().split(".")[0]
         assert top in str(exc) or repr(top)[1:-1] in str(exc) or "override" in str(exc), (override, str(exc))

@@ -355,8 +355,8 @@ def test_cli_shards_fuzzed(files, tmp_path_factory, capsys, data) -> None:
 
 @FUZZ
 @given(data=st.data())
-def test_cli_pretrain_fuzzed(files, tmp_path_factory, capsys, data) -> None:
-    from test_faults_configs import KEYS, TINY
+def test_cli_pretrain_fuzzed(files, tmp_path_factory, capsys, data, tiny_overrides) -> None:
+    from test_faults_configs import KEYS
 
     from seer.cli import main
 
@@ -364,8 +364,8 @@ def test_cli_pretrain_fuzzed(files, tmp_path_factory, capsys, data) -> None:
     hostile = _hostile(files, tmp)
     keys = [k for k in KEYS if k != "run_dir"]  # a run directory elsewhere would write into the shared files
     extra = data.draw(st.lists(st.tuples(st.sampled_from(keys), st.one_of(hostile, NUMBERS)), max_size=2))
-    argv = ["pretrain", *TINY, "train.total_steps=1", "swav.freeze_prototypes_iters=0", "train.tensorboard=false",
-            f"run_dir={tmp / 'run'}", *[f"{k}={v}" for k, v in extra]]  # fmt: skip
+    argv = ["pretrain", *tiny_overrides, "train.total_steps=1", "swav.freeze_prototypes_iters=0",
+            "train.tensorboard=false", f"run_dir={tmp / 'run'}", *[f"{k}={v}" for k, v in extra]]  # fmt: skip
     if data.draw(st.booleans()):
         argv += ["--config", data.draw(hostile)]
     _call(main, argv, capsys)
@@ -490,11 +490,10 @@ def test_cli_unknown_command(capsys) -> None:
 
 @FUZZ
 @given(data=st.data())
-def test_launch_submit_dry_run_fuzzed(files, tmp_path_factory, capsys, data) -> None:
+def test_launch_submit_dry_run_fuzzed(files, tmp_path_factory, capsys, data, tiny_overrides) -> None:
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from test_faults_configs import TINY
 
     from seer.launch.cli import main
 
@@ -505,7 +504,8 @@ def test_launch_submit_dry_run_fuzzed(files, tmp_path_factory, capsys, data) -> 
             "--job-dir": _outs(files, tmp), "--config": hostile, "--local": st.none()}  # fmt: skip
     cmd = data.draw(st.sampled_from(["pretrain", "status", "bogus"]))
     if cmd == "pretrain":
-        argv = ["pretrain", "--dry-run", *_opts(data.draw, opts, 4), *TINY, f"run_dir={tmp / 'run'}"]
+        argv = ["pretrain", "--dry-run", *_opts(data.draw, opts, 4), *tiny_overrides, "train.total_steps=4",
+                f"run_dir={tmp / 'run'}"]  # fmt: skip
         if "--job-dir" not in argv:
             argv += ["--job-dir", str(tmp / "job")]
     else:

@@ -32,18 +32,11 @@ from seer.train.loop import pretrain
 
 pytestmark = pytest.mark.faults
 
-TINY = [
-    "model.cfg={depth: 4, w0: 16, wa: 8.0, wm: 2.0, group_w: 8}",
-    "swav.head_dims=[32, 16]",
-    "swav.n_prototypes=32",
-    "swav.freeze_prototypes_iters=2",
-    "data.crops=[[2, 32], [2, 16]]",
-    "data.image_size=48",
-    "data.synthetic_classes=8",
-    "optim.base_lr=2.4",
-    "train.log_every=1",
-    "train.tensorboard=false",
-]
+
+@pytest.fixture
+def tiny(tiny_overrides):
+    return [*tiny_overrides, "swav.freeze_prototypes_iters=2", "optim.base_lr=2.4"]
+
 
 # The child process: `seer pretrain`, optionally with a slow checkpoint save (FAULT_SLOW_SAVE seconds spent after
 # DCP has written the shards into .tmp-step_*, before meta.json and the rename), which widens the window in which a
@@ -144,9 +137,9 @@ WEIGHT_TOL = 1e-5
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(420)
-def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
+def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, tiny) -> None:
     total = 12
-    common = [*TINY, f"train.total_steps={total}", "train.ckpt_every_steps=2", "train.keep_last=2",
+    common = [*tiny, f"train.total_steps={total}", "train.ckpt_every_steps=2", "train.keep_last=2",
               "data.batch_size_per_gpu=4"]  # fmt: skip
     straight = tmp_path / "straight"
     assert _wait(_start(2, [*common, f"run_dir={straight}"], tmp_path / "straight"), 240) == [0, 0]
@@ -222,7 +215,9 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # A checkpoint directory that is full or cannot be written
 # ----------------------------------------------------------------------------------------------------------------
-ONE = [*TINY, "train.ckpt_every_steps=2", "data.batch_size_per_gpu=4", "train.total_steps=6"]
+@pytest.fixture
+def one_run(tiny):
+    return [*tiny, "train.ckpt_every_steps=2", "data.batch_size_per_gpu=4", "train.total_steps=6"]
 
 
 def _disk_full_at(monkeypatch, step: int) -> list[str]:
@@ -261,23 +256,23 @@ def _disk_full_at(monkeypatch, step: int) -> list[str]:
     return failed
 
 
-def test_disk_full_during_save_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, monkeypatch, capsys):
+def test_disk_full_during_save_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, monkeypatch, capsys, one_run):
     failed = _disk_full_at(monkeypatch, 4)
     run = tmp_path / "run"
     with pytest.raises(OSError, match=r"(?s)No space left on device.*step_00000004") as info:
-        pretrain(load_config(None, [*ONE, f"run_dir={run}"]))
+        pretrain(load_config(None, [*one_run, f"run_dir={run}"]))
     assert failed, "the injected fault never fired"
     assert "step_00000002" in str(info.value)  # the message says which checkpoint is still good
     assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
     before = _weights(run)
     # the same through the CLI: exit code 1 and a one-line message, no traceback
-    code = _cli(["pretrain", *ONE, f"run_dir={run}"], capsys)
+    code = _cli(["pretrain", *one_run, f"run_dir={run}"], capsys)
     assert code[0] == 1 and "No space left on device" in code[2] and "Traceback" not in code[2], code
     assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
     assert all(torch.equal(before[k], v) for k, v in _weights(run).items())
     # space is back: the run resumes from step 2 and finishes
     monkeypatch.undo()
-    summary = pretrain(load_config(None, [*ONE, f"run_dir={run}"]))
+    summary = pretrain(load_config(None, [*one_run, f"run_dir={run}"]))
     assert summary["step"] == 6 and latest_checkpoint(run).name == "step_00000006"
     assert not list((run / "checkpoints").glob(".tmp-*"))
 
@@ -293,24 +288,24 @@ def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_unwritable_run_dir_is_a_clear_error(tmp_path, capsys):
+def test_unwritable_run_dir_is_a_clear_error(tmp_path, capsys, one_run):
     """A run directory under a regular file (ENOTDIR; root ignores chmod, so permissions cannot be used here)."""
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     for run in (blocker / "run", blocker):
         with pytest.raises(OSError) as info:
-            pretrain(load_config(None, [*ONE, f"run_dir={run}"]))
+            pretrain(load_config(None, [*one_run, f"run_dir={run}"]))
         assert str(blocker) in str(info.value)
-        code, _, err = _cli(["pretrain", *ONE, f"run_dir={run}"], capsys)
+        code, _, err = _cli(["pretrain", *one_run, f"run_dir={run}"], capsys)
         assert code == 1 and str(blocker) in err and "Traceback" not in err, err
     # checkpoints/ replaced by a file after the run started: fails at the first save, naming it, before training on
     run = tmp_path / "run2"
-    pretrain(load_config(None, [*ONE, f"run_dir={run}", "train.total_steps=2"]))
+    pretrain(load_config(None, [*one_run, f"run_dir={run}", "train.total_steps=2"]))
     good = _weights(run)
     shutil.move(run / "checkpoints", tmp_path / "moved")
     (run / "checkpoints").write_text("oops")
     with pytest.raises(OSError) as info:
-        pretrain(load_config(None, [*ONE, f"run_dir={run}", "train.total_steps=4"]))
+        pretrain(load_config(None, [*one_run, f"run_dir={run}", "train.total_steps=4"]))
     assert "checkpoints" in str(info.value)
     moved, _ = read_trunk_state(tmp_path / "moved" / "step_00000002")  # the earlier checkpoint is intact
     assert all(torch.equal(good[f"trunk.{k}"], v) for k, v in moved.items())
@@ -374,11 +369,11 @@ def _corrupt_shards(out: Path, n_shards: int = 12, per_shard: int = 20, seed: in
             "samples": n_shards * per_shard}  # fmt: skip
 
 
-def test_training_on_corrupt_shards_completes_and_reports_skips(tmp_path, capsys):
+def test_training_on_corrupt_shards_completes_and_reports_skips(tmp_path, capsys, tiny):
     data = _corrupt_shards(tmp_path / "shards", n_shards=8)
     run = tmp_path / "run"
     cfg = load_config(None, [
-        *[o for o in TINY if not o.startswith(("data.crops", "data.image_size"))],
+        *[o for o in tiny if not o.startswith(("data.crops", "data.image_size"))],
         "data.source=shards", f"data.urls={data['pattern']}", "data.multicrop=cpu_tiny", "data.shuffle_buffer=50",
         "data.batch_size_per_gpu=8", "train.total_steps=12", "train.steps_per_epoch=8", f"run_dir={run}",
     ])  # fmt: skip
@@ -396,7 +391,7 @@ def test_training_on_corrupt_shards_completes_and_reports_skips(tmp_path, capsys
     print(f"\ncorrupt shards: injected {data['injected']} in {data['samples']} samples; skipped {skipped}")
 
 
-def test_kill_while_deleting_an_old_checkpoint_leaves_nothing_half_complete(tmp_path, monkeypatch):
+def test_kill_while_deleting_an_old_checkpoint_leaves_nothing_half_complete(tmp_path, monkeypatch, tiny):
     """keep_last deletes old checkpoints; a kill in the middle of a deletion must not leave a ``step_*`` directory
     whose meta.json survived but whose shards are gone (it would look complete)."""
     import seer.train.checkpoint as ck
@@ -414,7 +409,7 @@ def test_kill_while_deleting_an_old_checkpoint_leaves_nothing_half_complete(tmp_
 
     monkeypatch.setattr(ck.shutil, "rmtree", killed_midway)
     run = tmp_path / "run"
-    cfg = [*TINY, "data.batch_size_per_gpu=4", "train.ckpt_every_steps=1", "train.keep_last=1", f"run_dir={run}"]
+    cfg = [*tiny, "data.batch_size_per_gpu=4", "train.ckpt_every_steps=1", "train.keep_last=1", f"run_dir={run}"]
     with pytest.raises(KeyboardInterrupt):
         pretrain(load_config(None, [*cfg, "train.total_steps=3"]))
     monkeypatch.undo()

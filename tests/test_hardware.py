@@ -24,17 +24,11 @@ from seer.evaluation import eval_knn
 from seer.train.loop import pretrain
 
 AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-TINY = [
-    "model.cfg={depth: 4, w0: 16, wa: 8.0, wm: 2.0, group_w: 8}",
-    "swav.head_dims=[32, 16]",
-    "swav.n_prototypes=32",
-    "data.crops=[[2, 32], [2, 16]]",
-    "data.image_size=48",
-    "data.batch_size_per_gpu=8",
-    "train.total_steps=2",
-    "train.log_every=1",
-    "train.tensorboard=false",
-]
+
+
+@pytest.fixture
+def tiny(tiny_overrides):
+    return [*tiny_overrides, "data.batch_size_per_gpu=8", "train.total_steps=2"]
 
 
 def _knn_inputs():
@@ -87,10 +81,10 @@ def test_cpu_amp_dtype_follows_the_capability():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernels", [True, False])
-def test_bf16_training_on_cpu_follows_the_capability(tmp_path, kernels):
+def test_bf16_training_on_cpu_follows_the_capability(tmp_path, kernels, tiny):
     """train.precision=bf16 on a CPU: bf16 autocast where oneDNN has bf16 kernels, else fp32 with one warning."""
     hardware._WARNED.clear()
-    cfg = load_config(None, [*TINY, f"run_dir={tmp_path}", "train.precision=bf16"])
+    cfg = load_config(None, [*tiny, f"run_dir={tmp_path}", "train.precision=bf16"])
     seen = []
     real_autocast = torch.autocast
 

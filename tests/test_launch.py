@@ -28,19 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 RG256 = str(REPO / "configs/pretrain/seer_rg256.yaml")
 TENB = str(REPO / "configs/pretrain/seer_10b.yaml")
 TINY_CFG = str(REPO / "configs/pretrain/tiny_cpu.yaml")
+
+
 # A very small SwAV run (as in tests/test_pretrain.py): steps are dominated by process-group overheads.
-TINY = [
-    "model.cfg={depth: 4, w0: 16, wa: 8.0, wm: 2.0, group_w: 8}",
-    "swav.head_dims=[32, 16]",
-    "swav.n_prototypes=32",
-    "swav.freeze_prototypes_iters=3",
-    "data.crops=[[2, 32], [2, 16]]",
-    "data.image_size=48",
-    "data.synthetic_classes=8",
-    "data.batch_size_per_gpu=8",
-    "optim.base_lr=2.4",
-    "train.tensorboard=false",
-]
+@pytest.fixture
+def tiny(tiny_overrides):
+    return [*tiny_overrides, "swav.freeze_prototypes_iters=3", "data.batch_size_per_gpu=8", "optim.base_lr=2.4"]
 
 
 def _sbatch_flags(script: str) -> dict[str, str]:
@@ -333,9 +326,9 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
-def _local(job_dir: Path, steps: int, capsys, *extra: str) -> int:
+def _local(job_dir: Path, steps: int, capsys, tiny, *extra: str) -> int:
     argv = ["pretrain", "--config", TINY_CFG, "--local", "--tasks-per-node", "2", "--job-dir", str(job_dir),
-            *extra, *TINY, f"train.total_steps={steps}", "train.ckpt_every_steps=4", "train.log_every=2"]  # fmt: skip
+            *extra, *tiny, f"train.total_steps={steps}", "train.ckpt_every_steps=4", "train.log_every=2"]  # fmt: skip
     code = submit.main(argv)
     out = capsys.readouterr()
     print(out.out, out.err)
@@ -345,12 +338,12 @@ def _local(job_dir: Path, steps: int, capsys, *extra: str) -> int:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.timeout(900)
-def test_local_job_requeues_on_timeout_and_finishes_on_the_uninterrupted_trajectory(tmp_path, capsys):
+def test_local_job_requeues_on_timeout_and_finishes_on_the_uninterrupted_trajectory(tmp_path, capsys, tiny):
     steps = 40
     # 1. The uninterrupted run (generous limit): its timing sets the limit of the interrupted one.
     ref = tmp_path / "straight"
     t0 = time.time()
-    assert _local(ref, steps, capsys, "--timeout-min", "10") == 0
+    assert _local(ref, steps, capsys, tiny, "--timeout-min", "10") == 0
     (a,) = read_attempts(ref)
     assert a["status"] == "finished" and a["end_step"] == steps and a["world_size"] == 2
     startup, train = a["started_unix"] - t0, a["ended_unix"] - a["started_unix"]
@@ -361,7 +354,7 @@ def test_local_job_requeues_on_timeout_and_finishes_on_the_uninterrupted_traject
     delay = 10
     limit_s = math.ceil(startup + 0.5 * train) + delay
     cut = tmp_path / "requeued"
-    code = _local(cut, steps, capsys, "--timeout-min", f"{limit_s / 60:.4f}", "--signal-delay-s", str(delay),
+    code = _local(cut, steps, capsys, tiny, "--timeout-min", f"{limit_s / 60:.4f}", "--signal-delay-s", str(delay),
                   "--max-requeues", "5")  # fmt: skip
     attempts = read_attempts(cut)
     summary = [(x["status"], x["start_step"], x.get("end_step")) for x in attempts]
@@ -389,7 +382,7 @@ def test_local_job_requeues_on_timeout_and_finishes_on_the_uninterrupted_traject
         assert loss == pytest.approx(straight[step], abs=1e-5), (step, loss, straight[step])
 
     # 4. A finished run submitted again does not train (or requeue): one more attempt, finished at once.
-    assert _local(cut, steps, capsys, "--timeout-min", "5") == 0
+    assert _local(cut, steps, capsys, tiny, "--timeout-min", "5") == 0
     last = read_attempts(cut)[-1]
     assert last["status"] == "finished" and last["start_step"] == steps and last["submission"] == 1
 
@@ -579,7 +572,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
-def test_slurm_path_end_to_end_with_preemption_on_fake_sbatch_and_srun(tmp_path, capsys, monkeypatch):
+def test_slurm_path_end_to_end_with_preemption_on_fake_sbatch_and_srun(tmp_path, capsys, monkeypatch, tiny):
     """submitit's real SLURM executor and job environment on stand-ins for sbatch / srun / scontrol: 2 "nodes" x 1
     task (gloo), preempted (USR2 to rank 0), requeued through `scontrol requeue`, restarted, finished."""
     import signal
@@ -603,7 +596,7 @@ def test_slurm_path_end_to_end_with_preemption_on_fake_sbatch_and_srun(tmp_path,
     job_dir = tmp_path / "job"
     steps = 24
     argv = ["pretrain", "--config", TINY_CFG, "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1",
-            "--cpus-per-task", "1", "--partition", "any", "--timeout-min", "30", "--job-dir", str(job_dir), *TINY,
+            "--cpus-per-task", "1", "--partition", "any", "--timeout-min", "30", "--job-dir", str(job_dir), *tiny,
             f"train.total_steps={steps}", "train.log_every=1", "train.ckpt_every_steps=4",
             "data.workers=0"]  # fmt: skip
     code, out, err = _run(argv, capsys)

@@ -17,22 +17,20 @@ from seer.data.synthetic import SyntheticMultiCrop
 from seer.train.checkpoint import latest_checkpoint, list_checkpoints, read_meta, read_trunk_state
 from seer.train.loop import pretrain
 
-TINY = [
-    "model.cfg={depth: 4, w0: 16, wa: 8.0, wm: 2.0, group_w: 8}",
-    "swav.head_dims=[32, 16]",
-    "swav.n_prototypes=32",
-    "swav.freeze_prototypes_iters=3",
-    "data.crops=[[2, 32], [2, 16]]",
-    "data.image_size=48",
-    "data.synthetic_classes=8",
-    "optim.base_lr=2.4",
-    "train.log_every=1",
-    "train.tensorboard=false",
-]
+
+@pytest.fixture
+def tiny(tiny_overrides):
+    return [*tiny_overrides, "swav.freeze_prototypes_iters=3", "optim.base_lr=2.4"]
+
+
 # BatchNorm statistics are per process under FSDP2 without SyncBN (CPU has none), so a run on R ranks is compared
 # with one process that normalizes the same per-rank micro-batches (train.bn_splits=R). The SwAV head's BN would see
 # the whole batch in one process and a rank's share under FSDP, so the head has no BN in these comparisons.
-COMPARE = [*TINY, "swav.use_bn=false", "train.total_steps=6"]
+@pytest.fixture
+def compare(tiny):
+    return [*tiny, "swav.use_bn=false", "train.total_steps=6"]
+
+
 # Losses of one process and of two FSDP ranks differ only by float summation order (gradient reduce-scatter,
 # all-reduced Sinkhorn sums): measured ~5e-7 over 6 LARS steps; 1e-4 leaves room and still catches any real bug.
 TOL = 1e-4
@@ -89,8 +87,8 @@ def test_synthetic_data_is_a_function_of_the_sample_index():
     assert not torch.equal(whole[0], data.batch(step=4, rank=0, batch_size=8, world_size=1)[0])
 
 
-def test_one_process_training_lowers_the_swav_loss(tmp_path):
-    cfg = load_config(None, [*TINY, f"run_dir={tmp_path}", "train.total_steps=40", "data.batch_size_per_gpu=32",
+def test_one_process_training_lowers_the_swav_loss(tmp_path, tiny):
+    cfg = load_config(None, [*tiny, f"run_dir={tmp_path}", "train.total_steps=40", "data.batch_size_per_gpu=32",
                              "optim.warmup_iters=5"])  # fmt: skip
     summary = pretrain(cfg)
     losses = _losses(tmp_path)
@@ -104,8 +102,8 @@ def test_one_process_training_lowers_the_swav_loss(tmp_path):
     assert {"loss", "lr", "images_per_sec", "step_time", "data_time", "peak_memory_gb", "eta_min"} <= set(rec)
 
 
-def test_killed_run_resumes_on_the_uninterrupted_trajectory(tmp_path):
-    common = [*TINY, "train.total_steps=8", "train.ckpt_every_steps=2", "data.batch_size_per_gpu=8"]
+def test_killed_run_resumes_on_the_uninterrupted_trajectory(tmp_path, tiny):
+    common = [*tiny, "train.total_steps=8", "train.ckpt_every_steps=2", "data.batch_size_per_gpu=8"]
     pretrain(load_config(None, [*common, f"run_dir={tmp_path / 'straight'}"]))
     # The killed run hard-exits right after step 5 (last checkpoint: step 4), as a SIGKILL'd job would.
     killed = tmp_path / "killed"
@@ -119,7 +117,7 @@ def test_killed_run_resumes_on_the_uninterrupted_trajectory(tmp_path):
     assert [p.name for p in list_checkpoints(killed)] == ["step_00000004", "step_00000006", "step_00000008"]
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, tiny):
     real = SyntheticMultiCrop.batch
 
     def poisoned(self, step, rank, batch_size, world_size):
@@ -127,7 +125,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         return [c * float("nan") for c in crops] if step == 3 else crops
 
     monkeypatch.setattr(SyntheticMultiCrop, "batch", poisoned)
-    cfg = load_config(None, [*TINY, f"run_dir={tmp_path}", "train.total_steps=6", "train.ckpt_every_steps=2",
+    cfg = load_config(None, [*tiny, f"run_dir={tmp_path}", "train.total_steps=6", "train.ckpt_every_steps=2",
                              "data.batch_size_per_gpu=8"])  # fmt: skip
     with pytest.raises(FloatingPointError, match="loss is nan at step 4"):
         pretrain(cfg)
@@ -139,8 +137,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def test_read_trunk_state_matches_the_trained_trunk(tmp_path):
-    cfg = load_config(None, [*TINY, f"run_dir={tmp_path}", "train.total_steps=2", "data.batch_size_per_gpu=8"])
+def test_read_trunk_state_matches_the_trained_trunk(tmp_path, tiny):
+    cfg = load_config(None, [*tiny, f"run_dir={tmp_path}", "train.total_steps=2", "data.batch_size_per_gpu=8"])
     pretrain(cfg)
     state, cfg_dict = read_trunk_state(tmp_path)
     assert cfg_dict["depth"] == 4 and cfg_dict["w0"] == 16
@@ -167,14 +165,14 @@ def test_read_trunk_state_matches_the_trained_trunk(tmp_path):
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
-def test_two_fsdp_ranks_follow_one_process_and_resume_on_one(tmp_path):
+def test_two_fsdp_ranks_follow_one_process_and_resume_on_one(tmp_path, compare):
     """2 gloo ranks x 4 images (FSDP2, activation checkpointing on) vs one process x 8 images (no checkpointing,
     BN over the same 4-image micro-batches); then a 2-rank checkpoint resumed by one process."""
     two = tmp_path / "two"
-    codes = _launch(2, [*COMPARE, f"run_dir={two}", "data.batch_size_per_gpu=4", "model.activation_checkpointing=true"])
+    codes = _launch(2, [*compare, f"run_dir={two}", "data.batch_size_per_gpu=4", "model.activation_checkpointing=true"])
     assert codes == [0, 0] or _losses(two).get(6) is not None  # gloo may abort at exit after the work is done
     one = tmp_path / "one"
-    pretrain(load_config(None, [*COMPARE, f"run_dir={one}", "data.batch_size_per_gpu=8", "train.bn_splits=2"]))
+    pretrain(load_config(None, [*compare, f"run_dir={one}", "data.batch_size_per_gpu=8", "train.bn_splits=2"]))
     l2, l1 = _losses(two), _losses(one)
     assert sorted(l2) == list(range(1, 7))
     for step in range(1, 7):
@@ -184,11 +182,11 @@ def test_two_fsdp_ranks_follow_one_process_and_resume_on_one(tmp_path):
     # Killed after step 3 on 2 ranks (checkpoint at step 2: prototypes still frozen, so they have no optimizer
     # state yet), resumed by a single process: DCP reshards and the trajectory continues.
     moved = tmp_path / "moved"
-    _launch(2, [*COMPARE, f"run_dir={moved}", "data.batch_size_per_gpu=4", "train.ckpt_every_steps=2",
+    _launch(2, [*compare, f"run_dir={moved}", "data.batch_size_per_gpu=4", "train.ckpt_every_steps=2",
                 "train.crash_at_step=3"])  # fmt: skip
     assert latest_checkpoint(moved).name == "step_00000002"
     assert read_meta(latest_checkpoint(moved))["world_size"] == 2
-    pretrain(load_config(None, [*COMPARE, f"run_dir={moved}", "data.batch_size_per_gpu=8", "train.bn_splits=2"]))
+    pretrain(load_config(None, [*compare, f"run_dir={moved}", "data.batch_size_per_gpu=8", "train.bn_splits=2"]))
     lm = _losses(moved)
     for step in range(1, 7):
         assert lm[step] == pytest.approx(l2[step], abs=TOL), (step, lm[step], l2[step])
