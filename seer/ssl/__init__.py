@@ -1,5 +1,5 @@
-"""Self-supervised methods: SwAV (``seer.ssl.swav``)."""
+"""Self-supervised methods, one module each: SwAV (``seer.ssl.swav``)."""
 
-from seer.ssl.swav import SwAV, multicrop_forward, sinkhorn
+from seer.ssl.swav import SwAV, SwAVConfig, SwAVModel, multicrop_forward, sinkhorn
 
-__all__ = ["SwAV", "multicrop_forward", "sinkhorn"]
+__all__ = ["SwAV", "SwAVConfig", "SwAVModel", "multicrop_forward", "sinkhorn"]
