@@ -17,7 +17,7 @@ from seer.models.regnet import PRESETS, RegNetCfg, build_trunk, complexity, get_
 SMALL = ["regnety_200mf", "regnety_400mf", "regnety_600mf", "regnety_800mf", "regnety_1_6gf", "regnety_3_2gf"]
 LARGE = [name for name in PRESETS if name not in SMALL]
 
-# DESIGN.md section 3: SEER presets (stage widths, depths, trunk params, GMACs at 224).
+# Published SEER / pycls presets (stage widths, depths, trunk params, GMACs at 224).
 GOLDEN_SEER = {
     "regnety_32gf": ([232, 696, 1392, 3712], [2, 5, 12, 1], 141.3e6, 32.3e9),
     "regnety_64gf": ([328, 984, 1968, 4920], [2, 5, 12, 1], 276.5e6, 64.1e9),
