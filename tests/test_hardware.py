@@ -170,3 +170,14 @@ def test_an_avx2_only_cpu_runs_bf16_requests_kernels_and_knn(tmp_path):
     np.testing.assert_allclose(np.asarray(out["features"]), extract_features(imgs, trunk), rtol=1e-4, atol=1e-5)
     here = eval_knn(*_knn_inputs(), ks=(5, 20), backend="torch")["top1"]
     assert out["knn"] == {str(k): v for k, v in here.items()}
+
+
+def test_cpu_fp16_follows_its_own_capability():
+    """fp16 on CPU has its own oneDNN check (AVX512-FP16 / AMX-FP16): forced off it falls back to fp32 with one
+    line, forced on it is kept; bf16's answer does not leak into it."""
+    hardware._WARNED.clear()
+    with hardware.force("cpu_fp16", True), hardware.force("cpu_bf16", False):
+        assert hardware.cpu_amp_dtype(torch.float16, what="y") == torch.float16
+    with hardware.force("cpu_fp16", False), hardware.force("cpu_bf16", True):
+        with pytest.warns(RuntimeWarning, match="y: fp16 requested.*AVX512-FP16"):
+            assert hardware.cpu_amp_dtype(torch.float16, what="y") is None
