@@ -1,5 +1,6 @@
-"""Webdataset tar shards: write them (`write_shards`, `seer shards`), stream them for training (`train_loader`) and
-evaluation (`eval_loader`), and survive bad data.
+"""Webdataset tar shards: write them (`write_shards`, `seer shards`), stream them for training (`train_loader`:
+every sample once per epoch, exactly resumable; see `seer.data.shards.epochs`) and evaluation (`eval_loader`), and
+survive bad data.
 
 Layout written by `write_shards` (one directory):
 
@@ -19,16 +20,13 @@ from seer.data.shards.read import (
     EvalLoader,
     SampleError,
     SkipLog,
-    TrainLoader,
-    _balanced_split,
     eval_loader,
     expand_urls,
     make_nodesplitter,
     read_index,
-    train_loader,
     verify_shards,
-    worker_quota,
 )
+from seer.data.shards.train import TrainLoader, shard_counts, train_loader
 from seer.data.shards.write import write_shards
 
 __all__ = [
@@ -43,7 +41,6 @@ __all__ = [
     "SampleError",
     "verify_shards",
     "make_nodesplitter",
-    "worker_quota",
+    "shard_counts",
     "cli_main",
-    "_balanced_split",
 ]

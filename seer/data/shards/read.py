@@ -6,8 +6,6 @@ import glob
 import json
 import logging
 import os
-import random
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -17,12 +15,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import braceexpand
-import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
-from webdataset.utils import make_seed
 
 from seer.data.images import ImageDecodeError, decode_image
 from seer.data.shards.write import INDEX_NAME
@@ -121,6 +117,7 @@ SKIP_KINDS = (
     "bad_tar",  # truncated or corrupt tar data (the rest of that shard is lost)
     "empty_shard",  # a shard with no member at all
     "no_image",  # a sample without an image member (e.g. a stray non-image file)
+    "missing_sample",  # a sample the shard's count promises, but the shard ended first (truncated, stale index)
     "missing_label",  # no .cls member (when labels are required)
     "bad_label",  # a .cls member that is not an integer
     "corrupt_image",  # image bytes that do not decode
@@ -221,34 +218,6 @@ class _ShardList(IterableDataset):
             yield {"url": url}
 
 
-def _balanced_split(n_items: int, parts: int) -> bool:
-    """Whether `n_items` shards split into `parts` disjoint subsets evenly enough (every subset within 1/8 of the
-    others, or exactly even). Resampling from uneven subsets would oversample the shards of the smaller ones."""
-    return parts > 1 and n_items >= parts and (n_items % parts == 0 or n_items >= 8 * parts)
-
-
-class _ResampledShardList(IterableDataset):
-    """Infinite resampled shard stream for training, seeded from (seed, rank, worker, segment start step).
-
-    When the shards split evenly (see `_balanced_split`), each rank resamples from its own disjoint subset (the
-    nodesplitter), and each worker from its part of that, so that streams do not read the same shards; otherwise
-    they resample from the whole (rank's) list, each with its own seed."""
-
-    def __init__(self, urls: list[str], rank: int, world_size: int, seed: int, start_step: int):
-        super().__init__()
-        self.urls, self.rank, self.world_size, self.seed, self.start_step = urls, rank, world_size, seed, start_step
-
-    def __iter__(self) -> Iterator[dict]:
-        wid, nw = _worker()
-        mine = self.urls
-        if _balanced_split(len(mine), self.world_size):
-            mine = list(make_nodesplitter(self.rank, self.world_size)(mine))
-        if _balanced_split(len(mine), nw):
-            mine = mine[wid::nw]
-        stream_seed = make_seed(self.seed, self.rank, wid, self.start_step)
-        yield from wds.ResampledShards(mine, seed=stream_seed, worker_seed=lambda: 0, deterministic=True)
-
-
 class _TarMembers:
     """dict(url) -> tar members, recording unreadable, truncated and empty shards; an end-of-shard marker `{}`
     keeps a truncated shard's partial sample from merging with the next shard's first one."""
@@ -293,19 +262,6 @@ class _GroupByKeys:
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         return group_by_keys(src, handler=self.skips.handler)
-
-
-class _Shuffle:
-    """webdataset's shuffle buffer with an rng seeded inside the worker from (seed, rank, worker, start step)."""
-
-    def __init__(self, bufsize: int, seed: int, rank: int, start_step: int):
-        self.bufsize, self.seed, self.rank, self.start_step = bufsize, seed, rank, start_step
-
-    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
-        wid, _ = _worker()
-        rng = random.Random(make_seed(self.seed, self.rank, wid, self.start_step, 1))
-        initial = min(self.bufsize, max(1, self.bufsize // 10))
-        return wds.filters._shuffle(iter(src), bufsize=self.bufsize, initial=initial, rng=rng)
 
 
 # Exceptions a transform that decodes bytes itself raises on bad image data.
@@ -386,81 +342,26 @@ def _sample_index(sample: dict, key: str | None) -> int:
     return int(key) if key is not None and key.isdigit() else -1
 
 
-class _Seeded:
-    """Seeds the augmentation RNGs of the process that runs the transform.
-
-    In a DataLoader worker (its own process) the global torch / random / numpy RNGs are seeded once per stream. In
-    the main process (num_workers=0) the caller's RNG state must not be disturbed, so each sample runs under
-    `torch.random.fork_rng` with its own seed."""
-
-    def __init__(self, prepare: _Prepare, seed: int, rank: int, start_step: int):
-        self.prepare, self.seed, self.rank, self.start_step = prepare, seed, rank, start_step
-
-    def __call__(self, src: Iterable[dict]) -> Iterator[tuple]:
-        info = get_worker_info()
-        wid = 0 if info is None else info.id
-        base = make_seed(self.seed, self.rank, wid, self.start_step, 2)
-        if info is not None:
-            import numpy as np
-
-            torch.default_generator.manual_seed(base)  # the transform runs on the CPU
-            random.seed(base)
-            np.random.seed(base)
-            yield from wds.filters._map(src, self.prepare, handler=self.prepare.skips.handler)
-            return
-
-        def seeded(sample: dict, counter=iter(range(sys.maxsize))) -> tuple:
-            state = random.getstate()
-            with torch.random.fork_rng(devices=[]):
-                s = make_seed(base, next(counter))
-                torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also queues CUDA/XPU seeding
-                random.seed(s)
-                try:
-                    return self.prepare(sample)
-                finally:
-                    random.setstate(state)
-
-        yield from wds.filters._map(src, seeded, handler=self.prepare.skips.handler)
-
-
-def worker_quota(steps: int, worker: int, num_workers: int) -> int:
-    """Batches DataLoader worker `worker` of `num_workers` produces so that the rank yields exactly `steps`."""
-    return steps // num_workers + (1 if worker < steps % num_workers else 0)
-
-
 def _identity(x: Any) -> Any:
     return x
 
 
 class _Batcher:
-    """Collates samples into batches, each yielded as ("batch", batch, skip records since the last batch).
+    """Collates samples into batches (the last one partial), each yielded as ("batch", batch, skip records since
+    the last batch); skip records left after the last batch are sent as ("skips", None, records)."""
 
-    With `steps` set (training), this worker yields its share of the per-rank step count and stops, so a rank's
-    DataLoader yields exactly `steps` batches whatever the shard sizes. Skip records left after the last batch are
-    sent as ("skips", None, records)."""
-
-    def __init__(self, batch_size: int, collate_fn: Callable, partial: bool, skips: SkipLog, steps: int | None):
-        self.batch_size, self.collate_fn, self.partial, self.skips, self.steps = (
-            batch_size,
-            collate_fn,
-            partial,
-            skips,
-            steps,
-        )
+    def __init__(self, batch_size: int, collate_fn: Callable, skips: SkipLog):
+        self.batch_size, self.collate_fn, self.skips = batch_size, collate_fn, skips
 
     def __call__(self, src: Iterable[tuple]) -> Iterator[tuple]:
-        quota = None if self.steps is None else worker_quota(self.steps, *_worker())
-        done, buf = 0, []
-        if quota != 0:
-            for sample in src:
-                buf.append(sample)
-                if len(buf) == self.batch_size:
-                    yield "batch", self.collate_fn(buf), self.skips.drain()
-                    buf, done = [], done + 1
-                    if quota is not None and done >= quota:
-                        break
-            if buf and self.partial:
+        buf = []
+        for sample in src:
+            buf.append(sample)
+            if len(buf) == self.batch_size:
                 yield "batch", self.collate_fn(buf), self.skips.drain()
+                buf = []
+        if buf:
+            yield "batch", self.collate_fn(buf), self.skips.drain()
         records = self.skips.drain()
         if records:
             yield "skips", None, records
@@ -538,91 +439,6 @@ def _check_rank(rank: int, world_size: int, batch_size: int, num_workers: int) -
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
 
 
-class TrainLoader(_LoaderBase):
-    """Infinite resampled training stream cut into passes of exactly `steps_per_epoch` batches per rank.
-
-    Each `iter()` starts a new pass ("segment") at the current step (`self.step`, starting at `start_step` and
-    advanced by every batch yielded). A segment's stream is a pure function of (urls, seed, rank, world_size,
-    num_workers, batch_size, segment start step): shard resampling, the shuffle buffer and the augmentation RNGs are
-    all seeded from it. A run resumed at step S (start_step=S) therefore sees a reproducible stream, different from
-    the one before S. Skips are in `.stats` (counts) and `.skipped` (the last 1000 records).
-    """
-
-    keep_skipped = 1000
-
-    def __init__(
-        self,
-        urls: Any,
-        transform: Callable | None,
-        *,
-        batch_size: int,
-        steps_per_epoch: int,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
-        shuffle_buffer: int = 1000,
-        start_step: int = 0,
-        collate_fn: Callable | None = None,
-        decode: str = "auto",
-        require_label: bool = True,
-        pin_memory: bool = False,
-        prefetch_factor: int | None = None,
-        multiprocessing_context: str | None = None,
-        max_consecutive_skips: int = 1000,
-    ):
-        _check_rank(rank, world_size, batch_size, num_workers)
-        if steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-        self.urls = expand_urls(urls)
-        self.transform, self.batch_size, self.steps_per_epoch = transform, batch_size, steps_per_epoch
-        self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
-        self.shuffle_buffer, self.step = shuffle_buffer, start_step
-        self.collate_fn = collate_fn or default_collate
-        self.decode, self.require_label = decode, require_label
-        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
-        self.multiprocessing_context = multiprocessing_context
-        self.max_consecutive_skips = max_consecutive_skips
-        _Prepare(transform, decode, require_label, False)  # validate arguments early
-        self._reset_stats()
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def pipeline(self, start_step: int) -> wds.DataPipeline:
-        """The webdataset pipeline of the segment starting at `start_step` (each worker runs its own copy)."""
-        skips = SkipLog(max_consecutive=self.max_consecutive_skips)
-        prepare = _Prepare(self.transform, self.decode, self.require_label, with_meta=False)
-        prepare.skips = skips
-        stages: list[Any] = [
-            _ResampledShardList(self.urls, self.rank, self.world_size, self.seed, start_step),
-            _TarMembers(skips),
-            _GroupByKeys(skips),
-        ]
-        if self.shuffle_buffer > 1:
-            stages.append(_Shuffle(self.shuffle_buffer, self.seed, self.rank, start_step))
-        stages += [
-            _Seeded(prepare, self.seed, self.rank, start_step),
-            _Batcher(self.batch_size, self.collate_fn, partial=False, skips=skips, steps=self.steps_per_epoch),
-        ]
-        return wds.DataPipeline(*stages)
-
-    def __iter__(self) -> Iterator[Any]:
-        loader = self._dataloader(self.pipeline(self.step))
-        yielded = 0
-        for tag, batch, records in loader:
-            self._absorb(records)
-            if tag == "batch":
-                self.step += 1
-                yielded += 1
-                self.stats["batches"] += 1
-                self.stats["samples"] += _count(batch, self.batch_size)
-                yield batch
-        if yielded != self.steps_per_epoch:  # cannot happen unless a worker died silently; never hand out fewer
-            raise RuntimeError(f"rank {self.rank}: the stream produced {yielded} of {self.steps_per_epoch} batches")
-        self.log_summary()
-
-
 class EvalLoader(_LoaderBase):
     """Finite evaluation stream: each sample of `urls` exactly once across ranks x workers, in batches of
     `(images, labels, keys, indices)`. Shards are split over ranks, then workers, so ranks may get different
@@ -665,7 +481,7 @@ class EvalLoader(_LoaderBase):
             _TarMembers(skips),
             _GroupByKeys(skips),
             wds.map(prepare, handler=skips.handler),
-            _Batcher(self.batch_size, self.collate_fn, partial=True, skips=skips, steps=None),
+            _Batcher(self.batch_size, self.collate_fn, skips),
         )
 
     def __iter__(self) -> Iterator[Any]:
@@ -682,48 +498,6 @@ class EvalLoader(_LoaderBase):
     def skipped_keys(self) -> list[str]:
         """Keys of the samples skipped in the last pass (shard-level failures have no key: see `.skipped`)."""
         return [r["key"] for r in self.skipped if r["key"] is not None]
-
-
-def train_loader(
-    urls: Any,
-    transform: Callable | None,
-    *,
-    batch_size: int,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 0,
-    shuffle_buffer: int = 1000,
-    steps_per_epoch: int,
-    start_step: int = 0,
-    collate_fn: Callable | None = None,
-    **kwargs: Any,
-) -> TrainLoader:
-    """Training stream over shards: resampled (infinite), shuffled, decoded and transformed in the loader workers;
-    every `iter()` yields exactly `steps_per_epoch` batches `(images_or_crops, labels)` on every rank.
-
-    `urls`: anything `expand_urls` accepts. `transform(PIL.Image) -> tensor or list of crops`; with
-    `decode="bytes"` it receives the raw bytes instead, and the default `decode="auto"` does that for seer's
-    `MultiCrop` (which decodes JPEGs at reduced size when its crops allow) and for transforms with
-    `accepts_bytes = True`. Default collation is torch's `default_collate`, which stacks a list of crops per
-    position (the multi-crop layout, same as `collate_multicrop`). Extra keywords: `decode`, `require_label`
-    (False: missing labels become -1), `pin_memory`, `prefetch_factor`, `multiprocessing_context` (e.g. "spawn"),
-    `max_consecutive_skips`. See `TrainLoader`.
-    """
-    return TrainLoader(
-        urls,
-        transform,
-        batch_size=batch_size,
-        steps_per_epoch=steps_per_epoch,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        num_workers=num_workers,
-        shuffle_buffer=shuffle_buffer,
-        start_step=start_step,
-        collate_fn=collate_fn,
-        **kwargs,
-    )
 
 
 def eval_loader(
