@@ -35,22 +35,30 @@ __all__ = ["Layout", "count_tar_samples", "epoch_plan"]
 _SKIP_META_PREFIX = "__"  # webdataset skips members such as __meta__ / __index__
 
 
-def count_tar_samples(path: str | os.PathLike) -> int:
-    """Samples in a local tar shard, as webdataset groups them (consecutive members sharing a key).
+def count_tar_samples(path: str | os.PathLike) -> tuple[int, str | None]:
+    """Samples in a local tar shard, as webdataset groups them (consecutive members sharing a key), and the problem
+    that stopped the count early (a truncated or empty file), if any.
 
     Reads member headers only (seeking over the data), so it is fast enough to run on every shard at start.
     """
     n, last = 0, None
-    with tarfile.open(os.fspath(path), mode="r:*") as tar:
-        for info in tar:
-            if not info.isreg() or info.name.startswith(_SKIP_META_PREFIX):
-                continue
-            prefix, _ = base_plus_ext(info.name)
-            if prefix is None:
-                continue
-            if prefix != last:
-                n, last = n + 1, prefix
-    return n
+    try:
+        with tarfile.open(os.fspath(path), mode="r:*") as tar:
+            for info in tar:
+                if not info.isreg() or info.name.startswith(_SKIP_META_PREFIX):
+                    continue
+                prefix, _ = base_plus_ext(info.name)
+                if prefix is None:
+                    continue
+                if prefix != last:
+                    n, last = n + 1, prefix
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        if n == 0 and "empty file" in str(exc):
+            return 0, "empty_shard"
+        return n, "bad_tar"
+    if n == 0:  # tarfile stops quietly at some truncations: a non-empty file without a sample is a broken one
+        return 0, "bad_tar" if os.path.getsize(path) > 0 else "empty_shard"
+    return n, None
 
 
 @dataclass(frozen=True)

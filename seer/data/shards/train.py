@@ -67,32 +67,35 @@ def _index_counts(urls: list[str]) -> dict[str, int] | None:
     return counts if all(u in counts for u in urls) else None
 
 
-def shard_counts(urls: Any) -> tuple[list[str], list[int]]:
+def shard_counts(urls: Any, problems: list | None = None) -> tuple[list[str], list[int]]:
     """The shard URLs of a pattern and their sample counts: from ``index.json`` when there is one, else counted
-    from the tar headers of local shards. Remote shards need an index (``seer shards index`` writes one)."""
+    from the tar headers of local shards (a truncated shard counts the samples before the cut, and is appended to
+    ``problems`` as ``(kind, url)``). Remote shards need an index (``seer shards index`` writes one)."""
     expanded = expand_urls(urls)
-    local = all(os.path.isfile(u[len("file://") :] if u.startswith("file://") else u) for u in expanded)
+    local = all(os.path.isfile(_local(u)) for u in expanded)
     counts = _index_counts(expanded) if local else None
     if counts is not None:
         return expanded, [counts[u] for u in expanded]
     if not local:
-        remote = next(u for u in expanded if not os.path.isfile(u))
+        remote = next(u for u in expanded if not os.path.isfile(_local(u)))
         raise ValueError(
             f"{remote!r}: the training stream needs every shard's sample count to give each sample once per epoch; "
-            f"remote or pipe: shards need an {INDEX_NAME} beside local copies of their names, or a local pattern. "
-            "Write one with `seer shards index PATTERN`"
+            f"shards that are not local files need an {INDEX_NAME} (write one with `seer shards index PATTERN`)"
         )
     if len(expanded) > 200:
         log.warning("counting the samples of %d shards without an %s (seer shards index writes one)", len(expanded),
                     INDEX_NAME)  # fmt: skip
     out = []
     for u in expanded:
-        try:
-            out.append(count_tar_samples(u[len("file://") :] if u.startswith("file://") else u))
-        except (OSError, EOFError, Exception) as exc:  # noqa: BLE001 - tarfile raises ReadError, EOFError, ...
-            log.warning("cannot count the samples of %s (%s: %s): the shard is left out", u, type(exc).__name__, exc)
-            out.append(0)
+        n, problem = count_tar_samples(_local(u))
+        if problem is not None and problems is not None:
+            problems.append((problem, u))
+        out.append(n)
     return expanded, out
+
+
+def _local(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
 
 
 def image_units(path: str | os.PathLike) -> list[tuple[str, int]]:
@@ -304,7 +307,8 @@ class TrainLoader(_LoaderBase):
                                                                              for p, _ in self.items)  # fmt: skip
         else:
             self.items, self.root = None, ""
-            self.urls, counts = shard_counts(urls)
+            problems: list = []
+            self.urls, counts = shard_counts(urls, problems)
             names = tuple(os.path.basename(u) for u in self.urls)
         self.transform, self.batch_size = transform, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -315,6 +319,10 @@ class TrainLoader(_LoaderBase):
         self.multiprocessing_context = multiprocessing_context
         self.max_consecutive_skips = max_consecutive_skips
         _Prepare(transform, decode, require_label, False)  # validate arguments early
+        if sum(counts) == 0:
+            found = ", ".join(f"{k}: {u}" for k, u in problems[:3]) if images is None else ""
+            raise ValueError(f"no readable sample in {urls if images is None else images!r}"
+                             + (f" ({found})" if found else ""))  # fmt: skip
         self.layout = Layout(tuple(counts), world_size, streams or max(1, num_workers), seed, shuffle_buffer, names)
         if position is not None:
             self.resume_note = self._restore(position)
@@ -333,6 +341,9 @@ class TrainLoader(_LoaderBase):
         self._it: Iterator | None = None
         self._queues: list[deque] = [deque() for _ in range(self.layout.streams)]
         self._reset_stats()
+        if images is None:  # shards found truncated or empty while counting: reported once, as the readers would
+            self._absorb([{"kind": k, "key": None, "url": u, "error": "found while counting samples"}
+                          for k, u in problems])  # fmt: skip
 
     def __getstate__(self) -> dict:
         # what a spawned worker needs: not the main process's iterator, queued batches or skip records
@@ -484,5 +495,3 @@ def describe(loader: TrainLoader) -> str:
         f"{p['world_size']} rank(s) x {p['batch_size_per_rank']} ({lo}-{hi} samples per rank, "
         f"{p['streams_per_rank']} stream(s) per rank on {loader.num_workers} worker(s)); every sample once per epoch"
     )
-
-
