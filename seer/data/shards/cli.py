@@ -48,11 +48,16 @@ def _cli_verify(argv: Sequence[str]) -> int:
     )
     parser.add_argument("shards", help="shard directory (with index.json), index.json, or a shard pattern")
     parser.add_argument("--decode", action="store_true", help="also decode every image")
+    parser.add_argument("--labels", action="store_true", help="a sample without a .cls label is a problem (eval data)")
     parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--world-size", type=int, default=1, help="ranks of the epoch coverage report (default: 1)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per rank per step (default: 32)")
+    parser.add_argument("--streams", type=int, default=1, help="streams per rank: data.streams or data.workers")
     args = parser.parse_args(argv)
     try:
-        report = verify_shards(args.shards, decode=args.decode, workers=args.workers, progress=not args.no_progress)
+        report = verify_shards(args.shards, decode=args.decode, workers=args.workers, progress=not args.no_progress,
+                               require_label=args.labels)  # fmt: skip
     except (FileNotFoundError, ValueError) as exc:
         print(f"seer shards verify: error: {exc}", file=sys.stderr)
         return 2
@@ -60,21 +65,67 @@ def _cli_verify(argv: Sequence[str]) -> int:
         print(f"{p['kind']}: shard={p['url']} key={p['key']}: {p['error']}")
     if len(report["problems"]) > 50:
         print(f"... and {len(report['problems']) - 50} more problems")
-    print(f"{len(report['shards'])} shards, {report['total']} good samples, {len(report['problems'])} problem(s)")
+    unlabeled = f" ({report['unlabeled']} without a label: fine for pretraining)" if report["unlabeled"] else ""
+    print(f"{len(report['shards'])} shards, {report['total']} good samples{unlabeled}, {len(report['problems'])} "
+          "problem(s)")  # fmt: skip
+    print(_coverage_line(report, args.world_size, args.batch_size, args.streams))
     return 0 if report["ok"] else 1
+
+
+def _coverage_line(report: dict, world_size: int, batch_size: int, streams: int) -> str:
+    """What one training epoch over these shards is at a world size (seer.data.shards.epochs)."""
+    from seer.data.shards.epochs import Layout, epoch_plan
+
+    counts = tuple(r["samples"] for r in report["shards"])
+    try:
+        plan = epoch_plan(Layout(counts, world_size, streams), batch_size)
+    except ValueError as exc:
+        return f"epoch coverage: {exc}"
+    lo, hi = plan["samples_per_rank"]
+    return (
+        f"epoch coverage at {world_size} rank(s) x {batch_size} images x {streams} stream(s): each of the "
+        f"{plan['samples']} good samples once per epoch ({lo}-{hi} per rank, {plan['units_per_rank']:.1f} shards "
+        f"per rank), {plan['steps_per_epoch']:.1f} steps per epoch; none drawn twice, none left out"
+    )
+
+
+def _cli_index(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="seer shards index",
+        description="Write index.json (shard names and sample counts) beside existing shards, e.g. ones made by "
+        "webdataset's ShardWriter, so training needs not count them at every start.",
+    )
+    parser.add_argument("shards", help="a shard pattern, e.g. 'data/train-{000000..000099}.tar' or 'data/*.tar'")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing index.json")
+    args = parser.parse_args(argv)
+    from seer.data.shards.write import index_shards
+
+    try:
+        index = index_shards(args.shards, overwrite=args.overwrite)
+    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+        print(f"seer shards index: error: {exc}", file=sys.stderr)
+        return 2
+    for p in index["problems"]:
+        print(f"{p['problem']}: {p['name']}")
+    print(f"indexed {index['total']} samples in {index['num_shards']} shards")
+    return 0
 
 
 def cli_main(argv: Sequence[str] | None = None) -> int:
     """`seer shards SOURCE OUT_DIR [options]`: write webdataset shards (see `write_shards`);
-    `seer shards verify SHARDS [--decode]`: check them (see `verify_shards`)."""
+    `seer shards verify SHARDS [--decode]`: check them (see `verify_shards`); `seer shards index PATTERN`: write
+    an index.json for shards made elsewhere (see `index_shards`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "verify":
         return _cli_verify(argv[1:])
+    if argv and argv[0] == "index":
+        return _cli_index(argv[1:])
     parser = argparse.ArgumentParser(
         prog="seer shards",
         description="Write webdataset tar shards from an image folder (class subfolders -> labels), a CSV/TXT file "
         "list (path[,label]) or a torchvision dataset on disk (tv:NAME:ROOT[:SPLIT]). "
-        "`seer shards verify SHARDS [--decode]` checks written shards.",
+        "`seer shards verify SHARDS [--decode]` checks written shards; `seer shards index PATTERN` indexes shards "
+        "written by other tools.",
     )
     parser.add_argument("source", help="image folder, .csv/.tsv/.txt file list, or tv:NAME:ROOT[:SPLIT]")
     parser.add_argument("out_dir", help="output directory (must be empty unless --overwrite)")

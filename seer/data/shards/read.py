@@ -521,17 +521,18 @@ def eval_loader(
 # Verification
 
 
-def _verify_one(args: tuple[str, int | None, bool]) -> dict:
+def _verify_one(args: tuple[str, int | None, bool, bool]) -> dict:
     """Read one shard completely: count samples, find problems, optionally decode every image."""
-    url, expected, decode = args
+    url, expected, decode, require_label = args
     skips = SkipLog()
-    prepare = _Prepare(None, "bytes", require_label=True, with_meta=False)
-    samples = 0
+    prepare = _Prepare(None, "bytes", require_label=require_label, with_meta=False)
+    samples = unlabeled = 0
     logging.getLogger("seer.data").disabled = True  # the report lists every problem; no per-sample warnings here
     try:
         for sample in _GroupByKeys(skips)(_TarMembers(skips)([{"url": url}])):
             try:
-                data, _ = prepare(sample)
+                data, label = prepare(sample)
+                unlabeled += "cls" not in sample
                 if decode:
                     try:
                         decode_image(data)
@@ -546,15 +547,19 @@ def _verify_one(args: tuple[str, int | None, bool]) -> dict:
     problems = skips.drain()
     if expected is not None and samples + sum(1 for p in problems if p["key"] is not None) != expected:
         problems.append({"kind": "count_mismatch", "key": None, "url": url, "error": f"index says {expected} samples"})
-    return {"url": url, "samples": samples, "expected": expected, "problems": problems}
+    return {"url": url, "samples": samples, "unlabeled": unlabeled, "expected": expected, "problems": problems}
 
 
-def verify_shards(urls: Any, *, decode: bool = False, workers: int = 1, progress: bool = True) -> dict:
+def verify_shards(
+    urls: Any, *, decode: bool = False, workers: int = 1, progress: bool = True, require_label: bool = True
+) -> dict:
     """Read every shard to the end and report problems: unreadable / truncated / empty shards, samples without an
-    image or label, undecodable images (with `decode=True`), and sample counts that differ from `index.json` (the
-    only way to notice a tar truncated exactly between two members).
+    image (or, with `require_label`, without a label: pretraining needs none), undecodable images (with
+    `decode=True`), and sample counts that differ from `index.json` (the only way to notice a tar truncated exactly
+    between two members).
 
-    Returns `{"shards": [{"url", "samples", "expected", "problems"}], "total", "problems": [...], "ok": bool}`.
+    Returns `{"shards": [{"url", "samples", "unlabeled", "expected", "problems"}], "total", "unlabeled",
+    "problems": [...], "ok": bool}`.
     """
     expanded = expand_urls(urls)
     expected: dict[str, int] = {}
@@ -565,7 +570,7 @@ def verify_shards(urls: Any, *, decode: bool = False, workers: int = 1, progress
             expected = {u: s["samples"] for u, s in zip(index["urls"], index["shards"])}
     from tqdm.auto import tqdm
 
-    jobs = [(u, expected.get(u), decode) for u in expanded]
+    jobs = [(u, expected.get(u), decode, require_label) for u in expanded]
     results = []
     with tqdm(total=len(jobs), unit="shard", desc="verify", disable=not progress) as bar:
         if workers > 1 and len(jobs) > 1:
@@ -580,4 +585,5 @@ def verify_shards(urls: Any, *, decode: bool = False, workers: int = 1, progress
                 results.append(_verify_one(job))
                 bar.update(1)
     problems = [p for r in results for p in r["problems"]]
-    return {"shards": results, "total": sum(r["samples"] for r in results), "problems": problems, "ok": not problems}
+    total, unlabeled = sum(r["samples"] for r in results), sum(r["unlabeled"] for r in results)
+    return {"shards": results, "total": total, "unlabeled": unlabeled, "problems": problems, "ok": not problems}

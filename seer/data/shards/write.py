@@ -208,3 +208,40 @@ def write_shards(
     }
     atomic_write(out / INDEX_NAME, json.dumps(index, indent=1) + "\n")
     return index
+
+
+def index_shards(urls: Any, *, overwrite: bool = False) -> dict:
+    """Write an ``index.json`` beside existing local shards (made by webdataset's ``ShardWriter``, ``tar``, ...):
+    their names and sample counts, counted from the tar headers. The training stream reads counts from it instead
+    of counting at every start, and remote copies of the shards can use it. Returns the index."""
+    from seer.data.shards.epochs import count_tar_samples
+    from seer.data.shards.read import expand_urls
+
+    paths = [u[len("file://") :] if u.startswith("file://") else u for u in expand_urls(urls)]
+    dirs = {os.path.dirname(os.path.abspath(p)) for p in paths}
+    if len(dirs) != 1 or not all(os.path.isfile(p) for p in paths):
+        raise ValueError(f"{urls!r}: an index covers local shards in one directory (found {len(dirs)} directories)")
+    out = Path(dirs.pop())
+    if (out / INDEX_NAME).exists() and not overwrite:
+        raise FileExistsError(f"{out / INDEX_NAME} exists (pass overwrite=True / --overwrite to replace it)")
+    shards, problems = [], []
+    for p in paths:
+        n, problem = count_tar_samples(p)
+        if problem is not None:
+            problems.append({"name": os.path.basename(p), "problem": problem})
+        shards.append({"name": os.path.basename(p), "samples": n, "bytes": os.path.getsize(p)})
+    index = {
+        "format": "seer-shards",
+        "version": 1,
+        "shards": shards,
+        "num_shards": len(shards),
+        "total": sum(s["samples"] for s in shards),
+        "class_names": None,
+        "num_classes": None,
+        "source": str(urls),
+        "source_kind": "indexed",
+        "problems": problems,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write(out / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+    return index
