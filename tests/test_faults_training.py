@@ -421,3 +421,60 @@ def test_kill_while_deleting_an_old_checkpoint_leaves_nothing_half_complete(tmp_
     summary = pretrain(load_config(None, [*cfg, "train.total_steps=3"]))
     assert summary["step"] == 3 and [p.name for p in list_checkpoints(run)] == ["step_00000003"]
     assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def _step_keys(run_dir: Path) -> dict[int, list[list[str]]]:
+    """Step -> [rank 0's keys, rank 1's keys] from data.record_keys (a resumed run's record of a step wins)."""
+    out: dict[int, list] = {}
+    for rank in range(2):
+        for line in (run_dir / "data_keys" / f"rank{rank:05d}.jsonl").read_text().splitlines():
+            if line.strip().endswith("}"):  # a line cut by the kill is not a record
+                rec = json.loads(line)
+                out.setdefault(rec["step"], [None, None])[rank] = rec["keys"]
+    return out
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(420)
+def test_sigkill_mid_epoch_on_shards_resumes_exactly(tmp_path: Path, tiny) -> None:
+    """2 ranks on unlabeled ShardWriter shards, SIGKILLed mid-epoch and resumed with another worker count: the
+    per-step sample keys and the final weights equal the uninterrupted run's (bitwise)."""
+    import webdataset as wds
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with wds.ShardWriter(str(shards / "train-%06d.tar"), maxcount=30, verbose=0) as sink:
+        for i in range(128):  # 128 images over 2 ranks x 4 per step: an epoch is 16 steps
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, format="JPEG")
+            sink.write({"__key__": f"img{i:04d}", "jpg": buf.getvalue()})
+    total = 10
+    common = [*[o for o in tiny if not o.startswith(("data.crops", "data.image_size"))], "data.source=shards",
+              f"data.urls={shards}/train-*.tar", "data.multicrop=cpu_tiny", "data.shuffle_buffer=16",
+              "data.batch_size_per_gpu=4", "data.record_keys=true", f"train.total_steps={total}",
+              "train.ckpt_every_steps=3"]  # fmt: skip
+    straight = tmp_path / "straight"
+    assert _wait(_start(2, [*common, "data.workers=2", f"run_dir={straight}"], tmp_path / "straight"), 240) == [0, 0]
+
+    run = tmp_path / "killed"
+    procs = _start(2, [*common, "data.workers=2", f"run_dir={run}"], tmp_path / "first")
+    deadline = time.time() + 180
+    while _logged_steps(run) < 7 and time.time() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.005)
+    assert all(p.poll() is None for p in procs), "the run ended before the kill"
+    _kill(procs)  # mid-epoch (step 7 of 16), after the checkpoint of step 6
+    latest = latest_checkpoint(run)
+    assert latest is not None and 3 <= read_meta(latest)["step"] < total
+    resumed_log = tmp_path / "resumed"
+    assert _wait(_start(2, [*common, "data.workers=1", f"run_dir={run}"], resumed_log), 240) == [0, 0]
+    text = resumed_log.with_suffix(".rank0.log").read_text()
+    assert "data position restored" in text, text[-2000:]
+
+    want, got = _step_keys(straight), _step_keys(run)
+    assert sorted(want) == sorted(got) == list(range(1, total + 1))
+    assert got == want  # the same samples at every step on both ranks
+    assert len({k for s in want.values() for r in s for k in r}) == total * 2 * 4  # none repeated within the epoch
+    a, b = _weights(straight), _weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
