@@ -98,7 +98,7 @@ def _cli_index(argv: Sequence[str]) -> int:
     parser.add_argument("shards", help="a shard pattern, e.g. 'data/train-{000000..000099}.tar' or 'data/*.tar'")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing index.json")
     args = parser.parse_args(argv)
-    from seer.data.shards.write import index_shards
+    from seer.data.shards.train import index_shards
 
     try:
         index = index_shards(args.shards, overwrite=args.overwrite)

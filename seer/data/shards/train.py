@@ -13,11 +13,13 @@ position)``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 from collections import deque
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +42,11 @@ from seer.data.shards.read import (
 )
 from seer.data.shards.write import INDEX_NAME
 from seer.data.sources import IMAGE_MEMBER_KEYS
+from seer.io import atomic_write
 
 log = logging.getLogger("seer.data")
 
-__all__ = ["TrainLoader", "train_loader", "shard_counts", "image_units", "POSITION_VERSION"]
+__all__ = ["TrainLoader", "train_loader", "shard_counts", "index_shards", "image_units", "POSITION_VERSION"]
 
 POSITION_VERSION = 1
 
@@ -96,6 +99,40 @@ def shard_counts(urls: Any, problems: list | None = None) -> tuple[list[str], li
 
 def _local(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
+
+
+def index_shards(urls: Any, *, overwrite: bool = False) -> dict:
+    """Write an ``index.json`` beside existing local shards (made by webdataset's ``ShardWriter``, ``tar``, ...):
+    their names and sample counts, counted from the tar headers. The training stream reads counts from it instead
+    of counting at every start, and remote copies of the shards can use it. Returns the index."""
+    paths = [u[len("file://") :] if u.startswith("file://") else u for u in expand_urls(urls)]
+    dirs = {os.path.dirname(os.path.abspath(p)) for p in paths}
+    if len(dirs) != 1 or not all(os.path.isfile(p) for p in paths):
+        raise ValueError(f"{urls!r}: an index covers local shards in one directory (found {len(dirs)} directories)")
+    out = Path(dirs.pop())
+    if (out / INDEX_NAME).exists() and not overwrite:
+        raise FileExistsError(f"{out / INDEX_NAME} exists (pass overwrite=True / --overwrite to replace it)")
+    shards, problems = [], []
+    for p in paths:
+        n, problem = count_tar_samples(p)
+        if problem is not None:
+            problems.append({"name": os.path.basename(p), "problem": problem})
+        shards.append({"name": os.path.basename(p), "samples": n, "bytes": os.path.getsize(p)})
+    index = {
+        "format": "seer-shards",
+        "version": 1,
+        "shards": shards,
+        "num_shards": len(shards),
+        "total": sum(s["samples"] for s in shards),
+        "class_names": None,
+        "num_classes": None,
+        "source": str(urls),
+        "source_kind": "indexed",
+        "problems": problems,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write(out / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+    return index
 
 
 def image_units(path: str | os.PathLike) -> list[tuple[str, int]]:
@@ -330,7 +367,14 @@ class TrainLoader(_LoaderBase):
             self.step = start_step
             self.offsets = self.layout.offsets_at_step(start_step, batch_size)
             self.epoch_counts: dict[int, list[int]] = {}
-            self.resume_note = "" if start_step == 0 else f"position derived from step {start_step}"
+            self.resume_note = (
+                ""
+                if start_step == 0
+                else (
+                    f"data position derived from step {start_step} (exact when no sample was skipped; another "
+                    "world size or batch changes the order)"
+                )
+            )
         self.num_workers = min(num_workers, self.layout.streams)
         if num_workers > self.layout.streams:
             log.warning("%d workers for %d streams: %d worker(s) would idle; using %d", num_workers,
