@@ -66,7 +66,13 @@ class ModelConfig:
     cfg: dict | None = None
     # False | True/"block" | "stage" | SEER-style groups (one list of segment end indices per stage).
     activation_checkpointing: bool | str | list = False
-    zero_init: bool = True  # zero the last BN of every residual branch
+    # Zero the last BN gamma of every residual branch. Off, as in the references: VISSL's RegNet trunks use
+    # ClassyVision's init_weights (every BN gamma 1) and SwAV's ResNet-50 zero_init_residual=False.
+    zero_init: bool = False
+    # Start the trunk from these weights instead of a random init (continued pretraining; ignored when run_dir
+    # holds a checkpoint: resuming wins): anything seer.load_trunk reads (a run dir or checkpoint, a safetensors /
+    # torch file, a timm or HF hub id in the local cache). Its architecture must be the one preset/cfg describe.
+    init_from: str | None = None
 
 
 @dataclass
@@ -326,6 +332,8 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
         checkpoint_segments(m.activation_checkpointing, depths)
     except ValueError as exc:
         raise ConfigError(f"model.activation_checkpointing: {exc}") from None
+    if m.init_from is not None and not m.init_from.strip():
+        raise _bad("model.init_from", m.init_from, "must name a run, checkpoint, weights file or hub id (or be null)")
     # data
     if d.source not in ("synthetic", "shards"):
         raise _bad("data.source", d.source, "must be 'synthetic' or 'shards'")

@@ -174,3 +174,86 @@ def test_fsdp_two_ranks_with_checkpointing_and_bn_sync(tmp_path, precision):
         results.append(json.loads(path.read_text()))
     for res in results:
         assert res["synced"] and res["differ"] and res["grads"], res
+
+
+_FP32_WORKER = textwrap.dedent(
+    """
+    import json, sys, torch, torch.distributed as dist
+    from seer.distributed.env import init_distributed
+    from seer.distributed.parallel import is_fsdp, parallelize
+    from seer.models.regnet import build_trunk
+    from seer.ssl.swav import SwAVConfig, build_model
+    env = init_distributed(device="cpu")
+    result = {}
+    for fp32 in (True, False):
+        torch.manual_seed(0)
+        trunk = build_trunk({"depth": 4, "w0": 16, "wa": 8.0, "wm": 2.0, "group_w": 8})
+        cfg = SwAVConfig(head_dims=[32, 16], n_prototypes=24, freeze_prototypes_iters=0, fp32_prototypes=fp32)
+        model = parallelize(build_model(trunk, cfg), precision="bf16")
+        seen = {}
+
+        def pre(name, param):  # runs after FSDP's own pre-forward hook: inputs cast, parameters gathered
+            def hook(module, args):
+                seen[name] = {"input": str(args[0].dtype), "param": str(param(module).dtype)}
+            return hook
+
+        def post(module, args, out):
+            seen["scores"] = str(out[1].dtype)
+            seen["emb"] = str(out[0].dtype)
+
+        protos = model.head.prototypes
+        protos.register_forward_pre_hook(pre("prototypes", lambda m: m.weight))
+        protos.register_forward_hook(post)
+        block = model.trunk.stages[1].blocks[0]
+        block.register_forward_pre_hook(pre("block", lambda m: m.conv1.conv.weight))
+        model.head.projection.register_forward_pre_hook(pre("projection", lambda m: m[0].weight))
+        g = torch.Generator().manual_seed(env.rank)
+        crops = [torch.randn(4, 3, 32, 32, generator=g) for _ in range(2)]
+        model.before_forward(0)
+        out = model(crops)
+        out["loss"].backward()
+        seen["own_unit"] = is_fsdp(protos)
+        seen["grad"] = protos.weight.grad is not None and bool(torch.isfinite(protos.weight.grad.full_tensor()).all())
+        seen["loss"] = float(out["loss"])
+        result[str(fp32)] = seen
+    json.dump(result, open(sys.argv[1] + f".{env.rank}.json", "w"))
+    dist.barrier()
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_bf16_fsdp_keeps_swav_prototypes_in_fp32(tmp_path):
+    """Under FSDP2 bf16 the prototypes (normalization + scores) are their own fp32 unit, as VISSL's swav_head_fsdp
+    keeps them; the trunk and the projection compute in bf16. ``swav.fp32_prototypes=false`` leaves them bf16."""
+    script = tmp_path / "worker.py"
+    script.write_text(_FP32_WORKER)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "out")],
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    logs = [p.communicate(timeout=240)[0] for p in procs]
+    for r in range(2):
+        path = tmp_path / f"out.{r}.json"
+        assert path.is_file(), logs[r][-3000:]
+        res = json.loads(path.read_text())
+        on, off = res["True"], res["False"]
+        assert on["own_unit"] and not off["own_unit"]
+        assert on["prototypes"] == {"input": "torch.float32", "param": "torch.float32"}, on
+        assert on["scores"] == on["emb"] == "torch.float32"
+        assert on["block"] == {"input": "torch.bfloat16", "param": "torch.bfloat16"}, on
+        assert on["projection"] == {"input": "torch.bfloat16", "param": "torch.bfloat16"}, on
+        assert off["prototypes"]["param"] == "torch.bfloat16" and off["scores"] == "torch.bfloat16", off
+        assert on["grad"] and off["grad"]

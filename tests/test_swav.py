@@ -168,7 +168,9 @@ def test_head_layout_and_validation():
     head = SwAV([64, 128, 128, 16], use_bn=True, n_prototypes=30)
     kinds = [type(m).__name__ for m in head.projection]
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear"]
-    assert tuple(head.prototypes.weight.shape) == (30, 16) and head.prototypes.bias is None
+    # the state dict keeps nn.Linear(bias=False)'s key: head.prototypes.weight, nothing else
+    assert [k for k in head.state_dict() if k.startswith("prototypes")] == ["prototypes.weight"]
+    assert tuple(head.prototypes.weight.shape) == (30, 16)
     torch.testing.assert_close(head.prototypes.weight.norm(dim=1), torch.ones(30))
     nobn = SwAV([64, 128, 16], use_bn=False, n_prototypes=30)
     assert [type(m).__name__ for m in nobn.projection] == ["Linear", "ReLU", "Linear"]
@@ -197,6 +199,35 @@ def test_bf16_autocast_forward_is_finite():
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
     out["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("fp32", [True, False])
+def test_prototype_scores_are_fp32_under_bf16_autocast(fp32):
+    """One process, bf16 autocast: the normalization and the prototype scores run in fp32 (autocast is off inside
+    ``Prototypes``) unless ``fp32_prototypes=False``, which leaves them to autocast (bf16)."""
+    torch.manual_seed(0)
+    head = SwAV([32, 64, 16], n_prototypes=40, fp32_prototypes=fp32, queue_length=16, queue_start_iter=0)
+    seen = []
+
+    def record(module, args, out):  # input, embedding, scores, queue scores (None before the queue is full)
+        seen.append((args[0].dtype, out[0].dtype, out[1].dtype, out[2] is not None and out[2].dtype))
+
+    head.prototypes.register_forward_hook(record)
+    feats = torch.randn(4 * 8, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for it in range(3):  # the third step scores a full queue in the same call
+            out = head(feats, 4, it)
+    assert out["queue_used"] and out["loss"].dtype == torch.float32
+    want = torch.float32 if fp32 else torch.bfloat16
+    assert seen[0][:3] == (torch.bfloat16, want, want)  # the projection ran in bf16 either way
+    assert seen[-1][3] == want
+    # fp32: the same scores as a plain fp32 computation on the bf16 projection output
+    if fp32:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            z = head.projection(feats)
+        _, scores, _ = head.prototypes(z)
+        ref = F.normalize(z.float(), dim=1) @ head.prototypes.weight.t()
+        torch.testing.assert_close(scores, ref, rtol=0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,6 +317,45 @@ def test_queue_fills_then_is_used():
     head.reset_queue()
     assert head.queue is None and not head(feats[5], n_crops, 5)["queue_used"]
     assert "queue" not in head.state_dict()  # per-rank content: not in the shared state dict
+
+
+def test_queue_rank_state_round_trip():
+    """``rank_state`` / ``load_rank_state`` carry this rank's queue across a restart: a restored head continues
+    exactly as the uninterrupted one, a fresh head does not."""
+    torch.manual_seed(0)
+    kw = dict(use_bn=False, n_prototypes=7, queue_length=8, queue_start_iter=1)
+    head = SwAV([8, 6], **kw)
+    feats = [torch.randn(3 * 4, 8, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    for it in range(3):
+        head(feats[it], 3, it)
+    state = head.rank_state()
+    assert state["queue_filled"] == 8 and state["queue"].shape == (2, 8, 6) and state["queue"].device.type == "cpu"
+    restored, fresh = SwAV([8, 6], **kw), SwAV([8, 6], **kw)
+    for other in (restored, fresh):
+        other.load_state_dict(head.state_dict())
+    restored.load_rank_state(torch.load(_roundtrip(state), weights_only=True))
+    assert torch.equal(restored.queue, head.queue) and restored.queue_filled == head.queue_filled
+    a, b, c = (h(feats[3], 3, 3) for h in (head, restored, fresh))
+    assert a["queue_used"] and b["queue_used"] and not c["queue_used"]
+    assert torch.equal(a["codes"], b["codes"]) and not torch.allclose(a["codes"], c["codes"])
+    # no queue yet, and a queue that no longer fits (queue_length changed) is dropped with a warning
+    empty = SwAV([8, 6], **kw)
+    empty.load_rank_state(SwAV([8, 6], **kw).rank_state())
+    assert empty.queue is None and empty.queue_filled == 0
+    longer = SwAV([8, 6], **{**kw, "queue_length": 12})
+    longer.load_rank_state(state)
+    with pytest.warns(UserWarning, match="does not fit"):
+        assert not longer(feats[4], 3, 4)["queue_used"]
+    assert longer.queue.shape == (2, 12, 6) and longer.queue_filled == 4
+
+
+def _roundtrip(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
 
 
 def test_queue_too_short_raises():

@@ -1,7 +1,8 @@
 """Parallelism applied to a built model, in one function (torchtitan's ``parallelize`` habit).
 
 Order: SyncBatchNorm (CUDA, several ranks) -> activation checkpointing -> torch.compile per block -> FSDP2
-``fully_shard`` per BatchNorm (fp32 units on bf16 runs) -> per block or group -> the head -> the root.
+``fully_shard`` per BatchNorm and per module asking for fp32 (``fp32_unit = True``, e.g. SwAV's prototypes: fp32
+units on bf16 runs) -> per block or group -> the head -> the root.
 The model files never import any of this.
 """
 
@@ -66,7 +67,8 @@ def parallelize(
         activation_checkpointing: passed to ``trunk.set_grad_checkpointing`` (False, True/"block", "stage", groups).
         compile: ``torch.compile`` each block (after checkpointing, before sharding).
         precision: "fp32" or "bf16" (FSDP MixedPrecisionPolicy: bf16 params/compute, fp32 gradient reduction;
-            BatchNorm layers get their own fp32 units).
+            BatchNorm layers get their own fp32 units, and so does every module with ``fp32_unit = True``, its
+            floating inputs cast to fp32).
         fsdp: shard with FSDP2; default: when a process group is initialized.
         reshard_after_forward: free the gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2).
         cpu_offload: keep sharded parameters, gradients and optimizer state in CPU memory.
@@ -133,6 +135,13 @@ def parallelize(
                 fully_shard(module, mp_policy=bn_mp, reshard_after_forward=False, **common)
                 module.set_reshard_after_backward(False)
                 bn_units.append(module)
+
+        # Modules that ask for it (SwAV's prototypes: L2 normalization + scores feeding Sinkhorn and the loss) run
+        # entirely in fp32: fp32 parameters and reduction, floating inputs cast to fp32 on the way in. A method's
+        # module says so with ``fp32_unit = True``; nothing here names a method.
+        fp32_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=True)
+        for module in [m for m in model.modules() if getattr(m, "fp32_unit", False) is True and not is_fsdp(m)]:
+            fully_shard(module, mp_policy=fp32_mp, reshard_after_forward=reshard_after_forward, **common)
 
     for group in block_groups(trunk, activation_checkpointing, shard_unit):
         fully_shard(group if len(group) > 1 else group[0], mp_policy=mp,

@@ -20,6 +20,8 @@ Typical step (what ``seer.train.loop`` does with any method's model)::
 from __future__ import annotations
 
 import itertools
+import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,6 +33,7 @@ from torch import nn
 __all__ = [
     "SwAVConfig",
     "SwAV",
+    "Prototypes",
     "SwAVModel",
     "build_model",
     "build_projection",
@@ -68,6 +71,9 @@ class SwAVConfig:
     freeze_prototypes_iters: int = 313
     queue_length: int = 0
     queue_start_iter: int = 0
+    # L2 normalization + prototype scores in fp32 under bf16 (their own fp32 FSDP unit; autocast off without FSDP),
+    # as VISSL's swav_head_fsdp keeps the prototypes in full precision "for convergence". False: the trunk's dtype.
+    fp32_prototypes: bool = True
 
     def validate(self, n_crops: int, section: str = "swav") -> None:
         """Reject impossible values for a run of ``n_crops`` crops per image.
@@ -214,6 +220,51 @@ def build_projection(dims: Sequence[int], use_bn: bool = True) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class Prototypes(nn.Module):
+    """L2-normalize the embedding and score it against K prototypes: ``forward(z, queue=None) -> (emb, scores,
+    queue_scores)``.
+
+    ``weight`` is ``[K, d]`` (state-dict key ``prototypes.weight``, initialized like ``nn.Linear``); its rows are kept
+    unit-norm by ``normalize_()``, so scores are cosine similarities. ``queue`` (already normalized embeddings,
+    ``[..., d]``) is scored without gradient in the same call, so that under FSDP2 the weight is gathered once.
+
+    With ``fp32=True`` the normalization and both products run in fp32 whatever the caller's dtype (autocast is
+    disabled here), and ``fp32_unit`` asks ``seer.distributed.parallel.parallelize`` for an FSDP unit with fp32
+    parameters, reduction and inputs on bf16 runs: VISSL's ``swav_head_fsdp`` keeps the prototypes in full precision
+    because they are renormalized every step and their scores feed Sinkhorn and the loss.
+    """
+
+    def __init__(self, dim: int, n_prototypes: int, fp32: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_prototypes, dim))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's init (the rows are normalized next)
+        self.fp32 = fp32
+        self.fp32_unit = fp32
+
+    @torch.no_grad()
+    def normalize_(self) -> None:
+        """L2-normalize every row in place. Works on FSDP2 row shards (``Shard(0)``): each rank normalizes its own."""
+        w = self.weight
+        local = w.to_local() if hasattr(w, "to_local") else w  # DTensor under FSDP2
+        local.copy_(F.normalize(local.float(), dim=1).to(local.dtype))
+
+    def forward(self, z: torch.Tensor, queue: torch.Tensor | None = None):
+        if not self.fp32:
+            emb = F.normalize(z, dim=1)
+            with torch.no_grad():
+                queue_scores = None if queue is None else F.linear(queue.to(emb.dtype), self.weight)
+            return emb, F.linear(emb, self.weight), queue_scores
+        with torch.autocast(z.device.type, enabled=False):
+            w = self.weight.float()
+            emb = F.normalize(z.float(), dim=1)
+            with torch.no_grad():
+                queue_scores = None if queue is None else F.linear(queue.float(), w)
+            return emb, F.linear(emb, w), queue_scores
+
+    def extra_repr(self) -> str:
+        return f"dim={self.weight.shape[1]}, n_prototypes={self.weight.shape[0]}, fp32={self.fp32}"
+
+
 class SwAV(nn.Module):
     """The SwAV head and swapped-prediction loss over multi-crop features.
 
@@ -230,6 +281,7 @@ class SwAV(nn.Module):
         queue_length: embeddings kept per assignment crop over *all* ranks (0: no queue); each rank keeps
             ``queue_length // world_size`` rounded down to a multiple of its batch, as SwAV does.
         queue_start_iter: the queue is filled from this iteration on and used as soon as it is full.
+        fp32_prototypes: normalize and score in fp32 (see ``Prototypes``); False: in the caller's dtype.
 
     ``forward`` returns ``{"loss", "codes" [n_assign, B, K] (detached), "queue_used" (bool)}``.
     """
@@ -247,6 +299,7 @@ class SwAV(nn.Module):
         freeze_prototypes_iters: int = 313,
         queue_length: int = 0,
         queue_start_iter: int = 0,
+        fp32_prototypes: bool = True,
     ) -> None:
         super().__init__()
         if n_prototypes < 1:
@@ -259,7 +312,7 @@ class SwAV(nn.Module):
             raise ValueError(f"queue_length and queue_start_iter must be >= 0, got {queue_length}, {queue_start_iter}")
         self.projection = build_projection(head_dims, use_bn)
         self.embed_dim = int(head_dims[-1])
-        self.prototypes = nn.Linear(self.embed_dim, n_prototypes, bias=False)
+        self.prototypes = Prototypes(self.embed_dim, n_prototypes, fp32=fp32_prototypes)
         self.n_prototypes = n_prototypes
         self.temperature = temperature
         self.sinkhorn_iters = sinkhorn_iters
@@ -269,22 +322,17 @@ class SwAV(nn.Module):
         self.queue_length = queue_length
         self.queue_start_iter = queue_start_iter
         # Per-rank queue [n_assign, L, d], newest first; allocated at the first step that needs it. Not persistent:
-        # every rank holds different rows, so it is not part of the (rank-agnostic) state dict; ``queue_filled``
+        # every rank holds different rows, so it is not part of the (rank-agnostic) state dict but of the per-rank
+        # state (``rank_state``, saved next to each checkpoint as SwAV saves queue{rank}.pth); ``queue_filled``
         # counts valid rows (it is used once full, like SwAV's "last row non-zero" test).
         self.register_buffer("queue", None, persistent=False)
         self.queue_filled = 0
         self.normalize_prototypes()
 
     # -- prototypes ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def normalize_prototypes(self) -> None:
-        """L2-normalize every prototype row in place (call each step before the forward).
-
-        Works on FSDP2-sharded weights: they are row shards (``Shard(0)``), so each rank normalizes its own rows.
-        """
-        w = self.prototypes.weight
-        local = w.to_local() if hasattr(w, "to_local") else w  # DTensor under FSDP2
-        local.copy_(F.normalize(local.float(), dim=1).to(local.dtype))
+        """L2-normalize every prototype row in place (call each step before the forward; FSDP2 shards included)."""
+        self.prototypes.normalize_()
 
     def before_optimizer_step(self, iteration: int) -> None:
         """Drop the prototypes' gradient while frozen, so neither the update nor weight decay reaches them."""
@@ -306,6 +354,34 @@ class SwAV(nn.Module):
         """Forget the queue (it refills from the next step at or after ``queue_start_iter``)."""
         self.queue, self.queue_filled = None, 0
 
+    def rank_state(self) -> dict:
+        """This rank's queue (``None`` before it exists) and its fill count, for the per-rank checkpoint files."""
+        queue = None if self.queue is None else self.queue.detach().cpu().clone()
+        return {"queue": queue, "queue_filled": int(self.queue_filled)}
+
+    def load_rank_state(self, state: dict) -> None:
+        """Restore what ``rank_state`` returned (on this rank, same world size). A queue whose shape no longer fits
+        the run (``queue_length`` or the batch changed) is dropped at the next forward, with a warning."""
+        queue = state.get("queue")
+        if queue is None:
+            self.reset_queue()
+            return
+        self.queue = queue.to(device=self.prototypes.weight.device, dtype=torch.float32)
+        self.queue_filled = int(state.get("queue_filled", 0))
+
+    def _ensure_queue(self, batch: int, device: torch.device) -> None:
+        shape = (len(self.crops_for_assign), self._queue_rows(batch), self.embed_dim)
+        if self.queue is not None and tuple(self.queue.shape) != shape:
+            warnings.warn(
+                f"SwAV queue of shape {tuple(self.queue.shape)} does not fit this run ({shape}: queue_length or "
+                "the per-rank batch changed); starting a new queue",
+                stacklevel=3,
+            )
+            self.queue = None
+        if self.queue is None:
+            self.queue = torch.zeros(shape, device=device, dtype=torch.float32)
+            self.queue_filled = 0
+
     # -- loss ---------------------------------------------------------------------------------------------------
     def forward(self, feats: torch.Tensor, n_crops: int, iteration: int = 0) -> dict:
         """Swapped-prediction loss of crop-major features ``[n_crops * B, D]`` (crop 0's batch, then crop 1's ...)."""
@@ -317,24 +393,21 @@ class SwAV(nn.Module):
         if max(self.crops_for_assign) >= n_crops or min(self.crops_for_assign) < 0:
             raise ValueError(f"crops_for_assign {list(self.crops_for_assign)} out of range for {n_crops} crops")
         bs = feats.shape[0] // n_crops
-        emb = F.normalize(self.projection(feats), dim=1)
-        scores = self.prototypes(emb)  # [n_crops * B, K]
-        log_p = F.log_softmax(scores.float() / self.temperature, dim=1).view(n_crops, bs, -1)
-
         use_queue = self.queue_length > 0 and iteration >= self.queue_start_iter
-        if use_queue and self.queue is None:
-            rows = self._queue_rows(bs)
-            self.queue = emb.new_zeros(len(self.crops_for_assign), rows, emb.shape[1], dtype=torch.float32)
-            self.queue_filled = 0
+        if use_queue:
+            self._ensure_queue(bs, feats.device)
         queue_used = use_queue and self.queue_filled >= self.queue.shape[1]
+        # normalized embeddings, their scores [n_crops * B, K], and the queue's with today's prototypes (no grad)
+        emb, scores, queue_scores = self.prototypes(self.projection(feats), self.queue if queue_used else None)
+        log_p = F.log_softmax(scores.float() / self.temperature, dim=1).view(n_crops, bs, -1)
 
         loss = scores.new_zeros((), dtype=torch.float32)
         codes = []
         for i, c in enumerate(self.crops_for_assign):
             with torch.no_grad():
                 out = scores[c * bs : (c + 1) * bs].detach()
-                if queue_used:  # queue scores with today's prototypes, batch last: only its codes are kept
-                    out = torch.cat([self.prototypes(self.queue[i].to(emb.dtype)).detach(), out])
+                if queue_used:  # queue scores first, batch last: only the batch's codes are kept
+                    out = torch.cat([queue_scores[i].to(out.dtype), out])
                 if use_queue:  # newest first, as in SwAV
                     self.queue[i, bs:] = self.queue[i, :-bs].clone()
                     self.queue[i, :bs] = emb[c * bs : (c + 1) * bs].detach().float()
@@ -386,7 +459,8 @@ class SwAVModel(nn.Module):
     """``forward(crops) -> SwAV output dict`` (``{"loss", ...}``) with ``trunk`` and ``head`` submodules.
 
     The loop's hooks: ``before_forward(step)`` normalizes the prototypes and records the step (the queue starts at
-    ``queue_start_iter``); ``before_optimizer_step(step)`` drops the prototypes' gradient while they are frozen.
+    ``queue_start_iter``); ``before_optimizer_step(step)`` drops the prototypes' gradient while they are frozen;
+    ``rank_state()`` / ``load_rank_state(state)`` save and restore this rank's queue with each checkpoint.
 
     ``bn_splits > 1`` runs the trunk on each crop batch in that many chunks (ghost batch norm): one process then
     sees exactly the BatchNorm batches that ``bn_splits`` FSDP ranks without SyncBN would.
@@ -403,6 +477,13 @@ class SwAVModel(nn.Module):
 
     def before_optimizer_step(self, step: int) -> None:
         self.head.before_optimizer_step(step)
+
+    def rank_state(self) -> dict:
+        """This rank's state outside the shared state dict (the queue): saved per rank with each checkpoint."""
+        return self.head.rank_state()
+
+    def load_rank_state(self, state: dict) -> None:
+        self.head.load_rank_state(state)
 
     def features(self, crops: list[torch.Tensor]) -> torch.Tensor:
         if self.bn_splits == 1:
@@ -429,5 +510,6 @@ def build_model(trunk: nn.Module, cfg: SwAVConfig, *, bn_splits: int = 1) -> SwA
         freeze_prototypes_iters=cfg.freeze_prototypes_iters,
         queue_length=cfg.queue_length,
         queue_start_iter=cfg.queue_start_iter,
+        fp32_prototypes=cfg.fp32_prototypes,
     )
     return SwAVModel(trunk, head, bn_splits)

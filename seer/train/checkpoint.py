@@ -4,12 +4,14 @@ Layout of a run directory::
 
     run_dir/config.yaml
     run_dir/metrics.jsonl
-    run_dir/checkpoints/step_00001000/{.metadata, __0_0.distcp, ..., meta.json}
+    run_dir/checkpoints/step_00001000/{.metadata, __0_0.distcp, ..., rank00000.pt, ..., meta.json}
 
-Every rank writes its shards under ``checkpoints/.tmp-step_XXXXXXXX``; after a barrier rank 0 writes ``meta.json``
-(step, data position, RNG states of every rank, config) and renames the directory, so a ``step_*`` directory is
-always complete. DCP stores global tensor shapes, so a checkpoint saved by N ranks loads on M ranks (or on one
-process with no process group).
+Every rank writes its shards under ``checkpoints/.tmp-step_XXXXXXXX``, and its own per-rank state (``rank_state``:
+what differs between ranks and so has no place in the shared state dict, such as SwAV's queue or a data stream's
+position) as ``rank{r:05d}.pt``; after a barrier rank 0 writes ``meta.json`` (step, data position, RNG states of
+every rank, config) and renames the directory, so a ``step_*`` directory is always complete. DCP stores global
+tensor shapes, so a checkpoint saved by N ranks loads on M ranks (or on one process with no process group); the
+per-rank state is restored only on the world size that saved it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
+import io
 import json
 import os
 import pickle
@@ -58,6 +61,30 @@ def _rank() -> int:
 def _barrier() -> None:
     if _dist():
         dist.barrier()
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (a collective, so that all ranks fail together)."""
+    if not _dist():
+        return flag
+    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _rank_file(ckpt_dir: Path, rank: int) -> Path:
+    return ckpt_dir / f"rank{rank:05d}.pt"
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Tensors moved to the CPU inside plain containers (a per-rank file loads on any device)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 @contextlib.contextmanager
@@ -245,8 +272,13 @@ def save_checkpoint(
     *,
     meta: dict | None = None,
     keep_last: int = 3,
+    rank_state: dict | None = None,
 ) -> Path:
     """Save model + optimizer (sharded, DCP) and metadata as ``checkpoints/step_{step:08d}``; keep the last K.
+
+    ``rank_state``: this rank's own state (a dict of tensors and plain python values, e.g. ``{"method": {"queue":
+    ...}}``), written with ``torch.save`` as ``rank{r:05d}.pt`` in the checkpoint before it is renamed complete;
+    ``load_checkpoint`` gives it back on the same world size. Every rank passes one or none.
 
     Collective: every rank must call it. BN running statistics are averaged over ranks first.
     """
@@ -283,6 +315,26 @@ def save_checkpoint(
             f"cannot write checkpoint {final.name} under {root} ({type(first).__name__}: {first}); the earlier "
             f"checkpoints are intact (latest: {good or 'none'})",
         ) from None
+    failure = None
+    if rank_state is not None:
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            buf = io.BytesIO()  # serialized in memory first: a full disk is then an OSError from write()
+            torch.save(_to_cpu(rank_state), buf)
+            with open(_rank_file(tmp, _rank()), "wb") as f:
+                f.write(buf.getbuffer())
+        except OSError as exc:
+            failure = exc
+    if _any_rank(failure is not None):  # one rank's disk full fails the save on every rank, none waits forever
+        _barrier()
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = f"{type(failure).__name__}: {failure}" if failure else "another rank could not write its file"
+        raise OSError(
+            getattr(failure, "errno", None) or errno.EIO,
+            f"cannot write checkpoint {final.name} under {root} (per-rank state, {why}); the earlier checkpoints "
+            f"are intact (latest: {latest_checkpoint(run_dir) or 'none'})",
+        )
     states = [None] * dist.get_world_size() if _dist() else None
     if _dist():
         dist.all_gather_object(states, rng_state())
@@ -291,6 +343,8 @@ def save_checkpoint(
     _barrier()  # every rank's shards are on disk
     if _rank() == 0:
         info = {"step": step, "world_size": len(states), **(meta or {}), "rng": states}
+        if rank_state is not None:
+            info["rank_files"] = True
         tmp_meta = tmp / f".{META_NAME}.tmp"
         with open(tmp_meta, "w") as f:
             json.dump(info, f)
@@ -336,6 +390,11 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer: to
     Optimizer entries absent from the checkpoint (parameters that had never been stepped, e.g. frozen prototypes)
     stay absent, so the resumed run takes exactly the same updates as the uninterrupted one. RNG states are
     restored when the world size matches.
+
+    The returned metadata also holds ``rank_state``: this rank's dict given to ``save_checkpoint`` (read with
+    ``torch.load(weights_only=True)``), or None; and ``rank_state_status``: ``"restored"``, ``"none_saved"`` or
+    ``"world_size_mismatch"`` (saved by another number of ranks: per-rank state cannot be mapped, and is not
+    returned). A per-rank file the checkpoint records but that is missing or unreadable is a ValueError naming it.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
@@ -348,6 +407,8 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer: to
         model_sd = get_model_state_dict(model)
         _dcp_load({"model": model_sd}, ckpt_dir)
         set_model_state_dict(model, model_sd)
+        world = dist.get_world_size() if _dist() else 1
+        meta["rank_state"], meta["rank_state_status"] = _load_rank_state(ckpt_dir, meta, world)
         return meta
     _reshard(model)
     model_sd, optim_sd = get_state_dict(model, optimizer)  # creates optimizer state to load into
@@ -367,7 +428,26 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: nn.Module, optimizer: to
     world = dist.get_world_size() if _dist() else 1
     if meta.get("world_size") == world and meta.get("rng"):
         set_rng_state(meta["rng"][_rank()])
+    meta["rank_state"], meta["rank_state_status"] = _load_rank_state(ckpt_dir, meta, world)
     return meta
+
+
+def _load_rank_state(ckpt_dir: Path, meta: dict, world: int) -> tuple[dict | None, str]:
+    if not meta.get("rank_files"):
+        return None, "none_saved"
+    if meta.get("world_size") != world:
+        return None, "world_size_mismatch"
+    path = _rank_file(ckpt_dir, _rank())
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: per-rank checkpoint state missing (meta.json records one file per rank)") from None
+    except Exception as exc:  # noqa: BLE001 - pickle / zip errors of a truncated or crafted file
+        reason = repr(exc)[:300]
+        raise ValueError(f"{path}: unreadable per-rank checkpoint state, truncated or corrupt ({reason})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: per-rank checkpoint state is a {type(state).__name__}, not a dict")
+    return state, "restored"
 
 
 # ----------------------------------------------------------------------------------------------------------------

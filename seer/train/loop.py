@@ -47,12 +47,48 @@ __all__ = ["pretrain", "cli_main", "build_model", "peak_memory_bytes"]
 # ----------------------------------------------------------------------------------------------------------------
 # The model and the data: a randomly initialized trunk under the method's model, multi-crop batches
 # ----------------------------------------------------------------------------------------------------------------
-def build_model(cfg: PretrainConfig) -> nn.Module:
-    """The randomly initialized trunk wrapped by ``cfg.method``'s model (on CPU, fp32)."""
+def build_model(cfg: PretrainConfig, *, init_trunk: bool | None = None) -> nn.Module:
+    """The trunk wrapped by ``cfg.method``'s model (on CPU, fp32).
+
+    The trunk is randomly initialized, or holds ``cfg.model.init_from``'s weights when ``init_trunk`` (default:
+    when ``cfg.run_dir`` has no checkpoint to resume from; resuming wins over ``init_from``).
+    """
     from seer.models.regnet import build_trunk
+    from seer.train.checkpoint import latest_checkpoint
 
     trunk = build_trunk(trunk_cfg(cfg.model), zero_init_last_bn=cfg.model.zero_init)
+    if init_trunk is None:
+        init_trunk = latest_checkpoint(cfg.run_dir) is None
+    if init_trunk and cfg.model.init_from:
+        _init_trunk_from(trunk, cfg.model.init_from, cfg)
     return get_method(cfg.method).build(trunk, method_config(cfg), bn_splits=cfg.train.bn_splits)
+
+
+def _init_trunk_from(trunk: nn.Module, source: str, cfg: PretrainConfig) -> None:
+    """Copy the weights ``seer.load_trunk(source)`` reads into ``trunk``; ValueError when the architectures differ."""
+    from seer.weights import load_trunk
+
+    try:
+        loaded = load_trunk(source)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"model.init_from: {exc}") from None
+    except ValueError as exc:  # CheckpointError: unreadable, unknown layout, refused pickle
+        raise ValueError(f"model.init_from: {exc}") from None
+    want = {k: tuple(v.shape) for k, v in trunk.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in loaded.state_dict().items()}
+    if want != got:
+
+        def arch(c) -> str:
+            widths, depths, groups = c.stages()
+            return f"stage widths {widths}, depths {depths}, group widths {groups}, stem {c.stem_width}"
+
+        ours = f"model.preset={cfg.model.preset}" if cfg.model.cfg is None else f"model.cfg={cfg.model.cfg}"
+        raise ValueError(
+            f"model.init_from: {source} holds a different trunk architecture ({arch(loaded.cfg)}) than this run's "
+            f"{ours} ({arch(trunk.cfg)}); set model.preset / model.cfg to the checkpoint's architecture"
+        )
+    with torch.no_grad():
+        trunk.load_state_dict(loaded.state_dict())  # copies into the trunk's own (channels_last) parameters
 
 
 def _batches(cfg: PretrainConfig, env, per_gpu: int, start_step: int, stats: dict | None = None):
@@ -172,10 +208,23 @@ def pretrain(cfg: PretrainConfig) -> dict:
     # -- resume ---------------------------------------------------------------------------------------------------
     start_step = 0
     ckpt = latest_checkpoint(run_dir)
+    # This rank's state outside the shared state dict (e.g. a method's queue), through the model's optional hooks.
+    model_rank_state = getattr(model, "rank_state", None)
+    load_model_rank_state = getattr(model, "load_rank_state", None)
     if ckpt is not None:
         meta = load_checkpoint(ckpt, model, optimizer)
         start_step = int(meta["step"])
         log(f"resumed from {ckpt} (step {start_step}, saved by {meta.get('world_size')} ranks)")
+        if cfg.model.init_from:
+            log(f"model.init_from={cfg.model.init_from} ignored: resuming from the run's own checkpoint")
+        if meta.get("rank_state_status") == "world_size_mismatch":
+            log("resumed on a different world size: per-rank state (queue, data position) not restored")
+        elif load_model_rank_state is not None and "method" in (meta.get("rank_state") or {}):
+            load_model_rank_state(meta["rank_state"]["method"])
+        elif load_model_rank_state is not None:
+            log(f"{ckpt.name} holds no per-rank state of the method (queue): not restored")
+    elif cfg.model.init_from:
+        log(f"initialized trunk from {cfg.model.init_from}")
     n_params = sum(p.numel() for p in model.parameters())
     log(
         f"pretraining {cfg.model.preset if cfg.model.cfg is None else cfg.model.cfg} + {cfg.method}: "
@@ -278,7 +327,11 @@ def pretrain(cfg: PretrainConfig) -> dict:
         every = cfg.train.ckpt_every_steps
         if (every > 0 and done % every == 0) or save_by_time or done == total:
             meta = {**ckpt_meta, "data_position": done}
-            last_ckpt = save_checkpoint(run_dir, done, model, optimizer, meta=meta, keep_last=cfg.train.keep_last)
+            rank_state = {}  # this rank's own state, saved as one file per rank
+            if model_rank_state is not None:
+                rank_state["method"] = model_rank_state()
+            last_ckpt = save_checkpoint(run_dir, done, model, optimizer, meta=meta, keep_last=cfg.train.keep_last,
+                                        rank_state=rank_state)  # fmt: skip
             last_save = time.time()
             log(f"saved {last_ckpt}")
         if cfg.train.crash_at_step and done == cfg.train.crash_at_step:
