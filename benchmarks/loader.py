@@ -1,7 +1,7 @@
 """Data loading throughput: seer's shard stream vs torchvision ImageFolder + DataLoader, same images, same transform.
 
 Synthetic 500x375 JPEGs (ImageNet-like size) are written once as a class folder and as shards (`write_shards`).
-Each round runs one pass of `train_loader` (resampled stream, shuffle buffer, decode + transform in the workers)
+Each round runs one pass of `train_loader` (the epoch stream, shuffle blocks, decode + transform in the workers)
 and one pass of `DataLoader(ImageFolder(...), shuffle=True)` with 1 and 2 workers, back to back so machine load
 affects both alike; images/s are medians over rounds, ratios the median of per-round ratios.
 

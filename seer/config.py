@@ -79,15 +79,21 @@ class ModelConfig:
 class DataConfig:
     """Where images come from and how they are cropped."""
 
-    source: str = "synthetic"  # synthetic | shards
+    source: str = "synthetic"  # synthetic | shards | images
     urls: str | None = None  # webdataset pattern for source=shards, e.g. "data/train-{000000..000099}.tar"
+    images: str | None = None  # an image folder or a CSV/TXT file list for source=images (streamed, no shards)
     multicrop: str = "cpu_tiny"  # a multi-crop preset: a seer.data.transforms.PRESETS name
     crops: list | None = None  # explicit [[count, resolution], ...] instead of the preset (synthetic source only)
     batch_size_per_gpu: int = 32
     # When > 0, the global batch; the per-GPU batch is then global_batch_size / world size (must divide).
     global_batch_size: int = 0
     workers: int = 0
+    # Streams per rank (0: data.workers, at least 1). The stream count, not the worker count, fixes the sample order;
+    # a resumed run keeps the count its checkpoint was saved with.
+    streams: int = 0
     shuffle_buffer: int = 1000
+    # Audit: append every step's sample keys to run_dir/data_keys/rank{r}.jsonl (shards and images sources).
+    record_keys: bool = False
     image_size: int = 96  # side of the generated images (synthetic source)
     synthetic_classes: int = 16  # number of procedural image families (synthetic source)
 
@@ -335,10 +341,14 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
     if m.init_from is not None and not m.init_from.strip():
         raise _bad("model.init_from", m.init_from, "must name a run, checkpoint, weights file or hub id (or be null)")
     # data
-    if d.source not in ("synthetic", "shards"):
-        raise _bad("data.source", d.source, "must be 'synthetic' or 'shards'")
+    if d.source not in ("synthetic", "shards", "images"):
+        raise _bad("data.source", d.source, "must be 'synthetic', 'shards' or 'images'")
     if d.source == "shards" and not d.urls:
         raise _bad("data.urls", d.urls, "is required when data.source is 'shards'")
+    if d.source == "images" and not d.images:
+        raise _bad("data.images", d.images, "is required when data.source is 'images' (an image folder or a list file)")
+    if d.streams < 0:
+        raise _bad("data.streams", d.streams, "must be >= 0 (0: one per worker)")
     if d.crops is None and d.multicrop not in PRESETS:
         close = difflib.get_close_matches(d.multicrop, PRESETS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

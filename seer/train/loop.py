@@ -91,41 +91,71 @@ def _init_trunk_from(trunk: nn.Module, source: str, cfg: PretrainConfig) -> None
         trunk.load_state_dict(loaded.state_dict())  # copies into the trunk's own (channels_last) parameters
 
 
-def _batches(cfg: PretrainConfig, env, per_gpu: int, start_step: int, stats: dict | None = None):
-    """Infinite iterator of per-rank crop lists starting at global step ``start_step``.
+class _Data:
+    """The loop's batches: ``next(data)`` is this rank's crop list for the next step; ``position()`` the resumable
+    data position (None for synthetic data, whose batches are a pure function of the step)."""
 
-    ``stats`` (shards source): updated in place with the loader's skip counts (``skipped``, ``by_kind``).
-    """
-    if cfg.data.source == "synthetic":
+    def __init__(self, cfg: PretrainConfig, env, per_gpu: int, start_step: int, position: dict | None = None):
+        self.cfg, self.env, self.step, self.loader, self.stats, self._keys = cfg, env, start_step, None, {}, None
         d = cfg.data
-        data = SyntheticMultiCrop(crop_shapes(d), d.image_size, d.synthetic_classes, cfg.train.seed, crop_scales(d))
-        step = start_step
-        while True:
-            yield data.batch(step, env.rank, per_gpu, env.world_size)
-            step += 1
-    from seer.data.shards import train_loader
-    from seer.data.transforms import MultiCrop, collate_multicrop
+        if d.source == "synthetic":
+            self.synthetic = SyntheticMultiCrop(crop_shapes(d), d.image_size, d.synthetic_classes, cfg.train.seed,
+                                                crop_scales(d))  # fmt: skip
+            self.per_gpu = per_gpu
+            return
+        from seer.data.shards import train_loader
+        from seer.data.transforms import MultiCrop, collate_multicrop
 
-    # Each pass over the loader yields steps_per_epoch batches and advances its step; the stream of a run resumed
-    # at step S is a pure function of (seed, rank, world size, S).
-    loader = train_loader(
-        cfg.data.urls,
-        MultiCrop.from_preset(cfg.data.multicrop),
-        batch_size=per_gpu,
-        seed=cfg.train.seed,
-        rank=env.rank,
-        world_size=env.world_size,
-        num_workers=cfg.data.workers,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        steps_per_epoch=cfg.train.steps_per_epoch,
-        start_step=start_step,
-        collate_fn=collate_multicrop,
-    )
-    while True:
-        for crops, _labels in loader:
-            if stats is not None:
-                stats.update(loader.stats)
-            yield crops
+        # Pretraining never needs labels: unlabeled samples (an image alone, a tar of plain .jpg files) train.
+        self.loader = train_loader(
+            d.urls if d.source == "shards" else None,
+            MultiCrop.from_preset(d.multicrop),
+            images=d.images if d.source == "images" else None,
+            batch_size=per_gpu,
+            seed=cfg.train.seed,
+            rank=env.rank,
+            world_size=env.world_size,
+            num_workers=d.workers,
+            streams=d.streams or None,
+            shuffle_buffer=d.shuffle_buffer,
+            start_step=start_step,
+            position=position,
+            collate_fn=collate_multicrop,
+            require_label=False,
+        )
+        if d.record_keys:
+            keys_dir = Path(cfg.run_dir) / "data_keys"
+            keys_dir.mkdir(parents=True, exist_ok=True)
+            self._keys = open(keys_dir / f"rank{env.rank:05d}.jsonl", "a")
+
+    def describe(self) -> str:
+        if self.loader is None:
+            return "data: synthetic (a pure function of the step)"
+        from seer.data.shards.train import describe
+
+        note = f"; {self.loader.resume_note}" if self.loader.resume_note else ""
+        return describe(self.loader) + note
+
+    def __next__(self) -> list:
+        if self.loader is None:
+            crops = self.synthetic.batch(self.step, self.env.rank, self.per_gpu, self.env.world_size)
+        else:
+            crops, _labels = self.loader._next()
+            self.stats = self.loader.stats
+            if self._keys is not None:
+                self._keys.write(json.dumps({"step": self.step + 1, "keys": self.loader.last_keys}) + "\n")
+                self._keys.flush()
+        self.step += 1
+        return crops
+
+    def position(self) -> dict | None:
+        return None if self.loader is None else self.loader.position()
+
+    def close(self) -> None:
+        if self._keys is not None:
+            self._keys.close()
+        if self.loader is not None:
+            self.loader.close()
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -206,7 +236,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     )
 
     # -- resume ---------------------------------------------------------------------------------------------------
-    start_step = 0
+    start_step, data_position = 0, None
     ckpt = latest_checkpoint(run_dir)
     # This rank's state outside the shared state dict (e.g. a method's queue), through the model's optional hooks.
     model_rank_state = getattr(model, "rank_state", None)
@@ -214,6 +244,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if ckpt is not None:
         meta = load_checkpoint(ckpt, model, optimizer)
         start_step = int(meta["step"])
+        data_position = (meta.get("rank_state") or {}).get("data")
         log(f"resumed from {ckpt} (step {start_step}, saved by {meta.get('world_size')} ranks)")
         if cfg.model.init_from:
             log(f"model.init_from={cfg.model.init_from} ignored: resuming from the run's own checkpoint")
@@ -250,15 +281,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
     before_forward = getattr(model, "before_forward", None)
     before_optimizer_step = getattr(model, "before_optimizer_step", None)
     model.train()
-    data_stats: dict = {}
-    batches = _batches(cfg, env, per_gpu, start_step, data_stats)
+    data = _Data(cfg, env, per_gpu, start_step, data_position)
+    log(data.describe())
     last_save = time.time()
     last_ckpt = ckpt
     t_window, data_time, step_time, n_window, loss_val = time.time(), 0.0, 0.0, 0, float("nan")
     t_run, done_steps = time.time(), 0
     for step in range(start_step, total):
         t0 = time.time()
-        crops = [c.to(env.device, non_blocking=True) for c in next(batches)]
+        crops = [c.to(env.device, non_blocking=True) for c in next(data)]
         t1 = time.time()
 
         set_lr(optimizer, float(lrs[step]))
@@ -326,10 +357,12 @@ def pretrain(cfg: PretrainConfig) -> dict:
         # -- checkpoint ---------------------------------------------------------------------------------------------
         every = cfg.train.ckpt_every_steps
         if (every > 0 and done % every == 0) or save_by_time or done == total:
-            meta = {**ckpt_meta, "data_position": done}
+            meta = dict(ckpt_meta)
             rank_state = {}  # this rank's own state, saved as one file per rank
             if model_rank_state is not None:
                 rank_state["method"] = model_rank_state()
+            if data.position() is not None:  # epoch, per-stream offsets, per-epoch counts: exact resume on shards
+                rank_state["data"] = data.position()
             last_ckpt = save_checkpoint(run_dir, done, model, optimizer, meta=meta, keep_last=cfg.train.keep_last,
                                         rank_state=rank_state)  # fmt: skip
             last_save = time.time()
@@ -341,6 +374,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         writer.close()
     if metrics_file is not None:
         metrics_file.close()
+    data.close()
+    data_stats = data.stats
     if data_stats.get("skipped"):  # bad shard samples this rank skipped (corrupt, unlabeled, truncated, empty)
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(data_stats["by_kind"].items()))
         print(f"rank {env.rank}: skipped {data_stats['skipped']} bad sample(s) or shard(s): {kinds}", flush=True)
