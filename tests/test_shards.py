@@ -14,8 +14,6 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from hypothesis import given
-from hypothesis import strategies as st
 from PIL import Image
 
 from seer.data.shards import (
