@@ -255,3 +255,33 @@ def test_two_ranks_two_workers_one_epoch_every_image_once(unlabeled_shards: str,
     every = [k for r in results for b in r["keys"] for k in b]
     assert sorted(every) == [f"img{i:04d}" for i in range(128)]  # 128 = 2 ranks x 8 steps x 8: each image once
     assert [r["coverage"]["0"]["complete"] for r in results] == [True, True]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# seer pretrain on an image folder
+
+
+def test_pretrain_on_an_image_folder(tmp_path: Path, tiny_overrides, capsys) -> None:
+    from seer.config import load_config
+    from seer.train.loop import pretrain
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(24):  # unlabeled, varied sizes, no shards written first
+        h, w = int(rng.integers(30, 60)), int(rng.integers(30, 60))
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"p{i:02d}.jpg")
+    run = tmp_path / "run"
+    base = [o for o in tiny_overrides if not o.startswith(("data.crops", "data.image_size", "data.batch"))]
+    cfg = load_config(None, [*base, "data.source=images", f"data.images={folder}", "data.multicrop=cpu_tiny",
+                             "data.batch_size_per_gpu=4", "train.total_steps=8", "train.log_every=2",
+                             "optim.warmup_iters=1", "data.record_keys=true", f"run_dir={run}"])  # fmt: skip
+    summary = pretrain(cfg)
+    out = capsys.readouterr().out
+    assert summary["step"] == 8 and np.isfinite(summary["loss"]) and summary["data_skipped"]["skipped"] == 0
+    assert "data: 24 samples in image files" in out and "epoch 0 done (rank 0): 24 samples seen, 0 skipped" in out
+    records = [json.loads(line) for line in (run / "data_keys" / "rank00000.jsonl").read_text().splitlines()]
+    first_epoch = [k for r in records[:6] for k in r["keys"]]  # 6 steps x 4 = the 24 images
+    assert sorted(first_epoch) == [f"p{i:02d}.jpg" for i in range(24)]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["epoch"] == pytest.approx(8 * 4 / 24)

@@ -97,6 +97,7 @@ class _Data:
 
     def __init__(self, cfg: PretrainConfig, env, per_gpu: int, start_step: int, position: dict | None = None):
         self.cfg, self.env, self.step, self.loader, self.stats, self._keys = cfg, env, start_step, None, {}, None
+        self._reported: set[int] = set()
         d = cfg.data
         if d.source == "synthetic":
             self.synthetic = SyntheticMultiCrop(crop_shapes(d), d.image_size, d.synthetic_classes, cfg.train.seed,
@@ -123,6 +124,7 @@ class _Data:
             collate_fn=collate_multicrop,
             require_label=False,
         )
+        self._reported = {e for e, c in self.loader.coverage().items() if c["complete"]}  # before a resume
         if d.record_keys:
             keys_dir = Path(cfg.run_dir) / "data_keys"
             keys_dir.mkdir(parents=True, exist_ok=True)
@@ -150,6 +152,20 @@ class _Data:
 
     def position(self) -> dict | None:
         return None if self.loader is None else self.loader.position()
+
+    def epoch(self) -> float | None:
+        """How far this rank is through the data, in epochs (the slowest stream); None for synthetic data."""
+        if self.loader is None:
+            return None
+        return min(self.loader.layout.epochs_of(self.env.rank, self.loader.offsets))
+
+    def finished_epochs(self) -> list[tuple[int, dict]]:
+        """Epochs this rank completed since the last call, with their counts (seen, skipped, of)."""
+        if self.loader is None:
+            return []
+        done = [(e, c) for e, c in self.loader.coverage().items() if c["complete"] and e not in self._reported]
+        self._reported.update(e for e, _ in done)
+        return done
 
     def close(self) -> None:
         if self._keys is not None:
@@ -340,10 +356,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 "peak_memory_gb": peak_memory_bytes(env.device) / 2**30,
                 "eta_min": (total - done) * sec_per_step / 60,
             }
+            if data.epoch() is not None:
+                record["epoch"] = data.epoch()
+            for e, c in data.finished_epochs():  # every sample of the epoch seen once (or counted as skipped)
+                log(f"epoch {e} done (rank 0): {c['seen']} samples seen, {c['skipped']} skipped, of {c['of']}")
             log(
                 f"step {done}/{total}  loss {loss_val:.4f}  lr {record['lr']:.4g}  {rate:.1f} img/s  "
                 f"step {record['step_time']:.3f}s  data {record['data_time']:.3f}s  "
-                f"peak {record['peak_memory_gb']:.2f} GB  eta {record['eta_min']:.1f} min"
+                + (f"epoch {record['epoch']:.2f}  " if "epoch" in record else "")
+                + f"peak {record['peak_memory_gb']:.2f} GB  eta {record['eta_min']:.1f} min"
             )
             if metrics_file is not None:
                 metrics_file.write(json.dumps(record) + "\n")
