@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_pretrain import _losses  # the tests directory is on sys.path (pytest's rootdir conftest)
 
 from seer.config import load_config
 from seer.models.regnet import build_trunk
@@ -76,14 +77,6 @@ def queued(tiny_overrides):
     return [*tiny_overrides, "swav.freeze_prototypes_iters=3", "optim.base_lr=2.4", "swav.queue_length=16",
             "swav.queue_start_iter=1", "train.total_steps=8", "train.ckpt_every_steps=2",
             "data.source=synthetic", "data.batch_size_per_gpu=8"]  # fmt: skip
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["step"]] = rec["loss"]
-    return out
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
