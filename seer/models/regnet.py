@@ -309,6 +309,22 @@ def _fused_conv_add_relu(x, residual, weight, bias, padding, stride, dilation, g
     )
 
 
+def _bf16_tiny_strided(x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """A CPU bf16 training conv that oneDNN gets wrong: stride > 1 over an input smaller than the kernel.
+
+    Measured (torch 2.14.1, oneDNN bf16 kernels on an AVX512-BF16 EPYC): a 3x3 stride-2 padding-1 conv on a 1x1
+    input returns non-finite weight gradients in 6-23 of 50 backward passes (never in fp32, never at 2x2 and up),
+    which turns a whole training run to NaN within a few steps. Multi-crop training at small resolutions meets it
+    (a 16 px crop reaches the last stage at 1x1). Such convs are tiny, so they run in fp32 instead.
+    """
+    if x.device.type != "cpu" or not torch.is_grad_enabled() or max(conv.stride) == 1:
+        return False
+    bf16 = x.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
+    return bf16 and x.dim() == 4 and min(x.shape[-2:]) < max(conv.kernel_size)
+
+
 class ConvBN(nn.Module):
     """Conv2d (no bias) -> BatchNorm2d [-> ReLU].
 
@@ -340,25 +356,32 @@ class ConvBN(nn.Module):
                     return _fused_conv_add_relu(x, residual, weight, bias, *args)
                 return _fused_conv(x, weight, bias, *args, "relu" if self.act else "none")
             x = F.conv2d(x, weight, bias, conv.stride, conv.padding, 1, conv.groups)
+        elif _bf16_tiny_strided(x, conv):  # computed in fp32, handed on in bf16 as the conv would have
+            with torch.autocast("cpu", enabled=False):
+                x = F.conv2d(x.float(), conv.weight.float(), None, conv.stride, conv.padding, 1, conv.groups)
+            x = self._bn(x.to(torch.bfloat16))
         else:
             x = F.conv2d(x, _like_input(conv.weight, x), None, conv.stride, conv.padding, 1, conv.groups)
-            if self.training and _RECOMPUTING.get() and bn.running_mean is not None:
-                # Recomputation: the same batch statistics (through the module, so SyncBatchNorm still syncs), but
-                # momentum 0 and the batch counter restored, so the running statistics are updated once per step.
-                momentum, tracked = bn.momentum, bn.num_batches_tracked
-                tracked = tracked.clone() if tracked is not None else None
-                bn.momentum = 0.0
-                try:
-                    x = bn(x)
-                finally:
-                    bn.momentum = momentum
-                    if tracked is not None:
-                        bn.num_batches_tracked.copy_(tracked)
-            else:
-                x = bn(x)
+            x = self._bn(x)
         if residual is not None:
             return F.relu(x + residual, inplace=True)
         return F.relu(x, inplace=True) if self.act else x
+
+    def _bn(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        if not (self.training and _RECOMPUTING.get() and bn.running_mean is not None):
+            return bn(x)
+        # Recomputation: the same batch statistics (through the module, so SyncBatchNorm still syncs), but momentum 0
+        # and the batch counter restored, so the running statistics are updated once per step.
+        momentum, tracked = bn.momentum, bn.num_batches_tracked
+        tracked = tracked.clone() if tracked is not None else None
+        bn.momentum = 0.0
+        try:
+            return bn(x)
+        finally:
+            bn.momentum = momentum
+            if tracked is not None:
+                bn.num_batches_tracked.copy_(tracked)
 
     def _folded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """BN folded into the conv weight and bias, laid out like ``x``.
