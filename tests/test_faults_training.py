@@ -277,6 +277,26 @@ def test_disk_full_during_save_is_a_clear_error_and_keeps_earlier_checkpoints(tm
     assert not list((run / "checkpoints").glob(".tmp-*"))
 
 
+def test_exit_inside_a_save_is_an_exit_not_a_disk_error(tmp_path, monkeypatch, one_run):
+    """submitit's timeout handler calls sys.exit on rank 0 to requeue the job; arriving during DCP's writes, the
+    exit must reach the launcher as SystemExit (requeue), not as "cannot write checkpoint" (failed)."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    real = FileSystem.create_stream
+
+    def create_stream(self, path, mode):
+        if "step_00000004" in str(path) and "w" in mode:
+            sys.exit(-1)  # what the signal handler does, from inside the write
+        return real(self, path, mode)
+
+    monkeypatch.setattr(FileSystem, "create_stream", create_stream)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        pretrain(load_config(None, [*one_run, f"run_dir={run}"]))
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002"]
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the half-written one is gone
+
+
 def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
     from seer.cli import main
 

@@ -309,6 +309,10 @@ def save_checkpoint(
             first = first[0] if isinstance(first, tuple) else first
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(first, BaseException) and not isinstance(first, Exception):
+            # SystemExit / KeyboardInterrupt raised inside the save (submitit's timeout handler exits from the signal
+            # handler to requeue the job): not a disk error. Let it through, the half-written checkpoint removed.
+            raise first from None
         good = latest_checkpoint(run_dir)
         raise OSError(
             getattr(first, "errno", None) or errno.EIO,
