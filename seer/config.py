@@ -144,6 +144,10 @@ class TrainConfig:
     bn_splits: int = 1
     tensorboard: bool = True
     crash_at_step: int = 0  # testing: hard-exit right after this step, as a kill would; 0 disables
+    # Are the features learning? A kNN on a labeled image folder (class subfolders) every monitor_every steps.
+    monitor_images: str | None = None
+    monitor_every: int = 100
+    monitor_max_images: int = 1000
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
@@ -399,7 +403,7 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
         raise _bad("train.total_steps", t.total_steps, "needs total_steps >= 0, epochs >= 1, steps_per_epoch >= 1")
     if not 0 <= o.warmup_iters < cfg.total_steps:
         raise _bad("optim.warmup_iters", o.warmup_iters, f"must be in [0, total steps = {cfg.total_steps})")
-    for key in ("log_every", "keep_last", "bn_splits"):
+    for key in ("log_every", "keep_last", "bn_splits", "monitor_every", "monitor_max_images"):
         if getattr(t, key) < 1:
             raise _bad(f"train.{key}", getattr(t, key), "must be >= 1")
     if t.ckpt_every_steps < 0 or t.ckpt_every_minutes < 0 or t.crash_at_step < 0:

@@ -283,7 +283,9 @@ class SwAV(nn.Module):
         queue_start_iter: the queue is filled from this iteration on and used as soon as it is full.
         fp32_prototypes: normalize and score in fp32 (see ``Prototypes``); False: in the caller's dtype.
 
-    ``forward`` returns ``{"loss", "codes" [n_assign, B, K] (detached), "queue_used" (bool)}``.
+    ``forward`` returns ``{"loss", "codes" [n_assign, B, K] (detached), "queue_used" (bool), "stats"}``; ``stats``:
+    ``codes_used`` / ``preds_used`` (distinct prototypes among the codes' / predictions' argmaxes on this rank) and
+    ``code_confidence`` (the mean largest code: 1/K for uniform codes).
     """
 
     def __init__(
@@ -419,7 +421,14 @@ class SwAV(nn.Module):
         if use_queue:
             self.queue_filled = min(self.queue_filled + bs, self.queue.shape[1])
         loss = loss / len(self.crops_for_assign)
-        return {"loss": loss, "codes": torch.stack(codes), "queue_used": queue_used}
+        codes_t = torch.stack(codes)
+        with torch.no_grad():  # what a collapse looks like (see SwAVModel.diagnose): cheap, [n_assign * B] argmaxes
+            stats = {
+                "codes_used": int(codes_t.argmax(-1).unique().numel()),
+                "preds_used": int(log_p.argmax(-1).unique().numel()),
+                "code_confidence": float(codes_t.max(-1).values.mean()),
+            }
+        return {"loss": loss, "codes": codes_t, "queue_used": queue_used, "stats": stats}
 
     def extra_repr(self) -> str:
         return (
@@ -484,6 +493,38 @@ class SwAVModel(nn.Module):
 
     def load_rank_state(self, state: dict) -> None:
         self.head.load_rank_state(state)
+
+    def diagnose(self, out: dict, step: int) -> str | None:
+        """A named collapse, with the knobs that address it, or None (the loop calls this optional hook).
+
+        - uniform codes / loss at ln K: every embedding alike, so Sinkhorn can only spread each sample evenly;
+        - codes on a few prototypes: Sinkhorn's equipartition lost (epsilon too small for the batch, no queue);
+        - predictions on a few prototypes: one prototype takes (almost) every sample.
+        """
+        head = self.head
+        stats, k = out.get("stats") or {}, head.n_prototypes
+        if not stats or step < head.freeze_prototypes_iters:
+            return None
+        batch = out["codes"].shape[0] * out["codes"].shape[1]
+        few = max(1, min(k, batch) // 10)  # a tenth of the prototypes the batch could spread over
+        loss, ln_k = float(out["loss"].detach()), math.log(k)
+        if stats["code_confidence"] < 1.2 / k or abs(loss - ln_k) < 0.02 * ln_k:
+            return (
+                f"codes collapsed to uniform at step {step} (loss {loss:.3f}, ln K = {ln_k:.3f}; mean largest code "
+                f"{stats['code_confidence']:.2g} vs 1/K = {1 / k:.2g}): the embeddings no longer differ. Lower "
+                "optim.base_lr or lengthen optim.warmup_iters; a smaller swav.epsilon sharpens the codes"
+            )
+        if stats["codes_used"] <= few:
+            return (
+                f"codes collapsed to {stats['codes_used']} of {k} prototypes at step {step}: raise swav.epsilon, "
+                "add a queue (swav.queue_length) for small batches, or use fewer swav.n_prototypes"
+            )
+        if stats["preds_used"] <= few:
+            return (
+                f"predictions collapsed to {stats['preds_used']} of {k} prototypes at step {step}: raise "
+                "swav.temperature or swav.freeze_prototypes_iters, or lower optim.base_lr"
+            )
+        return None
 
     def features(self, crops: list[torch.Tensor]) -> torch.Tensor:
         if self.bn_splits == 1:

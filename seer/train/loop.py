@@ -296,6 +296,14 @@ def pretrain(cfg: PretrainConfig) -> dict:
     # The method's optional hooks (found on the wrapped model: FSDP2 keeps the module's class as a base).
     before_forward = getattr(model, "before_forward", None)
     before_optimizer_step = getattr(model, "before_optimizer_step", None)
+    diagnose = getattr(model, "diagnose", None)  # optional: names a collapse of the method's outputs
+    monitor = None
+    if cfg.train.monitor_images:
+        from seer.train.monitor import KNNMonitor
+
+        monitor = KNNMonitor(cfg.train.monitor_images, max(r for _, r in crop_shapes(cfg.data)),
+                             cfg.train.monitor_max_images)  # fmt: skip
+    last_diagnosis = None
     model.train()
     data = _Data(cfg, env, per_gpu, start_step, data_position)
     log(data.describe())
@@ -366,6 +374,19 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 + (f"epoch {record['epoch']:.2f}  " if "epoch" in record else "")
                 + f"peak {record['peak_memory_gb']:.2f} GB  eta {record['eta_min']:.1f} min"
             )
+            diagnosis = diagnose(out, done) if diagnose is not None else None
+            if diagnosis is not None:
+                record["collapse"] = diagnosis
+                if diagnosis.split(" at step")[0] != last_diagnosis:  # each new kind once, not every log line
+                    log(f"collapse: {diagnosis}")
+            last_diagnosis = diagnosis.split(" at step")[0] if diagnosis else None
+            if monitor is not None and (done % cfg.train.monitor_every == 0 or done == total):
+                from seer.train.monitor import format_line
+
+                result = monitor(model, score=env.is_main)
+                if result is not None:
+                    record["monitor_knn_top1"] = result["top1"]
+                    log(format_line(done, result, loss_val))
             if metrics_file is not None:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()

@@ -1,0 +1,125 @@
+"""Small labeled real-image tasks built from images the dependencies ship: nothing is downloaded.
+
+Each task places a real object (a handwritten digit from scikit-learn, a glyph of a real font) at a random position
+and scale on a canvas, so raw pixels are a fair baseline rather than a trivial one, and returns PIL images with
+their labels. ``write_task(name, root)`` writes ``root/train/<class>/*.png`` and ``root/test/<class>/*.png``
+(ImageFolder layout), which ``seer pretrain data.source=images`` and ``seer.extract_features`` read directly.
+
+    digits   scikit-learn's 1797 handwritten digits (8x8, 17 gray levels), 10 classes; train and test split the
+             writers' digits, never the same digit image in both
+    glyphs   the letters A-J rendered in the DejaVu fonts matplotlib ships (sans, serif, mono; regular, bold,
+             oblique), 10 classes; test uses fonts never seen in train
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+__all__ = ["TASKS", "make_task", "write_task"]
+
+
+def _place(obj: Image.Image, size: int, rng: np.random.Generator, min_scale: float = 0.45) -> Image.Image:
+    """``obj`` (grayscale, object bright on black) resized to a random fraction of the canvas, at a random position,
+    over a random gray background with noise; returned as RGB with a random tint."""
+    scale = rng.uniform(min_scale, 0.95)
+    side = max(4, int(round(size * scale)))
+    w, h = obj.size
+    ratio = side / max(w, h)
+    obj = obj.resize((max(1, int(round(w * ratio))), max(1, int(round(h * ratio)))), Image.Resampling.BICUBIC)
+    x = int(rng.integers(0, size - obj.width + 1))
+    y = int(rng.integers(0, size - obj.height + 1))
+    mask = np.zeros((size, size), np.float32)
+    mask[y : y + obj.height, x : x + obj.width] = np.asarray(obj, np.float32) / 255.0
+    bg, fg = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    if np.abs(bg.mean() - fg.mean()) < 70:  # keep the object visible whatever the colours
+        fg = 255 - bg
+    img = bg[None, None] * (1 - mask[..., None]) + fg[None, None] * mask[..., None]
+    img += rng.normal(0, 8, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def _digits(n_train: int, n_test: int, size: int, seed: int):
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(data.target))
+    split = int(len(order) * 0.7)  # train / test split over the source digits: no digit image is in both
+    parts = {"train": order[:split], "test": order[split:]}
+    out = {}
+    for part, n in (("train", n_train), ("test", n_test)):
+        idx = parts[part][rng.integers(0, len(parts[part]), n)]
+        images = []
+        for i in idx:
+            digit = Image.fromarray((data.images[i] * (255 / 16)).astype(np.uint8), "L")
+            digit = digit.resize((24, 24), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(0.6))
+            images.append(_place(digit, size, rng))
+        out[part] = (images, data.target[idx].astype(np.int64))
+    return out, [str(d) for d in range(10)]
+
+
+def _font_files() -> list[str]:
+    import matplotlib
+
+    root = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+    names = ["DejaVuSans", "DejaVuSerif", "DejaVuSansMono"]
+    styles = ["", "-Bold", "-Oblique", "-Italic", "-BoldOblique", "-BoldItalic"]
+    return sorted(str(p) for n in names for s in styles if (p := root / f"{n}{s}.ttf").is_file())
+
+
+def _glyphs(n_train: int, n_test: int, size: int, seed: int):
+    rng = np.random.default_rng(seed)
+    fonts = _font_files()
+    if len(fonts) < 4:
+        raise RuntimeError("the glyphs task needs matplotlib's DejaVu fonts (pip install matplotlib)")
+    order = rng.permutation(len(fonts))
+    test_fonts = [fonts[i] for i in order[: max(2, len(fonts) // 4)]]  # fonts never seen in train
+    train_fonts = [fonts[i] for i in order[len(test_fonts) :]]
+    letters = "ABCDEFGHIJ"
+    out = {}
+    for part, n, pool in (("train", n_train, train_fonts), ("test", n_test, test_fonts)):
+        images, labels = [], []
+        for _ in range(n):
+            label = int(rng.integers(len(letters)))
+            font = ImageFont.truetype(pool[int(rng.integers(len(pool)))], 48)
+            canvas = Image.new("L", (64, 64), 0)
+            ImageDraw.Draw(canvas).text((32, 32), letters[label], fill=255, font=font, anchor="mm")
+            canvas = canvas.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BICUBIC)
+            box = canvas.getbbox() or (0, 0, 64, 64)
+            images.append(_place(canvas.crop(box), size, rng))
+            labels.append(label)
+        out[part] = (images, np.asarray(labels, np.int64))
+    return out, list(letters)
+
+
+TASKS: dict[str, Callable] = {"digits": _digits, "glyphs": _glyphs}
+
+
+def make_task(name: str, n_train: int = 2000, n_test: int = 500, size: int = 32, seed: int = 0) -> dict:
+    """``{"train": (images, labels), "test": (images, labels), "classes": [...]}`` of task ``name``."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    parts, classes = TASKS[name](n_train, n_test, size, seed)
+    return {**parts, "classes": classes}
+
+
+def write_task(name: str, root: str | os.PathLike, **kwargs) -> dict:
+    """Write task ``name`` as ``root/{train,test}/<class>/<index>.png``; returns the file lists and labels."""
+    task = make_task(name, **kwargs)
+    root = Path(root)
+    files = {}
+    for part in ("train", "test"):
+        images, labels = task[part]
+        paths = []
+        for i, (img, y) in enumerate(zip(images, labels)):
+            d = root / part / task["classes"][y]
+            d.mkdir(parents=True, exist_ok=True)
+            paths.append(d / f"{i:06d}.png")
+            img.save(paths[-1])
+        files[part] = (paths, labels)
+    return {"root": root, "files": files, "classes": task["classes"]}
