@@ -88,3 +88,17 @@ def test_monitor_needs_labels(tmp_path: Path) -> None:
         Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
     with pytest.raises(ValueError, match="needs class subfolders"):
         KNNMonitor(str(tmp_path), 8)
+
+
+def test_real_image_tasks_are_deterministic_and_split_their_sources() -> None:
+    from seer.data.tasks import make_task
+
+    a, b = make_task("digits", n_train=30, n_test=20, size=32, seed=3), make_task("digits", n_train=30, n_test=20,
+                                                                                  size=32, seed=3)  # fmt: skip
+    assert [im.tobytes() for im in a["train"][0]] == [im.tobytes() for im in b["train"][0]]
+    assert a["classes"] == [str(d) for d in range(10)] and a["train"][0][0].size == (32, 32)
+    assert len(a["test"][1]) == 20 and set(a["train"][1]) <= set(range(10))
+    glyphs = make_task("glyphs", n_train=20, n_test=10, size=32)
+    assert glyphs["classes"] == list("ABCDEFGHIJ") and glyphs["test"][0][0].mode == "RGB"
+    with pytest.raises(ValueError, match="unknown task"):
+        make_task("mnist")
