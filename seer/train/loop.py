@@ -403,8 +403,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
             rank_state = {}  # this rank's own state, saved as one file per rank
             if model_rank_state is not None:
                 rank_state["method"] = model_rank_state()
-            if data.position() is not None:  # epoch, per-stream offsets, per-epoch counts: exact resume on shards
-                rank_state["data"] = data.position()
+            position = data.position()
+            if position is not None:  # epoch, per-stream offsets, per-epoch counts: exact resume on shards
+                rank_state["data"] = position
             last_ckpt = save_checkpoint(run_dir, done, model, optimizer, meta=meta, keep_last=cfg.train.keep_last,
                                         rank_state=rank_state)  # fmt: skip
             last_save = time.time()

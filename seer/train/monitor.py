@@ -2,8 +2,8 @@
 
 ``train.monitor_images=DIR`` (class subfolders) is split once into a bank (4 of every 5 images per class) and
 queries (the 5th); every ``train.monitor_every`` steps the trunk embeds both in eval mode at ``resolution`` px
-(resize, ImageNet normalization) and the queries are classified by cosine kNN (k=20, T=0.07) against the bank. The
-line reads::
+(``seer.data.images.eval_transform``: resize, center crop, ImageNet normalization) and the queries are classified
+by cosine kNN (k=20, T=0.07) against the bank. The line reads::
 
     monitor step 400: kNN top-1 0.532 (k=20; 800 bank / 200 query images of 10 classes), loss 3.214
 
@@ -52,15 +52,13 @@ class KNNMonitor:
         self._tensors = {name: self._load(part) for name, part in (("bank", self.bank), ("queries", self.queries))}
 
     def _load(self, part: list) -> tuple[torch.Tensor, np.ndarray]:
-        from PIL import Image
-        from torchvision.transforms import functional as TF
+        from seer.data.images import eval_transform
 
-        mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+        transform = eval_transform(self.resolution, crop_pct=1.0)  # the features' own eval preprocessing
         images = []
         for path, _ in part:
-            with Image.open(path) as img:
-                img = TF.resize(img.convert("RGB"), [self.resolution, self.resolution], antialias=True)
-                images.append(TF.normalize(TF.to_tensor(img), mean, std))
+            with open(path, "rb") as f:
+                images.append(transform(f.read()))
         return torch.stack(images), np.array([y for _, y in part])
 
     @torch.no_grad()

@@ -499,21 +499,7 @@ class TrainLoader(_LoaderBase):
         self._it = None
 
 
-def train_loader(
-    urls: Any,
-    transform: Callable | None,
-    *,
-    batch_size: int,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 0,
-    shuffle_buffer: int = 1000,
-    steps_per_epoch: int | None = None,
-    start_step: int = 0,
-    collate_fn: Callable | None = None,
-    **kwargs: Any,
-) -> TrainLoader:
+def train_loader(urls: Any, transform: Callable | None, **kwargs: Any) -> TrainLoader:
     """Training stream over shards (or, with ``urls=None, images=PATH``, an image folder or file list): every
     sample once per epoch, shards permuted per epoch and split over ranks and streams without replacement, the same
     step count on every rank, exactly resumable (``position()`` / ``position=``).
@@ -522,11 +508,11 @@ def train_loader(
     default ``decode="auto"`` does that for seer's ``MultiCrop``. Default collation is ``default_collate``. Extra
     keywords: ``streams`` (default: ``num_workers`` or 1; fixes the order), ``position``, ``images``, ``decode``,
     ``require_label`` (False: missing labels become -1), ``pin_memory``, ``prefetch_factor``,
-    ``multiprocessing_context``, ``max_consecutive_skips``. See ``TrainLoader``.
+    ``multiprocessing_context``, ``max_consecutive_skips``; and ``batch_size`` (required), ``steps_per_epoch``,
+    ``seed``, ``rank``, ``world_size``, ``num_workers``, ``shuffle_buffer``, ``start_step``, ``collate_fn``. See
+    ``TrainLoader``.
     """
-    return TrainLoader(urls, transform, batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed, rank=rank,
-                       world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-                       start_step=start_step, collate_fn=collate_fn, **kwargs)  # fmt: skip
+    return TrainLoader(urls, transform, **kwargs)
 
 
 def describe(loader: TrainLoader) -> str:
