@@ -97,6 +97,11 @@ def _kill(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
+def _tails(log: Path, n: int = 3000) -> str:
+    """The end of every rank's log of one attempt: a rank that died says why in its own log."""
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-n:]}" for p in sorted(log.parent.glob(f"{log.name}.rank*.log")))
+
+
 def _metric_lines(run_dir: Path) -> list[str]:
     path = run_dir / "metrics.jsonl"
     return [line for line in path.read_text().splitlines() if line.strip().endswith("}")] if path.is_file() else []
@@ -142,7 +147,9 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, tiny) -> None:
     common = [*tiny, f"train.total_steps={total}", "train.ckpt_every_steps=2", "train.keep_last=2",
               "data.batch_size_per_gpu=4"]  # fmt: skip
     straight = tmp_path / "straight"
-    assert _wait(_start(2, [*common, f"run_dir={straight}"], tmp_path / "straight"), 240) == [0, 0]
+    assert _wait(_start(2, [*common, f"run_dir={straight}"], tmp_path / "straight"), 240) == [0, 0], _tails(
+        tmp_path / "straight"
+    )
 
     rng = random.Random(20261124)
     modes = ["save", "save", "step", "step", "step"]
@@ -200,7 +207,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path: Path, tiny) -> None:
 
     # the last attempt runs to the end
     log = tmp_path / "final"
-    assert _wait(_start(2, [*common, f"run_dir={run}"], log), 240) == [0, 0], log.with_suffix(".rank0.log").read_text()
+    assert _wait(_start(2, [*common, f"run_dir={run}"], log), 240) == [0, 0], _tails(log)
     assert f"step_{max(prev_steps):08d}" in log.with_suffix(".rank0.log").read_text()
     assert _check_run_dir(run)[-1] == total and not list((run / "checkpoints").glob(".tmp-*"))
     a, b = _weights(straight), _weights(run)
@@ -477,7 +484,9 @@ def test_sigkill_mid_epoch_on_shards_resumes_exactly(tmp_path: Path, tiny) -> No
               "data.batch_size_per_gpu=4", "data.record_keys=true", f"train.total_steps={total}",
               "train.ckpt_every_steps=3"]  # fmt: skip
     straight = tmp_path / "straight"
-    assert _wait(_start(2, [*common, "data.workers=2", f"run_dir={straight}"], tmp_path / "straight"), 240) == [0, 0]
+    assert _wait(_start(2, [*common, "data.workers=2", f"run_dir={straight}"], tmp_path / "straight"), 240) == [0, 0], (
+        _tails(tmp_path / "straight")
+    )
 
     run = tmp_path / "killed"
     procs = _start(2, [*common, "data.workers=2", f"run_dir={run}"], tmp_path / "first")
@@ -489,7 +498,9 @@ def test_sigkill_mid_epoch_on_shards_resumes_exactly(tmp_path: Path, tiny) -> No
     latest = latest_checkpoint(run)
     assert latest is not None and 3 <= read_meta(latest)["step"] < total
     resumed_log = tmp_path / "resumed"
-    assert _wait(_start(2, [*common, "data.workers=1", f"run_dir={run}"], resumed_log), 240) == [0, 0]
+    assert _wait(_start(2, [*common, "data.workers=1", f"run_dir={run}"], resumed_log), 240) == [0, 0], _tails(
+        resumed_log
+    )
     text = resumed_log.with_suffix(".rank0.log").read_text()
     assert "data position restored" in text, text[-2000:]
 

@@ -172,7 +172,18 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0, 
     return DistEnv(rank, world_size, local_rank, dev, backend)
 
 
-def destroy_distributed() -> None:
-    """Tear down the default process group if there is one."""
+def destroy_distributed(*, wait_for_peers: bool = False) -> None:
+    """Tear down the default process group if there is one.
+
+    ``wait_for_peers`` (the success path) first meets every rank at a barrier, so no rank tears its group down, or
+    exits and takes the TCP store (rank 0) with it, while a peer still has gloo work in flight: a rank that lost
+    that race was seen dying with SIGABRT after its run had finished. A failed barrier (a peer already gone) is
+    not an error here: teardown goes on.
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait_for_peers and dist.get_world_size() > 1:
+            try:
+                dist.barrier()
+            except Exception:  # noqa: BLE001 - a dead peer must not turn a finished run into a failure
+                pass
         dist.destroy_process_group()

@@ -250,7 +250,7 @@ class PretrainJob:
                 signal.signal(submitit.JobEnvironment._usr_sig(), _ignore_late_signal)
             except ValueError:  # not the main thread (debug executor): nothing was installed there either
                 pass
-        destroy_distributed()
+        destroy_distributed(wait_for_peers=True)
         if self._attempt is not None:
             self._attempt.update(status="finished", ended=_now(), end_step=int(summary["step"]), summary=summary)
         return summary

@@ -453,13 +453,15 @@ def cli_main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"seer pretrain: {exc}", file=sys.stderr)
         return 2
+    finished = False
     try:
         summary = pretrain(cfg)
+        finished = True
     except (FloatingPointError, OSError, ValueError) as exc:  # NaN loss, disk full / unwritable, bad checkpoint
         print(f"seer pretrain: {exc}", file=sys.stderr)
         return 1
     finally:
-        destroy_distributed()
+        destroy_distributed(wait_for_peers=finished)
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
         print(json.dumps(summary))
     return 0
