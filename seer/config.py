@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -175,6 +176,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted for floats. Raises naming ``key``."""
     origin = typing.get_origin(tp)
@@ -197,6 +201,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 (PyYAML) reads 1e-6 (no dot) as a string; it is the float every user means
+        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -60,6 +60,10 @@ def test_yaml_then_cli_overrides(tmp_path):
     assert cfg.train.fsdp.shard_unit == "group" and cfg.swav.head_dims == [64, 32]
     assert cfg.model.activation_checkpointing == [[1], [], [2, 4], []]
     assert load_config(None, ["optim.weight_decay=1"]).optim.weight_decay == 1.0  # ints accepted for floats
+    # PyYAML reads 1e-6 (no dot) as a string: on the command line and in a yaml file it is still the float
+    assert load_config(None, ["optim.weight_decay=1e-6"]).optim.weight_decay == 1e-6
+    (tmp_path / "wd.yaml").write_text("optim:\n  weight_decay: 5E-05\n")
+    assert load_config(tmp_path / "wd.yaml").optim.weight_decay == 5e-5
 
 
 @pytest.mark.parametrize(
