@@ -29,6 +29,7 @@ import yaml
 from seer.catalog import resolve
 from seer.io import atomic_write, parse_key_values
 from seer.ssl.swav import SwAVConfig
+from seer.train.supervised import SupervisedConfig
 
 __all__ = [
     "ModelConfig",
@@ -160,6 +161,7 @@ class PretrainConfig:
     method: str = "swav"  # a seer.train.methods.METHODS name; its options are the section of the same name
     model: ModelConfig = field(default_factory=ModelConfig)
     swav: SwAVConfig = field(default_factory=SwAVConfig)
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -379,6 +381,9 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
         raise _bad(
             "data.image_size", d.image_size, f"is smaller than the largest crop ({max(r for _, r in shapes)} px)"
         )
+    if get_method(cfg.method).labels and d.source == "synthetic":
+        raise _bad("data.source", d.source, f"method {cfg.method!r} trains on labels: use 'images' (class subfolders) "
+                   "or 'shards' (with a cls entry)")  # fmt: skip
     # the method's own section (swav.*)
     section = method_config(cfg)
     if section is not None:

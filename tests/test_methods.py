@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,37 @@ def test_the_loop_trains_a_module_through_the_seam(tmp_path, monkeypatch, tiny_o
     assert trunk_cfg["depth"] == 4 and set(state) == set(built[0].trunk.state_dict())
     # the planner asks the method for its head: a method without a section counts none
     assert plan(cfg, 1, None, device="cpu")["params"]["head"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The second method: supervised (the ceiling of the demo, the base of finetuning)
+# ----------------------------------------------------------------------------------------------------------------
+def test_supervised_trains_on_the_labels_through_the_same_loop(tmp_path: Path, tiny_overrides) -> None:
+    from seer.data.tasks import write_task
+
+    task = write_task("digits", tmp_path / "digits", n_train=64, n_test=10, size=32)
+    common = [*tiny_overrides, "method=supervised", "supervised.n_classes=10", "data.source=images", "data.multicrop=demo",
+              f"data.images={task['root'] / 'train'}", "data.batch_size_per_gpu=16", "train.total_steps=6",
+              "train.log_every=1", "optim.warmup_iters=1", "optim.name=sgd", "optim.base_lr=0.4"]  # fmt: skip
+    summary = pretrain(load_config(None, [*common, f"run_dir={tmp_path / 'run'}"]))
+    assert summary["step"] == 6 and math.isfinite(summary["loss"])
+    model = build_model(load_config(None, [*common, "run_dir=none"]))
+    assert model.head.out_features == 10
+    trunk, _ = read_trunk_state(tmp_path / "run")  # the trunk is exported like a SwAV one
+    assert trunk and all(torch.isfinite(v).all() for v in trunk.values() if v.is_floating_point())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < 2 * math.log(10)  # cross-entropy over 10 classes, not SwAV's ln K
+
+    # labels the classifier cannot hold are an error naming the key, never a silent wrap-around
+    with pytest.raises(ValueError, match=r"label [4-9] is outside \[0, 4\).*supervised\.n_classes"):
+        pretrain(load_config(None, [*common, "supervised.n_classes=4", f"run_dir={tmp_path / 'small'}"]))
+
+
+def test_supervised_config_names_what_is_missing(tiny_overrides) -> None:
+    with pytest.raises(ConfigError, match=r"supervised\.n_classes: must be >= 2"):
+        load_config(None, [*tiny_overrides, "method=supervised", "data.source=images", "data.images=x"])
+    with pytest.raises(ConfigError, match=r"data\.source: method 'supervised' trains on labels"):
+        load_config(None, [*tiny_overrides, "method=supervised", "supervised.n_classes=3"])
+    with pytest.raises(ConfigError, match=r"supervised\.crops: indices must be in \[0, 4\)"):
+        load_config(None, [*tiny_overrides, "method=supervised", "supervised.n_classes=3", "supervised.crops=[7]",
+                           "data.source=images", "data.images=x"])  # fmt: skip

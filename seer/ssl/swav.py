@@ -442,14 +442,19 @@ class SwAV(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Multi-crop trunk forward
 # ----------------------------------------------------------------------------------------------------------------
-def multicrop_forward(trunk: nn.Module, crops: Sequence[torch.Tensor]) -> torch.Tensor:
+def multicrop_forward(trunk: nn.Module, crops: Sequence[torch.Tensor], bn_splits: int = 1) -> torch.Tensor:
     """Crop-major trunk features ``[n_crops * B, D]`` with one trunk call per run of equal-resolution crops.
 
     As in SwAV, consecutive crops of the same size are concatenated along the batch (fewer, larger calls; BatchNorm
-    sees all crops of a resolution together).
+    sees all crops of a resolution together). ``bn_splits > 1`` runs the trunk on that many chunks of the batch
+    (ghost batch norm: the BatchNorm batches of ``bn_splits`` ranks without SyncBN).
     """
     if not crops:
         raise ValueError("multicrop_forward: no crops")
+    if bn_splits > 1:
+        chunks = [multicrop_forward(trunk, list(part)) for part in zip(*(c.chunk(bn_splits) for c in crops))]
+        n = len(crops)  # crop-major [n * b, D] per chunk -> crop-major over the whole batch
+        return torch.cat([c.reshape(n, -1, c.shape[-1]) for c in chunks], dim=1).reshape(-1, chunks[0].shape[-1])
     batch = crops[0].shape[0]
     for i, c in enumerate(crops):
         if c.dim() != 4 or c.shape[0] != batch:
@@ -527,11 +532,7 @@ class SwAVModel(nn.Module):
         return None
 
     def features(self, crops: list[torch.Tensor]) -> torch.Tensor:
-        if self.bn_splits == 1:
-            return multicrop_forward(self.trunk, crops)
-        chunks = [multicrop_forward(self.trunk, list(part)) for part in zip(*(c.chunk(self.bn_splits) for c in crops))]
-        n = len(crops)  # crop-major [n * b, D] per chunk -> crop-major over the whole batch
-        return torch.cat([c.reshape(n, -1, c.shape[-1]) for c in chunks], dim=1).reshape(-1, chunks[0].shape[-1])
+        return multicrop_forward(self.trunk, crops, self.bn_splits)
 
     def forward(self, crops: list[torch.Tensor], iteration: int | None = None) -> dict:
         """The loss of a multi-crop batch at ``iteration`` (default: the step given to ``before_forward``)."""

@@ -98,6 +98,7 @@ class _Data:
     def __init__(self, cfg: PretrainConfig, env, per_gpu: int, start_step: int, position: dict | None = None):
         self.cfg, self.env, self.step, self.loader, self.stats, self._keys = cfg, env, start_step, None, {}, None
         self._reported: set[int] = set()
+        self.labels = None  # this step's labels (a method that trains on them reads these)
         d = cfg.data
         if d.source == "synthetic":
             self.synthetic = SyntheticMultiCrop(crop_shapes(d), d.image_size, d.synthetic_classes, cfg.train.seed,
@@ -107,7 +108,8 @@ class _Data:
         from seer.data.shards import train_loader
         from seer.data.transforms import MultiCrop, collate_multicrop
 
-        # Pretraining never needs labels: unlabeled samples (an image alone, a tar of plain .jpg files) train.
+        # Self-supervised methods never need labels: unlabeled samples (an image alone, a plain tar of .jpg) train. A
+        # method that trains on labels gets them, and a sample without one is an error naming it.
         self.loader = train_loader(
             d.urls if d.source == "shards" else None,
             MultiCrop.from_preset(d.multicrop),
@@ -122,7 +124,7 @@ class _Data:
             start_step=start_step,
             position=position,
             collate_fn=collate_multicrop,
-            require_label=False,
+            require_label=get_method(cfg.method).labels,
         )
         self._reported = {e for e, c in self.loader.coverage().items() if c["complete"]}  # before a resume
         if d.record_keys:
@@ -142,7 +144,7 @@ class _Data:
         if self.loader is None:
             crops = self.synthetic.batch(self.step, self.env.rank, self.per_gpu, self.env.world_size)
         else:
-            crops, _labels = self.loader._next()
+            crops, self.labels = self.loader._next()
             self.stats = self.loader.stats
             if self._keys is not None:
                 self._keys.write(json.dumps({"step": self.step + 1, "keys": self.loader.last_keys}) + "\n")
@@ -297,6 +299,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     before_forward = getattr(model, "before_forward", None)
     before_optimizer_step = getattr(model, "before_optimizer_step", None)
     diagnose = getattr(model, "diagnose", None)  # optional: names a collapse of the method's outputs
+    with_labels = get_method(cfg.method).labels
     monitor = None
     if cfg.train.monitor_images:
         from seer.train.monitor import KNNMonitor
@@ -320,7 +323,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         if before_forward is not None:
             before_forward(step)
         with autocast:
-            out = model(crops)
+            out = model(crops, data.labels.to(env.device)) if with_labels else model(crops)
         loss = out["loss"]
 
         # Every rank must agree before anything is updated: average the loss and the "checkpoint by time" vote.

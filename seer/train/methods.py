@@ -24,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from seer.ssl import swav
+from seer.train import supervised
 
 __all__ = ["Method", "METHODS", "get_method", "method_config"]
 
@@ -34,10 +35,13 @@ class Method:
 
     build: Callable[..., nn.Module]
     config: type | None = None
+    # True: the model is called ``model(crops, labels)`` and every sample must carry a label
+    labels: bool = False
 
 
 METHODS: dict[str, Method] = {
     "swav": Method(build=swav.build_model, config=swav.SwAVConfig),
+    "supervised": Method(build=supervised.build_model, config=supervised.SupervisedConfig, labels=True),
 }
 
 

@@ -1,0 +1,93 @@
+"""Supervised training of the trunk: a linear classifier on the pooled features, cross-entropy on the labels.
+
+The second method of ``seer.train.methods`` (``method: supervised``). It trains through the same loop, data
+pipeline and augmentations as SwAV, so "the same trunk, the same images, the same budget" is one config change:
+the supervised ceiling of ``seer demo`` is this method on the demo's own recipe. Every crop of the multi-crop
+batch (or the ``supervised.crops`` subset) is classified with its image's label; the loss is their mean.
+
+``n_classes`` must match the labels of the data (``data.images`` class subfolders, or the shards' ``cls``); a
+label outside ``[0, n_classes)`` is an error that names it, never a silent wrap-around.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from seer.ssl.swav import multicrop_forward
+
+__all__ = ["SupervisedConfig", "SupervisedModel", "build_model"]
+
+
+@dataclass
+class SupervisedConfig:
+    """The classifier and its loss (see ``SupervisedModel``)."""
+
+    n_classes: int = 0  # the number of classes of the data; required
+    label_smoothing: float = 0.0
+    crops: list = field(default_factory=list)  # crop indices to classify; [] = every crop
+
+    def validate(self, n_crops: int, section: str = "supervised") -> None:
+        """ValueError naming the dotted key of an impossible value, for a run of ``n_crops`` crops per image."""
+        if self.n_classes < 2:
+            raise ValueError(
+                f"{section}.n_classes: must be >= 2 (the number of classes of the data), got {self.n_classes}"
+            )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"{section}.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        bad = [c for c in self.crops if not isinstance(c, int) or not 0 <= c < n_crops]
+        if bad:
+            raise ValueError(f"{section}.crops: indices must be in [0, {n_crops}), got {self.crops}")
+
+    def head_params(self, trunk_width: int) -> int:
+        return trunk_width * self.n_classes + self.n_classes
+
+    def head_activations(self) -> int:
+        return self.n_classes
+
+
+class SupervisedModel(nn.Module):
+    """``forward(crops, labels) -> {"loss", "top1"}`` with ``trunk`` and ``head`` (an ``nn.Linear``) submodules."""
+
+    def __init__(self, trunk: nn.Module, n_classes: int, *, label_smoothing: float = 0.0,
+                 crops: Sequence[int] = (), bn_splits: int = 1) -> None:  # fmt: skip
+        super().__init__()
+        self.trunk = trunk
+        self.head = nn.Linear(trunk.num_features, n_classes)
+        # timm's / torchvision's classifier init: small weights, zero bias (logits start near uniform)
+        nn.init.normal_(self.head.weight, std=0.01)
+        nn.init.zeros_(self.head.bias)
+        self.n_classes, self.label_smoothing, self.crops, self.bn_splits = (
+            n_classes,
+            label_smoothing,
+            list(crops),
+            bn_splits,
+        )
+
+    def forward(self, crops: Sequence[torch.Tensor], labels: torch.Tensor) -> dict:
+        labels = torch.as_tensor(labels, device=crops[0].device).long()
+        if labels.dim() != 1 or labels.shape[0] != crops[0].shape[0]:
+            raise ValueError(f"labels of shape {tuple(labels.shape)} for a batch of {crops[0].shape[0]} images")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.n_classes):
+            raise ValueError(
+                f"label {int(labels.max()) if int(labels.max()) >= self.n_classes else int(labels.min())} is outside "
+                f"[0, {self.n_classes}): set supervised.n_classes to the number of classes of the data"
+            )
+        chosen = [crops[i] for i in self.crops] if self.crops else list(crops)
+        feats = multicrop_forward(self.trunk, chosen, self.bn_splits)
+        logits = self.head(feats.float() if feats.dtype != self.head.weight.dtype else feats)
+        target = labels.repeat(len(chosen))  # crop-major, as multicrop_forward concatenates
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+        with torch.no_grad():
+            top1 = float((logits.argmax(-1) == target).float().mean())
+        return {"loss": loss, "top1": top1}
+
+
+def build_model(trunk: nn.Module, cfg: SupervisedConfig, *, bn_splits: int = 1) -> SupervisedModel:
+    """The supervised model a config describes on ``trunk`` (its classifier freshly initialized, CPU, fp32)."""
+    return SupervisedModel(trunk, cfg.n_classes, label_smoothing=cfg.label_smoothing, crops=cfg.crops,
+                           bn_splits=bn_splits)  # fmt: skip
