@@ -101,9 +101,10 @@ def test_supervised_trains_on_the_labels_through_the_same_loop(tmp_path: Path, t
     from seer.data.tasks import write_task
 
     task = write_task("digits", tmp_path / "digits", n_train=64, n_test=10, size=32)
-    common = [*tiny_overrides, "method=supervised", "supervised.n_classes=10", "data.source=images", "data.multicrop=demo",
-              f"data.images={task['root'] / 'train'}", "data.batch_size_per_gpu=16", "train.total_steps=6",
-              "train.log_every=1", "optim.warmup_iters=1", "optim.name=sgd", "optim.base_lr=0.4"]  # fmt: skip
+    common = [*tiny_overrides, "method=supervised", "supervised.n_classes=10", "data.source=images",
+              "data.multicrop=demo", f"data.images={task['root'] / 'train'}", "data.batch_size_per_gpu=16",
+              "train.total_steps=6", "train.log_every=1", "optim.warmup_iters=1", "optim.name=sgd",
+              "optim.base_lr=0.4"]  # fmt: skip
     summary = pretrain(load_config(None, [*common, f"run_dir={tmp_path / 'run'}"]))
     assert summary["step"] == 6 and math.isfinite(summary["loss"])
     model = build_model(load_config(None, [*common, "run_dir=none"]))
