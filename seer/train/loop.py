@@ -302,7 +302,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     with_labels = get_method(cfg.method).labels
     monitor = None
     if cfg.train.monitor_images:
-        from seer.train.monitor import KNNMonitor
+        from seer.train.monitor import KNNMonitor, format_line
 
         monitor = KNNMonitor(cfg.train.monitor_images, max(r for _, r in crop_shapes(cfg.data)),
                              cfg.train.monitor_max_images)  # fmt: skip
@@ -378,14 +378,13 @@ def pretrain(cfg: PretrainConfig) -> dict:
                 + f"peak {record['peak_memory_gb']:.2f} GB  eta {record['eta_min']:.1f} min"
             )
             diagnosis = diagnose(out, done) if diagnose is not None else None
+            kind = diagnosis.split(" at step")[0] if diagnosis else None
             if diagnosis is not None:
                 record["collapse"] = diagnosis
-                if diagnosis.split(" at step")[0] != last_diagnosis:  # each new kind once, not every log line
+                if kind != last_diagnosis:  # each new kind once, not every log line
                     log(f"collapse: {diagnosis}")
-            last_diagnosis = diagnosis.split(" at step")[0] if diagnosis else None
+            last_diagnosis = kind
             if monitor is not None and (done % cfg.train.monitor_every == 0 or done == total):
-                from seer.train.monitor import format_line
-
                 result = monitor(model, score=env.is_main)
                 if result is not None:
                     record["monitor_knn_top1"] = result["top1"]

@@ -61,25 +61,22 @@ class SupervisedModel(nn.Module):
         # timm's / torchvision's classifier init: small weights, zero bias (logits start near uniform)
         nn.init.normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
-        self.n_classes, self.label_smoothing, self.crops, self.bn_splits = (
-            n_classes,
-            label_smoothing,
-            list(crops),
-            bn_splits,
-        )
+        self.n_classes, self.label_smoothing, self.bn_splits = n_classes, label_smoothing, bn_splits
+        self.crops = list(crops)
 
     def forward(self, crops: Sequence[torch.Tensor], labels: torch.Tensor) -> dict:
         labels = torch.as_tensor(labels, device=crops[0].device).long()
         if labels.dim() != 1 or labels.shape[0] != crops[0].shape[0]:
             raise ValueError(f"labels of shape {tuple(labels.shape)} for a batch of {crops[0].shape[0]} images")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.n_classes):
+        outside = labels[(labels < 0) | (labels >= self.n_classes)]
+        if outside.numel():
             raise ValueError(
-                f"label {int(labels.max()) if int(labels.max()) >= self.n_classes else int(labels.min())} is outside "
-                f"[0, {self.n_classes}): set supervised.n_classes to the number of classes of the data"
+                f"label {int(outside[0])} is outside [0, {self.n_classes}): set supervised.n_classes to the number "
+                "of classes of the data"
             )
         chosen = [crops[i] for i in self.crops] if self.crops else list(crops)
         feats = multicrop_forward(self.trunk, chosen, self.bn_splits)
-        logits = self.head(feats.float() if feats.dtype != self.head.weight.dtype else feats)
+        logits = self.head(feats.to(self.head.weight.dtype))
         target = labels.repeat(len(chosen))  # crop-major, as multicrop_forward concatenates
         loss = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
         with torch.no_grad():
