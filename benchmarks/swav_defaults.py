@@ -1,7 +1,7 @@
 """The references' defaults, measured on the CPU recipe: zero-init of the last BN on vs off, and SwAV's prototype
 scores in fp32 vs bf16 under bf16 training.
 
-Each variant pretrains the demo's CPU recipe (``seer.demo.pretrain_overrides``, one process, streamed from an image
+Each variant pretrains the demo's CPU recipe (``tiny_cpu`` via ``seer.demo.recipe``, one process, streamed from an image
 folder of the demo's shapes dataset: the class is geometry only) for ``--steps`` steps with each seed, then scores
 the frozen trunk with kNN (DINO protocol, k=20, T=0.07) on held-out images, next to the trunk at random
 initialization. Figures: the final loss (mean of the last 3 logged values), kNN top-1, and the mean |gamma| of the
@@ -62,10 +62,10 @@ def _config(workdir: Path, data: dict, seed: int, steps: int, overrides: list[st
     import yaml
 
     from seer.config import load_config
-    from seer.demo import pretrain_overrides
+    from seer.demo import recipe
 
-    base = pretrain_overrides(workdir, "unused", steps, 1, IMAGE_SIZE, seed)
-    base["data"].update(source="images", images=str(data["train_dir"]), urls=None)
+    base = recipe(workdir / "run", data={"source": "images", "images": str(data["train_dir"]), "urls": None},
+                  steps=steps, seed=seed)  # fmt: skip
     path = workdir / "recipe.yaml"
     path.write_text(yaml.safe_dump(base, sort_keys=False))
     return load_config(str(path), overrides)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     args = ap.parse_args(argv)
-    settings = {"recipe": "the demo's (seer.demo.pretrain_overrides), 1 process, data.source=images",
+    settings = {"recipe": "tiny_cpu (seer.demo.recipe), 1 process, data.source=images",
                 "data": "shapes, 16 classes x 200 train / 50 test, 32 px", "steps": args.steps, "seeds": args.seeds,
                 "knn": "k=20, T=0.07, cosine, avgpool"}  # fmt: skip
     results: dict = {"settings": settings, "machine": machine_info(), "variants": {}}

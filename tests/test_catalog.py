@@ -32,7 +32,7 @@ def test_an_existing_path_comes_first(tmp_path, monkeypatch):
     bare.write_text("train: {total_steps: 7}\n")
     assert catalog.resolve("tiny_cpu", "pretrain") == Path("tiny_cpu")
     assert load_config("tiny_cpu").train.total_steps == 7
-    assert load_config(str(ROOT / "configs" / "pretrain" / "tiny_cpu.yaml")).train.total_steps == 200
+    assert load_config(str(ROOT / "configs" / "pretrain" / "tiny_cpu.yaml")).train.total_steps == 600
 
 
 def test_unknown_names_and_missing_paths(tmp_path):

@@ -33,7 +33,8 @@ TINY_CFG = str(REPO / "configs/pretrain/tiny_cpu.yaml")
 # A very small SwAV run (as in tests/test_pretrain.py): steps are dominated by process-group overheads.
 @pytest.fixture
 def tiny(tiny_overrides):
-    return [*tiny_overrides, "swav.freeze_prototypes_iters=3", "data.batch_size_per_gpu=8", "optim.base_lr=2.4"]
+    return [*tiny_overrides, "swav.freeze_prototypes_iters=3", "data.batch_size_per_gpu=8", "data.global_batch_size=0",
+            "optim.base_lr=2.4", "optim.warmup_iters=2"]  # fmt: skip
 
 
 def _sbatch_flags(script: str) -> dict[str, str]:

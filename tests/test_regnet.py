@@ -434,3 +434,32 @@ def test_bf16_multicrop_training_on_small_crops_keeps_gradients_finite():
             out.float().square().mean().backward()
         bad = [n for n, p in trunk.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
         assert not bad, (it, bad)
+
+
+def test_image_norm_makes_the_trunk_blind_to_per_image_brightness_and_colour_cast():
+    torch.manual_seed(0)
+    cfg = RegNetCfg(depth=2, w0=16, wa=0.0, wm=2.0, group_w=16, se_ratio=0.0, image_norm=True)
+    trunk = build_trunk(cfg).eval()
+    x = torch.randn(3, 3, 32, 32)
+    # a different gain and offset per image and channel: what a colour cast or an exposure change does
+    gain, offset = torch.rand(3, 3, 1, 1) * 2 + 0.5, torch.randn(3, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(trunk(x), trunk(x * gain + offset), atol=1e-3)  # eps: not exactly invariant
+        plain = build_trunk(RegNetCfg(**{**cfg.to_dict(), "image_norm": False})).eval()
+        plain.load_state_dict(trunk.state_dict())
+        assert not torch.allclose(plain(x), plain(x * gain + offset), atol=1e-2)  # the switch is what does it
+    std = seer.models.regnet.standardize_images(x * gain + offset)
+    assert torch.allclose(std.mean((2, 3)), torch.zeros(3, 3), atol=1e-5)
+    assert torch.allclose(std.std((2, 3), correction=0), torch.ones(3, 3), atol=1e-3)
+    flat = seer.models.regnet.standardize_images(torch.full((1, 3, 8, 8), 0.7))  # a constant crop stays finite
+    assert torch.equal(flat, torch.zeros_like(flat))
+    assert seer.models.regnet.standardize_images(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_image_norm_in_to_dict_only_when_on():
+    off = RegNetCfg(depth=2, w0=16, wa=0.0, wm=2.0, group_w=16)
+    assert "image_norm" not in off.to_dict()  # files written before the field existed read the same
+    on = RegNetCfg(**{**off.to_dict(), "image_norm": True})
+    assert on.to_dict()["image_norm"] is True and RegNetCfg(**on.to_dict()) == on
+    with pytest.raises(ValueError, match="image_norm"):
+        RegNetCfg(**{**off.to_dict(), "image_norm": "yes"})

@@ -62,7 +62,7 @@ def jpeg() -> bytes:
 # Presets: shapes and value ranges
 # ----------------------------------------------------------------------------------------------------------------
 EXPECTED = {"swav": [224] * 2 + [96] * 6, "seer": [224] * 2 + [96] * 4, "seer_10b": [160] * 2 + [96] * 4,
-            "cpu_tiny": [64] * 2 + [32] * 2, "demo": [32] * 2 + [16] * 2}  # fmt: skip
+            "cpu_tiny": [64] * 2 + [32] * 2, "demo": [32] * 2 + [16] * 2, "small": [32] * 2}  # fmt: skip
 
 
 def test_every_preset_is_tested():

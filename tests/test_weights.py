@@ -468,3 +468,15 @@ def test_peak_rss_loading_32gf(tmp_path):
 
     result = measure_load_rss("regnety_32gf", tmp_path)
     assert result["ratio"] <= 1.3, result
+
+
+def test_image_norm_trunk_round_trips_in_seer_format_only(tmp_path):
+    trunk = randomize_bn(build_trunk(RegNetCfg(depth=2, w0=16, wa=0.0, wm=2.0, group_w=16, image_norm=True)))
+    back = load_trunk(save_trunk(trunk, tmp_path / "t.safetensors"))
+    assert back.cfg.image_norm is True
+    with torch.no_grad():
+        assert torch.allclose(trunk.eval()(X), back.eval()(X), atol=1e-6)
+    for fmt in ("hf", "timm", "torchvision"):
+        with pytest.raises(ValueError, match="image_norm"):
+            save_trunk(trunk, tmp_path / f"t-{fmt}", format=fmt)
+    assert [p.name for p in tmp_path.iterdir()] == ["t.safetensors"]  # nothing half-written

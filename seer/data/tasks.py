@@ -1,18 +1,21 @@
 """Small labeled real-image tasks built from images the dependencies ship: nothing is downloaded.
 
 Each task places a real object (a handwritten digit from scikit-learn, a glyph of a real font) at a random position
-and scale on a canvas, so raw pixels are a fair baseline rather than a trivial one, and returns PIL images with
-their labels. ``write_task(name, root)`` writes ``root/train/<class>/*.png`` and ``root/test/<class>/*.png``
+and scale on a canvas (a dark plain one, or a patch of one of scikit-learn's sample photos), so raw pixels are a fair
+baseline rather than a trivial one, and returns PIL images with their labels. ``write_task(name, root)`` writes ``root/train/<class>/*.png`` and ``root/test/<class>/*.png``
 (ImageFolder layout), which ``seer pretrain data.source=images`` and ``seer.extract_features`` read directly.
 
     digits   scikit-learn's 1797 handwritten digits (8x8, 17 gray levels), 10 classes; train and test split the
              writers' digits, never the same digit image in both
     glyphs   the letters A-J rendered in the DejaVu fonts matplotlib ships (sans, serif, mono; regular, bold,
              oblique), 10 classes; test uses fonts never seen in train
+    digits_on_photos  the digits over patches of scikit-learn's sample photos (china.jpg, flower.jpg), in white or
+             black, whichever contrasts
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +26,31 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 __all__ = ["TASKS", "make_task", "write_task"]
 
 
-def _place(obj: Image.Image, size: int, rng: np.random.Generator, min_scale: float = 0.45) -> Image.Image:
+@functools.cache
+def _sample_photos() -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_sample_images
+
+    return tuple(load_sample_images().images)
+
+
+def _photo_patch(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A random square patch (1-4 canvas sides wide) of one of scikit-learn's sample photos, ``[size, size, 3]``."""
+    photos = _sample_photos()
+    photo = photos[int(rng.integers(len(photos)))]
+    side = int(rng.integers(size, 4 * size))
+    y, x = int(rng.integers(0, photo.shape[0] - side)), int(rng.integers(0, photo.shape[1] - side))
+    patch = Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(patch, np.float32)
+
+
+def _place(obj: Image.Image, size: int, rng: np.random.Generator, background: str = "plain",
+           min_scale: float = 0.45) -> Image.Image:  # fmt: skip
     """``obj`` (grayscale, object bright on black) resized to a random fraction of the canvas, at a random position,
-    over a random gray background with noise; returned as RGB with a random tint."""
+    over a ``background`` with noise, returned as RGB.
+
+    ``"plain"``: a dark gray with a slight random tint, the object light; ``"photo"``: a darkened photo patch, the
+    object white (or black on a bright patch).
+    """
     scale = rng.uniform(min_scale, 0.95)
     side = max(4, int(round(size * scale)))
     w, h = obj.size
@@ -33,17 +58,22 @@ def _place(obj: Image.Image, size: int, rng: np.random.Generator, min_scale: flo
     obj = obj.resize((max(1, int(round(w * ratio))), max(1, int(round(h * ratio)))), Image.Resampling.BICUBIC)
     x = int(rng.integers(0, size - obj.width + 1))
     y = int(rng.integers(0, size - obj.height + 1))
-    mask = np.zeros((size, size), np.float32)
-    mask[y : y + obj.height, x : x + obj.width] = np.asarray(obj, np.float32) / 255.0
-    bg, fg = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    if np.abs(bg.mean() - fg.mean()) < 70:  # keep the object visible whatever the colours
-        fg = 255 - bg
-    img = bg[None, None] * (1 - mask[..., None]) + fg[None, None] * mask[..., None]
+    mask = np.zeros((size, size, 1), np.float32)
+    mask[y : y + obj.height, x : x + obj.width, 0] = np.asarray(obj, np.float32) / 255.0
+    if background == "plain":
+        bg = np.full((size, size, 3), rng.uniform(0, 80)) + rng.uniform(-10, 10, 3)
+        fg = rng.uniform(170, 255) + rng.uniform(-20, 20, 3)
+    elif background == "photo":
+        bg = _photo_patch(size, rng) * 0.6
+        fg = np.full(3, 255.0 if bg.mean() < 110 else 0.0)
+    else:
+        raise ValueError(f"background must be 'plain' or 'photo', got {background!r}")
+    img = bg * (1 - mask) + fg * mask
     img += rng.normal(0, 8, img.shape)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
 
-def _digits(n_train: int, n_test: int, size: int, seed: int):
+def _digits(n_train: int, n_test: int, size: int, seed: int, background: str = "plain"):
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -58,7 +88,7 @@ def _digits(n_train: int, n_test: int, size: int, seed: int):
         for i in idx:
             digit = Image.fromarray((data.images[i] * (255 / 16)).astype(np.uint8), "L")
             digit = digit.resize((24, 24), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(0.6))
-            images.append(_place(digit, size, rng))
+            images.append(_place(digit, size, rng, background))
         out[part] = (images, data.target[idx].astype(np.int64))
     return out, [str(d) for d in range(10)]
 
@@ -97,7 +127,11 @@ def _glyphs(n_train: int, n_test: int, size: int, seed: int):
     return out, list(letters)
 
 
-TASKS: dict[str, Callable] = {"digits": _digits, "glyphs": _glyphs}
+def _digits_on_photos(n_train: int, n_test: int, size: int, seed: int):
+    return _digits(n_train, n_test, size, seed, background="photo")
+
+
+TASKS: dict[str, Callable] = {"digits": _digits, "glyphs": _glyphs, "digits_on_photos": _digits_on_photos}
 
 
 def make_task(name: str, n_train: int = 2000, n_test: int = 500, size: int = 32, seed: int = 0) -> dict:

@@ -69,6 +69,10 @@ PRESETS: dict[str, dict] = {
     # `seer demo` on 32 px synthetic images: crops wide enough to hold the shape that defines the class, and no
     # blur (a radius of 0.1-2 px wipes out 16 px crops).
     "demo": {"counts": (2, 2), "sizes": (32, 16), "scales": ((0.3, 1.0), (0.15, 0.4)), "blur_p": 0.0},
+    # The small-image CPU recipe (tiny_cpu, `seer demo`) on 32 px real images: two global crops only (16 px local
+    # crops of a 32 px object cost 15 kNN points), half SwAV's colour jitter (the trunk standardizes each image,
+    # model.cfg.image_norm), no blur. Measured in docs/swav.md.
+    "small": {"counts": (2,), "sizes": (32,), "scales": ((0.35, 1.0),), "blur_p": 0.0, "jitter": (0.4, 0.4, 0.4, 0.1)},
 }
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "checkpoint_segments",
     "complexity",
     "generate_widths",
+    "standardize_images",
     "get_preset",
     "resolve_cfg",
 ]
@@ -59,6 +60,9 @@ class RegNetCfg:
         se_ratio: squeeze-excitation width as a fraction of the block's input width (0 disables SE).
         bottleneck: bottleneck multiplier (1.0 for every RegNetY).
         stem_width: output width of the 3x3 stride-2 stem.
+        image_norm: standardize each input image per channel (zero mean, unit variance over its pixels) before the
+            stem. Not in pycls; the small-image CPU recipe uses it: it takes a crop's brightness, contrast and colour
+            cast out of the features, the shortcut SwAV otherwise learns on small images (docs/swav.md).
     """
 
     depth: int
@@ -69,6 +73,7 @@ class RegNetCfg:
     se_ratio: float = 0.25
     bottleneck: float = 1.0
     stem_width: int = 32
+    image_norm: bool = False
     # Explicit per-stage layout, for checkpoints whose widths do not come from (w0, wa, wm): torchvision's
     # regnet_y_800mf rounds 136 / 16 half-up (stage 2 width 144; pycls and timm give 128). Set by ``from_stages``.
     stage_widths: tuple[int, ...] | None = None
@@ -117,6 +122,8 @@ class RegNetCfg:
             raise bad("bottleneck", "must be > 0")
         if not isinstance(self.stem_width, int) or self.stem_width < 1:
             raise bad("stem_width", "must be an integer >= 1")
+        if not isinstance(self.image_norm, bool):
+            raise bad("image_norm", "must be true or false")
 
     @property
     def widths(self) -> list[int]:
@@ -142,6 +149,8 @@ class RegNetCfg:
     def to_dict(self) -> dict:
         """Plain dict (JSON/YAML-safe); explicit stage fields only when set."""
         d = dataclasses.asdict(self)
+        if not d["image_norm"]:  # absent = off: files written without the field (and older readers) agree
+            del d["image_norm"]
         for key in ("stage_widths", "stage_depths", "stage_group_widths"):
             if d[key] is None:
                 del d[key]
@@ -599,6 +608,8 @@ class RegNetTrunk(nn.Module):
             raise ValueError(f"RegNetTrunk expects images [B, 3, H, W], got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"RegNetTrunk expects a floating-point tensor, got {x.dtype}")
+        if self.cfg.image_norm:
+            x = standardize_images(x)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.stem(x)
@@ -630,6 +641,16 @@ class RegNetTrunk(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).mean((2, 3))
+
+
+def standardize_images(x: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Each image of ``x [B, C, H, W]`` per channel to zero mean and unit variance over its pixels (``image_norm``).
+
+    Statistics in fp32 whatever the dtype; ``eps`` keeps a flat channel (a constant crop) finite: it becomes 0.
+    """
+    xf = x.float()
+    var, mean = torch.var_mean(xf, dim=(2, 3), keepdim=True, correction=0)
+    return ((xf - mean) * torch.rsqrt(var + eps)).to(x.dtype)
 
 
 def _run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,10 @@ def save_trunk(trunk: RegNetTrunk, path: str | os.PathLike, *, format: str = "se
         raise TypeError(f"save_trunk expects a RegNetTrunk, got {type(trunk).__name__}")
     path = Path(path).expanduser()
     cfg: RegNetCfg = trunk.cfg
+    if cfg.image_norm and format != "seer":
+        # timm / torchvision / HF trunks have no per-image standardization: the file would load as a different model
+        raise ValueError(f"save_trunk: format={format!r} cannot record image_norm=True (per-image standardization "
+                         "before the stem); save it with format='seer'")  # fmt: skip
     pre = dict(preprocess or getattr(trunk, "pretrained_cfg", None) or {})
     tensors = _trunk_tensors(trunk)
     if any(t.is_meta for t in tensors.values()):
