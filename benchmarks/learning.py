@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=None, help="default: the recipe's")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    ap.add_argument("--name", default="learning", help="result name: benchmarks/results/NAME.{json,md}")
     ap.add_argument("--train", type=int, default=2000, help="train images per task")
     ap.add_argument("--test", type=int, default=500, help="test images per task")
     ap.add_argument("--set", dest="swav_set", nargs="*", default=[], help="overrides of the SwAV config")
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{100 * v['swav']['mean'] / v['supervised']['mean']:.0f}%" if {"swav", "supervised"} <= set(v) else "-"
         secs = f"{np.mean([r['swav_seconds'] for r in v['runs']]):.0f}" if "swav" in v else "-"
         lines.append(f"| {task} | " + " | ".join(cells) + f" | {margin} | {ratio} | {secs} |")
-    write_result("learning", results, "\n".join(lines) + "\n")
+    write_result(args.name, results, "\n".join(lines) + "\n")
     return 0
 
 

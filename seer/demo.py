@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,23 +89,48 @@ def supervised_overrides(pretrain: dict, n_classes: int, run_dir: str | os.PathL
     return cfg
 
 
-def _pretrain(cfg_path: Path, world_size: int, log_path: Path, echo: bool = True) -> None:
-    """``seer pretrain --config cfg_path`` in a subprocess (torchrun for ``world_size > 1``), teed to ``log_path``."""
+def _start(cfg_path: Path, world_size: int, log_path: Path, threads: int, tag: str) -> tuple:
+    """Start ``seer pretrain --config cfg_path`` (torchrun for ``world_size > 1``) with ``threads`` torch threads per
+    process; a thread tees its output to ``log_path`` and echoes the step / monitor / collapse lines, tagged."""
     if world_size > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}",
                "-m", "seer.cli", "pretrain", "--config", str(cfg_path)]  # fmt: skip
     else:
         cmd = [sys.executable, "-m", "seer.cli", "pretrain", "--config", str(cfg_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // world_size))}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for line in proc.stdout:  # tee: the user sees the throughput / ETA / monitor lines as they come
-            log.write(line)
-            if echo and (line.startswith(("step ", "monitor ", "collapse")) or "rror" in line):
-                print("    " + line.rstrip(), flush=True)
-        rc = proc.wait()
-    if rc != 0:
-        raise RuntimeError(f"pretraining failed (exit {rc}); see {log_path}")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    def tee() -> None:
+        with open(log_path, "w") as log:
+            for line in proc.stdout:  # the user sees the throughput / ETA / monitor lines as they come
+                log.write(line)
+                if line.startswith(("step ", "monitor ", "collapse")) or "rror" in line:
+                    print(f"    [{tag}] {line.rstrip()}", flush=True)
+
+    thread = threading.Thread(target=tee, daemon=True)
+    thread.start()
+    return proc, thread, log_path
+
+
+def _train_all(jobs: list[tuple[Path, str]], world_size: int, log_dir: Path, concurrent: int) -> dict[str, float]:
+    """Train each ``(config, tag)`` of ``jobs``, ``concurrent`` at a time, sharing the cores; seconds per tag."""
+    cores = os.cpu_count() or 2
+    threads = max(1, cores // (world_size * concurrent))
+    seconds: dict[str, float] = {}
+    for i in range(0, len(jobs), concurrent):
+        t = time.perf_counter()
+        started = [_start(cfg, world_size, log_dir / f"{cfg.stem}.log", threads, tag) for cfg, tag in
+                   jobs[i : i + concurrent]]  # fmt: skip
+        failed = []
+        for (proc, thread, log_path), (_, tag) in zip(started, jobs[i : i + concurrent]):
+            rc = proc.wait()
+            thread.join()
+            seconds[tag] = time.perf_counter() - t
+            if rc != 0:
+                failed.append(f"{tag} (exit {rc}; see {log_path})")
+        if failed:
+            raise RuntimeError("training failed: " + ", ".join(failed))
+    return seconds
 
 
 def raw_pixels(files: Sequence[str | os.PathLike]) -> np.ndarray:
@@ -206,8 +232,12 @@ def run_demo(out: str | Path = "runs/demo", *, task: str = "digits", n_train: in
     runs: dict[str, list[dict]] = {row: [] for row in ROWS if supervised or row != "supervised"}
     configs, metrics = {}, {}
     prep = {"resolution": image_size, "crop_pct": 1.0}
-    for stage in ("pretrain", "supervised", "export", "features", "evaluate"):
+    for stage in ("train", "export", "features", "evaluate"):
         timings[stage] = 0.0
+    # SwAV and the supervised ceiling of a seed train side by side when the cores allow: a tiny trunk gains less
+    # from a second thread than from a second process (its data pipeline is single-threaded).
+    cores = os.cpu_count() or 2
+    concurrent = 2 if supervised and cores >= 2 * world_size else 1
     for seed in seeds:
         run = out / f"seed{seed}"
         run.mkdir()
@@ -215,23 +245,23 @@ def run_demo(out: str | Path = "runs/demo", *, task: str = "digits", n_train: in
         cfg = recipe(run / "pretrain", data={"source": "shards", "urls": urls}, steps=steps, seed=seed,
                      monitor_images=test_dir)  # fmt: skip
         (run / "pretrain.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        _log(
-            f"seed {seed}: SwAV ({RECIPE} recipe), {cfg['train']['total_steps']} steps, global batch "
-            f"{cfg['data']['global_batch_size']}, {world_size} process(es) (config {run / 'pretrain.yaml'})"
-        )
-        _pretrain(run / "pretrain.yaml", world_size, run / "pretrain.log")
-        timings["pretrain"] += time.perf_counter() - t
         configs.setdefault("pretrain", cfg)
         trained = {"SwAV pretrained": run / "pretrain"}
+        jobs = [(run / "pretrain.yaml", f"swav s{seed}")]
         if supervised:
-            t = time.perf_counter()
             sup = supervised_overrides(cfg, len(classes), run / "supervised")
             (run / "supervised.yaml").write_text(yaml.safe_dump(sup, sort_keys=False))
-            _log(f"seed {seed}: supervised ceiling, the same trunk, data and steps on the labels")
-            _pretrain(run / "supervised.yaml", world_size, run / "supervised.log")
-            timings["supervised"] += time.perf_counter() - t
             configs.setdefault("supervised", sup)
             trained["supervised"] = run / "supervised"
+            jobs.append((run / "supervised.yaml", f"supervised s{seed}"))
+        _log(
+            f"seed {seed}: SwAV ({RECIPE} recipe)" + (" and the supervised ceiling (same trunk, data, steps)" if
+            supervised else "") + f", {cfg['train']['total_steps']} steps, global batch "
+            f"{cfg['data']['global_batch_size']}, {world_size} process(es) each, {concurrent} at a time"
+        )  # fmt: skip
+        for tag, sec in _train_all(jobs, world_size, run, concurrent).items():
+            timings[f"train {tag}"] = sec
+        timings["train"] += time.perf_counter() - t
 
         t = time.perf_counter()
         trunks = {}
@@ -282,6 +312,7 @@ def run_demo(out: str | Path = "runs/demo", *, task: str = "digits", n_train: in
             "n_test": len(test_files),
             "image_size": image_size,
             "world_size": world_size,
+            "concurrent_runs": concurrent,
             "seeds": seeds,
             "data_seed": 0,
             "knn": {"k": 20, "temperature": 0.07, "metric": "cosine", "layer": "avgpool"},
@@ -320,13 +351,13 @@ def _plot(out: Path, metrics: dict, table: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for seed, runs in metrics.items():
+    for k, (seed, runs) in enumerate(metrics.items()):  # a colour per seed, a line style per method
         for name, ms in runs.items():
-            style = "-" if name == "SwAV pretrained" else "--"
+            style = {"color": f"C{k}", "linestyle": "-" if name == "SwAV pretrained" else "--"}
             if name == "SwAV pretrained":
-                axes[0].plot([m["step"] for m in ms], [m["loss"] for m in ms], style, label=f"seed {seed}")
+                axes[0].plot([m["step"] for m in ms], [m["loss"] for m in ms], **style, label=f"seed {seed}")
             mon = [m for m in ms if "monitor_knn_top1" in m]
-            axes[1].plot([m["step"] for m in mon], [100 * m["monitor_knn_top1"] for m in mon], style, marker="o",
+            axes[1].plot([m["step"] for m in mon], [100 * m["monitor_knn_top1"] for m in mon], **style, marker="o",
                          ms=3, label=f"{name}, seed {seed}")  # fmt: skip
     axes[0].set(xlabel="step", ylabel="SwAV loss", title="Pretraining loss")
     axes[1].set(xlabel="step", ylabel="kNN top-1 (%)", title="kNN monitor on the test folder", ylim=(0, 100))

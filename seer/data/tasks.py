@@ -2,8 +2,9 @@
 
 Each task places a real object (a handwritten digit from scikit-learn, a glyph of a real font) at a random position
 and scale on a canvas (a dark plain one, or a patch of one of scikit-learn's sample photos), so raw pixels are a fair
-baseline rather than a trivial one, and returns PIL images with their labels. ``write_task(name, root)`` writes ``root/train/<class>/*.png`` and ``root/test/<class>/*.png``
-(ImageFolder layout), which ``seer pretrain data.source=images`` and ``seer.extract_features`` read directly.
+baseline rather than a trivial one, and returns PIL images with their labels. ``write_task(name, root)`` writes
+``root/train/<class>/*.png`` and ``root/test/<class>/*.png`` (ImageFolder layout), which
+``seer pretrain data.source=images`` and ``seer.extract_features`` read directly.
 
     digits   scikit-learn's 1797 handwritten digits (8x8, 17 gray levels), 10 classes; train and test split the
              writers' digits, never the same digit image in both
