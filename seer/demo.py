@@ -147,7 +147,8 @@ def raw_pixels(files: Sequence[str | os.PathLike]) -> np.ndarray:
 def _evaluate(train: np.ndarray, y_train: np.ndarray, test: np.ndarray, y_test: np.ndarray, seed: int) -> dict:
     from seer.evaluation import eval_knn, eval_linear
 
-    knn = eval_knn(train, y_train, test, y_test, ks=(10, 20, 100, 200), temperature=0.07)
+    ks = tuple(k for k in (10, 20, 100, 200) if k <= len(train))  # a small --train has fewer neighbours
+    knn = eval_knn(train, y_train, test, y_test, ks=ks, temperature=0.07)
     linear = eval_linear(train, y_train, test, y_test, epochs=30, seed=seed)
     return {"scores": {METRICS[0]: knn["top1"][20], METRICS[1]: linear["top1"]}, "knn": knn, "linear": linear}
 
@@ -201,6 +202,8 @@ def run_demo(out: str | Path = "runs/demo", *, task: str = "digits", n_train: in
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("run_demo: seeds is empty; give at least one")
+    if n_train < 20 or n_test < 1:  # kNN at k=20 needs 20 train images
+        raise ValueError(f"run_demo: needs n_train >= 20 and n_test >= 1, got n_train={n_train}, n_test={n_test}")
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
