@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from benchmarks.common import machine_info, write_result
 from benchmarks.swav_defaults import IMAGE_SIZE, knn_top1
@@ -45,8 +46,6 @@ def _task(name: str, root: Path, seed: int, n_train: int, n_test: int) -> dict:
 
 def _train(cfg_dict: dict, overrides: list[str], data: dict) -> tuple[float, float]:
     """Train one config in-process; (kNN top-1 of its trunk, seconds)."""
-    import yaml
-
     from seer.config import load_config
     from seer.train.loop import pretrain
     from seer.weights import load_trunk
@@ -80,7 +79,7 @@ def run(task: str, seed: int, steps: int | None, workdir: Path, swav_set: list[s
         sup_cfg = supervised_overrides(swav_cfg, len(data["classes"]), root / "supervised")
         out["supervised"], out["supervised_seconds"] = _train(sup_cfg, sup_set, data)
     if "random_init" in rows:
-        (root / "pretrain.yaml").write_text(__import__("yaml").safe_dump(swav_cfg))
+        (root / "pretrain.yaml").write_text(yaml.safe_dump(swav_cfg))
         torch.manual_seed(seed)
         model_cfg = load_config(str(root / "pretrain.yaml"), swav_set).model  # the trunk SwAV trains, with overrides
         out["random_init"] = knn_top1(build_trunk(trunk_cfg(model_cfg)), data)
@@ -93,6 +92,7 @@ def run(task: str, seed: int, steps: int | None, workdir: Path, swav_set: list[s
 
 def main(argv: list[str] | None = None) -> int:
     from seer.data.tasks import TASKS
+    from seer.demo import _stats
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
@@ -142,10 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {task} | " + " | ".join(cells) + f" | {margin} | {ratio} | {secs} |")
     write_result(args.name, results, "\n".join(lines) + "\n")
     return 0
-
-
-def _stats(values: list[float]) -> dict:
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": values}
 
 
 if __name__ == "__main__":

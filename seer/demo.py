@@ -288,7 +288,8 @@ def run_demo(out: str | Path = "runs/demo", *, task: str = "digits", n_train: in
         for name in runs:
             if name == "raw pixels" and runs[name]:  # deterministic: scored once
                 continue
-            runs[name].append(_evaluate(*feats[name][:1], y_train, feats[name][1], y_test, seed=seed))
+            f_train, f_test = feats[name]
+            runs[name].append(_evaluate(f_train, y_train, f_test, y_test, seed=seed))
         timings["evaluate"] += time.perf_counter() - t
         metrics[seed] = {name: _read_metrics(d / "metrics.jsonl") for name, d in trained.items()}
         _log(f"seed {seed}: kNN top-1 " + ", ".join(f"{name} {100 * runs[name][-1]['scores'][METRICS[0]]:.1f}%"
