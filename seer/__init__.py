@@ -17,6 +17,7 @@ __all__ = [
     "build_trunk",
     "complexity",
     "load_trunk",
+    "load_classifier",
     "save_trunk",
     "extract_features",
     "extract_dataset",
@@ -26,6 +27,7 @@ __all__ = [
 # name -> module that defines it; resolved on first access (PEP 562).
 _LAZY = {
     "load_trunk": "seer.weights",
+    "load_classifier": "seer.weights",
     "save_trunk": "seer.weights",
     "extract_features": "seer.features",
     "extract_dataset": "seer.features",

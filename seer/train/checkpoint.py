@@ -42,6 +42,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "read_trunk_state",
+    "read_head_state",
     "resolve_checkpoint",
     "read_meta",
 ]
@@ -493,3 +494,20 @@ def read_trunk_state(path: str | os.PathLike, prefix: str = "trunk.") -> tuple[d
     if cfg is None:
         raise ValueError(f"{ckpt}/{META_NAME} has no 'regnet_cfg'")
     return state, cfg
+
+
+def read_head_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """The method head's state dict (``model.head.*``: a classifier's ``weight`` / ``bias``, SwAV's projection and
+    prototypes) and the class names the run recorded (``meta["classes"]``), from a run or checkpoint directory.
+
+    ``({}, None)`` when the checkpoint holds no head tensors.
+    """
+    ckpt = resolve_checkpoint(path)
+    try:
+        state, _ = read_trunk_state(ckpt, prefix="head.")
+    except ValueError as exc:
+        if "no tensors under" in str(exc):
+            return {}, None
+        raise
+    classes = read_meta(ckpt).get("classes")
+    return state, [str(c) for c in classes] if isinstance(classes, list) else None

@@ -14,7 +14,7 @@ from seer.weights.formats import LAYOUTS, Checkpoint, CheckpointError, convert_s
 from seer.weights.formats import Layout as Layout
 from seer.weights.formats import detect_layout as detect_layout
 from seer.weights.formats import timm_preprocess as timm_preprocess
-from seer.weights.load import load_trunk
+from seer.weights.load import load_classifier, load_trunk
 from seer.weights.read import DEFAULT_HUB_MODEL, read_checkpoint
 from seer.weights.save import save_trunk
 
@@ -24,6 +24,7 @@ __all__ = [
     "LAYOUTS",
     "DEFAULT_HUB_MODEL",
     "load_trunk",
+    "load_classifier",
     "save_trunk",
     "read_checkpoint",
     "infer_cfg",

@@ -29,6 +29,9 @@ __all__ = [
     "infer_cfg",
     "cfg_from_dict",
     "check_hf_config",
+    "classifier_head",
+    "head_labels",
+    "HEAD_KEYS",
     "timm_preprocess",
     "hf_preprocess",
     "hf_processor",
@@ -215,6 +218,7 @@ class Checkpoint:
         preprocess: the preprocessing the checkpoint expects (resolution, crop_pct, interpolation, mean, std).
         origin: where it came from, for messages.
         renamed: our key -> the checkpoint's key, for messages.
+        labels: the classifier's class names where the file records them outside ``hf_config``.
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -225,6 +229,7 @@ class Checkpoint:
     preprocess: dict | None = None
     origin: str = "<state dict>"
     renamed: dict[str, str] = field(default_factory=dict)
+    labels: dict[int, str] | list[str] | None = None  # class names the file records (our metadata, timm's config)
 
 
 def _clean_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -455,3 +460,109 @@ def hf_processor(pre: Mapping) -> dict:
         "image_mean": list(pre.get("mean", IMAGENET_MEAN)),
         "image_std": list(pre.get("std", IMAGENET_STD)),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Classifier heads
+# ----------------------------------------------------------------------------------------------------------------
+# The linear classifier of each layout, under the names left in ``Checkpoint.heads``: HF's
+# ``classifier = Sequential(Flatten, Linear)``, timm's ``head.fc``, torchvision's ``fc``, VISSL's fine-tune ``mlp``
+# head (``heads.<i>.clf.0``) and its linear-eval ``eval_mlp`` (``heads.<i>.channel_bn`` then ``heads.<i>.clf.clf.0``).
+HEAD_KEYS: dict[str, tuple[str, ...]] = {
+    "hf": ("classifier.1",),
+    "timm": ("head.fc",),
+    "seer": ("head.fc",),
+    "torchvision": ("fc",),
+    "vissl": (r"heads\.(?P<i>\d+)\.clf\.0", r"heads\.(?P<i>\d+)\.clf\.clf\.0"),
+    "classy": (r"heads\.(?P<i>\d+)\.clf\.0", r"heads\.(?P<i>\d+)\.clf\.clf\.0", "head.fc", "fc"),
+}
+_BN_EPS = 1e-5  # VISSL's HEAD.BATCHNORM_EPS default
+
+
+def _fold_bn(weight: torch.Tensor, bias: torch.Tensor, bn: dict[str, torch.Tensor], eps: float
+             ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``Linear(BN(x))`` as one linear layer (BatchNorm in eval mode is an affine map of each channel)."""
+    w64, b64 = weight.double(), bias.double()
+    scale = bn["weight"].double() / torch.sqrt(bn["running_var"].double() + eps)
+    shift = bn["bias"].double() - bn["running_mean"].double() * scale
+    return (w64 * scale).to(weight.dtype), (b64 + w64 @ shift).to(bias.dtype)
+
+
+def classifier_head(ckpt: Checkpoint, num_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight [C, D], bias [C])`` of the checkpoint's linear classifier on the trunk's ``num_features`` pooled
+    features; a VISSL linear-eval head's BatchNorm is folded in.
+
+    Raises ``CheckpointError`` when the checkpoint has no classifier (naming ``load_trunk``), more than one, or one
+    whose shapes do not fit the trunk.
+    """
+    heads = ckpt.heads
+    found: list[tuple[str, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []
+    for pattern in HEAD_KEYS.get(ckpt.format, ()):
+        for key in heads:
+            m = re.fullmatch(pattern + r"\.weight", key)
+            if m is None:
+                continue
+            prefix = key[: -len(".weight")]
+            bias = heads.get(prefix + ".bias")
+            bn: dict[str, torch.Tensor] = {}
+            if m.groupdict().get("i") is not None and ".clf.clf." in key:
+                bn_prefix = f"heads.{m['i']}.channel_bn."
+                bn = {k[len(bn_prefix) :]: v for k, v in heads.items() if k.startswith(bn_prefix)}
+            found.append((prefix, heads[key], bias, bn))
+    if not found:
+        what = f"head tensors {sorted(heads)[:6]}" if heads else "no head tensors"
+        raise CheckpointError(
+            f"{ckpt.origin} ({ckpt.format} layout) has no classifier head ({what}): it is a feature checkpoint; "
+            "load it with seer.load_trunk"
+        )
+    fitting = [f for f in found if f[1].dim() == 2 and f[1].shape[1] == num_features]
+    if not fitting:
+        shapes = {p: tuple(w.shape) for p, w, _, _ in found}
+        raise CheckpointError(
+            f"{ckpt.origin}: the classifier head {shapes} does not take the trunk's {num_features} pooled features "
+            f"(expected weight [n_classes, {num_features}])"
+        )
+    if len(fitting) > 1:
+        raise CheckpointError(
+            f"{ckpt.origin}: {len(fitting)} classifier heads on the pooled features ({[f[0] for f in fitting]}); "
+            "keep one in the state dict"
+        )
+    prefix, weight, bias, bn = fitting[0]
+    if bias is None:
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
+    if tuple(bias.shape) != (weight.shape[0],):
+        raise CheckpointError(
+            f"{ckpt.origin}: {prefix}.bias has shape {tuple(bias.shape)}, the weight {tuple(weight.shape)}"
+        )
+    if bn:
+        need = ("weight", "bias", "running_mean", "running_var")
+        bad = [k for k in need if k not in bn or tuple(bn[k].shape) != (num_features,)]
+        if bad:
+            raise CheckpointError(f"{ckpt.origin}: the linear-eval head's channel_bn is missing or misshapen: {bad}")
+        weight, bias = _fold_bn(weight, bias, bn, _BN_EPS)
+    return weight, bias
+
+
+def head_labels(ckpt: Checkpoint, n_classes: int) -> dict[int, str] | None:
+    """The class names a checkpoint records (HF ``id2label``, timm ``label_names``, our metadata), or None.
+
+    A list of names whose length disagrees with the head is an error, not a silent relabelling.
+    """
+    names = ckpt.labels
+    if names is None and ckpt.hf_config is not None and "id2label" in ckpt.hf_config:
+        id2label = ckpt.hf_config["id2label"]
+        try:
+            names = {int(k): str(v) for k, v in id2label.items()}
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{ckpt.origin}/config.json: id2label is not a {{index: name}} map ({exc})") from None
+        # HF writes a default {0: LABEL_0, 1: LABEL_1} for configs that never set labels: keep it, it is theirs
+    if names is None:
+        return None
+    if isinstance(names, (list, tuple)):
+        names = dict(enumerate(names))
+    if sorted(names) != list(range(n_classes)):
+        raise CheckpointError(
+            f"{ckpt.origin}: the labels name {len(names)} classes (keys {sorted(names)[:5]}...) but the classifier "
+            f"head has {n_classes} outputs"
+        )
+    return {int(k): str(v) for k, v in names.items()}

@@ -1,4 +1,5 @@
-"""``load_trunk``: any supported checkpoint -> a ``RegNetTrunk``, strictly, with the weights held once in memory.
+"""``load_trunk`` / ``load_classifier``: any supported checkpoint -> a ``RegNetTrunk`` (or a classifier, trunk +
+head), strictly, with the weights held once in memory.
 
 Loading works in three steps:
 
@@ -19,11 +20,20 @@ import torch
 from torch import nn
 
 from seer.data.images import IMAGENET_MEAN, IMAGENET_STD
+from seer.models.classifier import RegNetClassifier
 from seer.models.regnet import RegNetCfg, RegNetTrunk, build_trunk, resolve_cfg
-from seer.weights.formats import DEFAULT_PREPROCESS, Checkpoint, CheckpointError, check_hf_config, infer_cfg
+from seer.weights.formats import (
+    DEFAULT_PREPROCESS,
+    Checkpoint,
+    CheckpointError,
+    check_hf_config,
+    classifier_head,
+    head_labels,
+    infer_cfg,
+)
 from seer.weights.read import read_checkpoint
 
-__all__ = ["load_trunk"]
+__all__ = ["load_trunk", "load_classifier"]
 
 
 def _strict_check(trunk: nn.Module, ckpt: Checkpoint) -> None:
@@ -79,7 +89,14 @@ def load_trunk(source: Any, *, preset: str | RegNetCfg | dict | None = None, dev
         CheckpointError: unreadable file, unknown layout, pickled code, or any missing / unexpected tensor or
             shape mismatch (the message names the keys).
     """
-    ckpt = read_checkpoint(source, format=format)
+    trunk = _build(read_checkpoint(source, format=format), preset, dtype)
+    if device is not None:
+        trunk.to(device)
+    return trunk
+
+
+def _build(ckpt: Checkpoint, preset: str | RegNetCfg | dict | None, dtype: torch.dtype | None) -> RegNetTrunk:
+    """The trunk of a read checkpoint: architecture from ``preset``, the file's metadata or the tensor shapes."""
     if preset is not None:
         cfg = resolve_cfg(preset)
     elif ckpt.cfg is not None:
@@ -100,9 +117,45 @@ def load_trunk(source: Any, *, preset: str | RegNetCfg | dict | None = None, dev
     pre.update({"mean": IMAGENET_MEAN, "std": IMAGENET_STD})
     pre.update(ckpt.preprocess or {})
     trunk.pretrained_cfg = pre
-    if device is not None:
-        trunk.to(device)
     return trunk
+
+
+def load_classifier(source: Any, *, device: torch.device | str | None = None, format: str | None = None,
+                    preset: str | RegNetCfg | dict | None = None, dtype: torch.dtype | None = None
+                    ) -> RegNetClassifier:  # fmt: skip
+    """Load a classifier (trunk + linear head) from any checkpoint ``load_trunk`` reads, with its head kept.
+
+    Heads: HF ``RegNetForImageClassification`` (``classifier.1``, labels from ``config.json``'s ``id2label``), timm
+    ``head.fc``, torchvision ``fc``, VISSL / ClassyVision fine-tune (``heads.0.clf.0``) and linear-eval heads
+    (``channel_bn`` + ``clf``, the BatchNorm folded into the linear layer), and seer's own exports and fine-tune
+    runs. A 1000-way head without label names gets ImageNet-1k's.
+
+    Args:
+        source: as for ``load_trunk``.
+        device: move the model there (default: CPU).
+        format: force a layout instead of detecting it.
+        preset: build this trunk architecture instead of inferring it.
+        dtype: floating-point dtype of the parameters (default float32).
+
+    Returns:
+        A ``RegNetClassifier`` in eval mode: ``model(x)`` gives logits, ``model.trunk`` is the trunk (with its
+        ``pretrained_cfg`` preprocessing), ``model.id2label`` the class names.
+
+    Raises:
+        CheckpointError: as ``load_trunk``; and a checkpoint without a classifier head (use ``load_trunk``), a
+            head whose shape does not fit the trunk, or labels that disagree with the head.
+    """
+    ckpt = read_checkpoint(source, format=format)
+    trunk = _build(ckpt, preset, dtype)
+    weight, bias = classifier_head(ckpt, trunk.num_features)
+    labels = head_labels(ckpt, weight.shape[0])
+    model = RegNetClassifier(trunk, weight.shape[0], id2label=labels)
+    float_dtype = dtype or torch.float32
+    model.head.load_state_dict({"weight": weight.to(float_dtype), "bias": bias.to(float_dtype)}, assign=True)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
 
 
 def _check_and_assign(trunk: RegNetTrunk, ckpt: Checkpoint, dtype: torch.dtype) -> None:

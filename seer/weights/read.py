@@ -199,6 +199,11 @@ def read_checkpoint(source: Any, *, format: str | None = None) -> Checkpoint:
         if "preprocess" in metadata:
             with contextlib.suppress(json.JSONDecodeError):
                 ckpt.preprocess = json.loads(metadata["preprocess"])
+        if "id2label" in metadata:
+            try:
+                ckpt.labels = {int(k): str(v) for k, v in json.loads(metadata["id2label"]).items()}
+            except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{path}: bad 'id2label' metadata ({exc})") from exc
         return ckpt
     ckpt = convert_state_dict(tensors, format, origin=str(path))
     ckpt.heads.update(heads)
@@ -210,11 +215,16 @@ def read_checkpoint(source: Any, *, format: str | None = None) -> Checkpoint:
 def _read_run_dir(path: Path) -> Checkpoint:
     """A pretraining run (its latest checkpoint) or one checkpoint directory, read by the checkpoint format's owner."""
     # Imported here: torch.distributed.checkpoint is loaded only when a run directory is read.
-    from seer.train.checkpoint import read_trunk_state
+    from seer.train.checkpoint import read_head_state, read_trunk_state
 
     state, cfg_dict = read_trunk_state(path)
     ckpt = convert_state_dict(state, "seer", origin=str(path))
     ckpt.cfg = cfg_from_dict(cfg_dict)
+    # A supervised / fine-tune run's linear classifier is ``model.head`` (weight + bias); SwAV's head is not one.
+    head, labels = read_head_state(path)
+    if set(head) == {"weight", "bias"} and head["weight"].dim() == 2:
+        ckpt.heads.update({f"head.fc.{k}": v for k, v in head.items()})
+        ckpt.labels = labels
     return ckpt
 
 
@@ -291,6 +301,8 @@ def _read_timm_dir(path: Path, config: Mapping) -> Checkpoint:
     ckpt = convert_state_dict(tensors, "timm", origin=str(path))
     ckpt.heads.update(heads)
     ckpt.preprocess = timm_preprocess(config.get("pretrained_cfg") or {})
+    if isinstance(config.get("label_names"), list):
+        ckpt.labels = [str(n) for n in config["label_names"]]
     return ckpt
 
 

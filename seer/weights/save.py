@@ -1,5 +1,5 @@
-"""``save_trunk``: a trunk written atomically as our safetensors export, an HF directory, or a timm / torchvision
-state dict."""
+"""``save_trunk``: a trunk (or a classifier, trunk + head) written atomically as our safetensors export, an HF
+directory, or a timm / torchvision state dict."""
 
 from __future__ import annotations
 
@@ -11,18 +11,21 @@ import torch
 from torch import nn
 
 from seer.io import atomic_dir, atomic_path
+from seer.models.classifier import RegNetClassifier
 from seer.models.regnet import RegNetCfg, RegNetTrunk
 from seer.weights.formats import LAYOUTS, hf_processor
 
 __all__ = ["save_trunk"]
 
 
-def save_trunk(trunk: RegNetTrunk, path: str | os.PathLike, *, format: str = "seer",
+def save_trunk(trunk: RegNetTrunk | RegNetClassifier, path: str | os.PathLike, *, format: str = "seer",
                preprocess: dict | None = None) -> Path:  # fmt: skip
-    """Save a trunk atomically (a temporary name, renamed when complete).
+    """Save a trunk, or a classifier with its head, atomically (a temporary name, renamed when complete).
 
     Args:
-        trunk: a ``RegNetTrunk``.
+        trunk: a ``RegNetTrunk``, or a ``RegNetClassifier`` (``load_classifier``, a ``seer finetune`` run): its head
+            is written as the format's classifier (HF ``RegNetForImageClassification`` with ``id2label``, timm
+            ``head.fc``, torchvision ``fc``, ours ``head.fc`` with the labels in the metadata).
         path: output file ("seer", "timm", "torchvision": ``.safetensors``, or ``.pth`` for a ``torch.save`` state
             dict) or directory ("hf").
         format: "seer" (safetensors + RegNetCfg metadata, what ``load_trunk`` reads back exactly), "hf" (a
@@ -33,8 +36,11 @@ def save_trunk(trunk: RegNetTrunk, path: str | os.PathLike, *, format: str = "se
     Returns:
         The written path.
     """
+    classifier = trunk if isinstance(trunk, RegNetClassifier) else None
+    if classifier is not None:
+        trunk = classifier.trunk
     if not isinstance(trunk, RegNetTrunk):
-        raise TypeError(f"save_trunk expects a RegNetTrunk, got {type(trunk).__name__}")
+        raise TypeError(f"save_trunk expects a RegNetTrunk or RegNetClassifier, got {type(trunk).__name__}")
     path = Path(path).expanduser()
     cfg: RegNetCfg = trunk.cfg
     if cfg.image_norm and format != "seer":
@@ -43,16 +49,21 @@ def save_trunk(trunk: RegNetTrunk, path: str | os.PathLike, *, format: str = "se
                          "before the stem); save it with format='seer'")  # fmt: skip
     pre = dict(preprocess or getattr(trunk, "pretrained_cfg", None) or {})
     tensors = _trunk_tensors(trunk)
-    if any(t.is_meta for t in tensors.values()):
+    head = _head_tensors(classifier) if classifier is not None else {}
+    if any(t.is_meta for t in (*tensors.values(), *head.values())):
         raise ValueError("save_trunk: the trunk has meta (unmaterialized) tensors")
     if format in ("seer", "timm", "torchvision"):
         layout = LAYOUTS["timm" if format == "seer" else format]
         out = {layout.their_key(k): v for k, v in tensors.items()}
+        fc = "fc" if format == "torchvision" else "head.fc"  # timm's and ours: head.fc; torchvision: fc
+        out.update({f"{fc}.{k}": v for k, v in head.items()})
         metadata = {"format": "pt"}
         if format == "seer":
             metadata = {"format": "seer", "regnet_cfg": json.dumps(cfg.to_dict())}
             if pre:
                 metadata["preprocess"] = json.dumps(pre)
+            if classifier is not None:
+                metadata["id2label"] = json.dumps({str(k): v for k, v in classifier.id2label.items()})
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
@@ -65,8 +76,12 @@ def save_trunk(trunk: RegNetTrunk, path: str | os.PathLike, *, format: str = "se
                 torch.save(out, tmp)
         return path
     if format == "hf":
-        return _save_hf(tensors, cfg, path, pre)
+        return _save_hf(tensors, cfg, path, pre, head, classifier.id2label if classifier is not None else None)
     raise ValueError(f"unknown format {format!r}; choose 'seer', 'hf', 'timm' or 'torchvision'")
+
+
+def _head_tensors(classifier: RegNetClassifier) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in classifier.head.state_dict().items()}
 
 
 def _trunk_tensors(trunk: nn.Module) -> dict[str, torch.Tensor]:
@@ -85,7 +100,8 @@ def _hf_groups_width(cfg: RegNetCfg) -> int:
     )
 
 
-def _save_hf(tensors: dict[str, torch.Tensor], cfg: RegNetCfg, path: Path, pre: dict) -> Path:
+def _save_hf(tensors: dict[str, torch.Tensor], cfg: RegNetCfg, path: Path, pre: dict,
+             head: dict[str, torch.Tensor] | None = None, id2label: dict[int, str] | None = None) -> Path:  # fmt: skip
     from safetensors.torch import save_file
 
     if cfg.bottleneck != 1.0 or cfg.se_ratio not in (0.0, 0.25):
@@ -111,6 +127,14 @@ def _save_hf(tensors: dict[str, torch.Tensor], cfg: RegNetCfg, path: Path, pre: 
         "hidden_act": "relu",
         "downsample_in_first_stage": True,
     }
+    if head:
+        # RegNetForImageClassification: the trunk under "regnet.", classifier = Sequential(Flatten, Linear)
+        out = {f"regnet.{k}": v for k, v in out.items()}
+        out.update({f"classifier.1.{k}": v for k, v in head.items()})
+        labels = id2label or {i: str(i) for i in range(head["weight"].shape[0])}
+        config["architectures"] = ["RegNetForImageClassification"]
+        config["id2label"] = {str(k): v for k, v in labels.items()}
+        config["label2id"] = {v: int(k) for k, v in labels.items()}
     with atomic_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "preprocessor_config.json").write_text(json.dumps(hf_processor(pre), indent=2))
