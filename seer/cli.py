@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "export": ("seer.weights.cli", "cli_export", "export a pretraining run's trunk to a checkpoint file"),
     "plan": ("seer.train.plan", "cli_main", "memory and FLOPs plan for a pretraining config before you run it"),
     "extract": ("seer.features.cli", "cli_main", "extract features of a folder, file list or shards to files on disk"),
+    "classify": ("seer.features.classify", "cli_main", "top-k labels of images with a classifier checkpoint"),
     "knn": ("seer.evaluation.knn", "cli_main", "kNN evaluation on frozen features"),
     "linear": ("seer.evaluation.linear", "cli_main", "linear-probe evaluation on frozen features"),
     "eval-suite": (

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from test_weights import X, _Payload, hf_config, randomize_bn, rel_err, to_vissl_key
@@ -225,3 +226,70 @@ def test_export_round_trips_through_seer(tmp_path, fmt, suffix):
     assert rel_err(model(X).detach(), back(X).detach()) < 1e-6
     if fmt == "seer":
         assert back.id2label == model.id2label
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# classify / `seer classify`
+# ----------------------------------------------------------------------------------------------------------------
+def _images(folder, n: int) -> list:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(5)
+    paths = []
+    for i in range(n):
+        path = folder / f"img{i}.png"
+        Image.fromarray((torch.rand(30 + 4 * i, 40, 3, generator=g) * 255).byte().numpy()).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_classify_matches_the_logits_in_input_order(tmp_path):
+    from seer.data.images import Preprocess, load_image
+    from seer.features.classify import classify
+
+    hf_classifier().save_pretrained(tmp_path / "hf")
+    model = seer.load_classifier(tmp_path / "hf")
+    paths = _images(tmp_path / "imgs", 3)
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"not an image")
+    order = [paths[2], tmp_path / "imgs" / "broken.png", paths[0], paths[1]]
+    got = classify(order, tmp_path / "hf", top_k=3, on_error="skip")
+    assert [r["index"] for r in got] == [0, 1, 2, 3]
+    assert "error" in got[1] and "broken.png" in got[1]["input"]
+    pre = Preprocess.for_model(model)
+    for r, path in zip(got, order):
+        if "error" in r:
+            continue
+        x = torch.from_numpy(np.array(pre(load_image(path)))).permute(2, 0, 1)[None].float() / 255
+        x = (x - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
+        probs = model(x).detach().softmax(-1)[0]
+        top = probs.topk(3)
+        assert r["labels"] == [LABELS5[int(i)] for i in top.indices] and r["input"] == str(path)
+        assert torch.allclose(torch.tensor(r["probs"]), top.values, atol=1e-4)
+    with pytest.raises(seer.features.ImageError, match="broken.png"):
+        classify(order, model, on_error="raise")
+
+
+def test_seer_classify_cli(tmp_path, capsys):
+    import tarfile
+
+    from seer.cli import main
+
+    hf_classifier().save_pretrained(tmp_path / "hf")
+    paths = _images(tmp_path / "imgs", 3)
+    (tmp_path / "list.txt").write_text("\n".join(str(p) for p in reversed(paths)) + "\n")
+    with tarfile.open(tmp_path / "shard-000000.tar", "w") as tar:
+        for i, p in enumerate(paths[:2]):
+            tar.add(p, arcname=f"s{i:03d}.png")
+    rc = main(["classify", str(paths[1]), str(tmp_path / "list.txt"), str(tmp_path / "shard-000000.tar"),
+               "--model", str(tmp_path / "hf"), "--top-k", "2"])  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(lines) == 1 + 3 + 2
+    names = [line.split("\t")[0] for line in lines]
+    assert names == [str(paths[1]), *map(str, reversed(paths)), f"{tmp_path / 'shard-000000.tar'}:s000",
+                     f"{tmp_path / 'shard-000000.tar'}:s001"]  # fmt: skip
+    # the same image gives the same labels whichever way it came in
+    assert lines[0].split("\t")[1] == lines[2].split("\t")[1] == lines[5].split("\t")[1]
+    assert all(len(line.split("\t")[1].split("  ")) == 2 for line in lines)
+    rc = main(["classify", str(paths[0]), "--model", str(tmp_path / "imgs")])
+    assert rc == 1 and "seer classify:" in capsys.readouterr().err
