@@ -18,7 +18,7 @@ from pathlib import Path
 
 __all__ = ["KINDS", "RecipeNotFoundError", "available", "looks_like_path", "resolve", "search_dirs"]
 
-KINDS = {"pretrain": "pretraining recipe", "eval": "evaluation suite"}
+KINDS = {"pretrain": "pretraining recipe", "finetune": "fine-tuning recipe", "eval": "evaluation suite"}
 PACKAGE_DIR = Path(__file__).resolve().parent  # .../seer
 _SUFFIXES = (".yaml", ".yml")
 

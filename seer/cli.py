@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "presets": ("seer.models.regnet", "cli_presets", "print the RegNetY preset table (widths, depths, params, GMACs)"),
     "shards": ("seer.data.shards", "cli_main", "write webdataset tar shards from a folder, a file list or a dataset"),
     "pretrain": ("seer.train.loop", "cli_main", "SwAV pretraining (one process, torchrun or SLURM)"),
+    "finetune": ("seer.train.loop", "cli_finetune", "fine-tune a trunk on labeled images (configs/finetune recipes)"),
     "export": ("seer.weights.cli", "cli_export", "export a pretraining run's trunk to a checkpoint file"),
     "plan": ("seer.train.plan", "cli_main", "memory and FLOPs plan for a pretraining config before you run it"),
     "extract": ("seer.features.cli", "cli_main", "extract features of a folder, file list or shards to files on disk"),

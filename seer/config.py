@@ -22,11 +22,12 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Union
 
 import yaml
 
-from seer.catalog import resolve
+from seer.catalog import looks_like_path, resolve
 from seer.io import atomic_write, parse_key_values
 from seer.ssl.swav import SwAVConfig
 from seer.train.supervised import SupervisedConfig
@@ -108,6 +109,7 @@ class OptimConfig:
     base_lr: float = 0.3
     reference_batch: int = 256
     momentum: float = 0.9
+    nesterov: bool = False  # SGD only (VISSL's fine-tune recipes use it)
     weight_decay: float = 1e-6
     exclude_bn_bias: bool = False  # BN and bias parameters: no weight decay and no LARS adaptation
     trust_coeff: float = 0.001
@@ -150,6 +152,10 @@ class TrainConfig:
     monitor_images: str | None = None
     monitor_every: int = 100
     monitor_max_images: int = 1000
+    # Methods with a classifier (supervised, fine-tuning): top-1 / top-5 on a labeled folder or file list, every
+    # val_every steps (0: every epoch of the training data) and at the end.
+    val_images: str | None = None
+    val_every: int = 0
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
@@ -274,10 +280,13 @@ def config_from_dict(data: dict) -> PretrainConfig:
     return cfg
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
+                kind: str = "pretrain") -> PretrainConfig:  # fmt: skip
     """Defaults <- yaml file (overrides only) <- dotted ``key=value`` overrides; validated.
 
-    ``path`` is a yaml file or the name of a shipped recipe (``"seer_rg32"``: see ``seer.catalog``).
+    ``path`` is a yaml file or the name of a shipped recipe of ``kind`` ("pretrain": ``"seer_rg32"``; "finetune":
+    ``configs/finetune/``; see ``seer.catalog``). ``supervised.n_classes: 0`` on an image folder or file list is
+    its number of classes.
 
     Raises:
         ConfigError: naming the dotted key of an unknown key, a wrong type or an impossible value.
@@ -285,7 +294,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     """
     cfg = PretrainConfig()
     if path is not None:
-        path = resolve(path, "pretrain")
+        path = _resolve_recipe(path, kind)
         with open(path) as f:
             try:
                 data = yaml.safe_load(f)
@@ -296,8 +305,45 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
     _merge(cfg, _dotted_to_nested(list(overrides)))
+    _infer_classes(cfg)
     validate(cfg)
     return cfg
+
+
+def _resolve_recipe(name: str | os.PathLike, kind: str) -> Path:
+    """A recipe file of ``kind``, else (a bare name) one of the other training kind: `seer plan --config
+    seer_rg32_in1k` and `seer launch` find fine-tuning recipes, `seer finetune` pretraining ones."""
+    from seer.catalog import RecipeNotFoundError
+
+    try:
+        return resolve(name, kind)
+    except RecipeNotFoundError:
+        other = {"pretrain": "finetune", "finetune": "pretrain"}.get(kind)
+        if other is None or looks_like_path(os.fspath(name)):
+            raise
+        try:
+            return resolve(name, other)
+        except RecipeNotFoundError:
+            pass
+        raise
+
+
+def _infer_classes(cfg: PretrainConfig) -> None:
+    """``supervised.n_classes: 0`` -> the class count of ``data.images`` (class subfolders or a label column)."""
+    d = cfg.data
+    if cfg.method != "supervised" or cfg.supervised.n_classes or d.source != "images" or not d.images:
+        return
+    if not os.path.exists(os.path.expanduser(d.images)):
+        return  # validate() names the missing source
+    from seer.data.sources import resolve_source
+
+    try:
+        names = resolve_source(cfg.data.images).class_names
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"data.images: {exc}") from None
+    if not names:
+        raise ConfigError(f"supervised.n_classes: 0 and data.images={cfg.data.images!r} has no labels to count")
+    cfg.supervised.n_classes = len(names)
 
 
 def dump_config(cfg: PretrainConfig, path: str | os.PathLike) -> None:
@@ -408,6 +454,8 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
         raise _bad("optim.final_lr_ratio", o.final_lr_ratio, "must be in [0, 1]")
     if not 0 <= o.start_warmup_lr <= 1:
         raise _bad("optim.start_warmup_lr", o.start_warmup_lr, "must be in [0, 1] (a fraction of the peak lr)")
+    if o.nesterov and (o.name != "sgd" or o.momentum <= 0):
+        raise _bad("optim.nesterov", o.nesterov, "needs optim.name=sgd and optim.momentum > 0")
     if o.clip_grad < 0:
         raise _bad("optim.clip_grad", o.clip_grad, "must be >= 0 (0 disables clipping)")
     # train
@@ -418,6 +466,8 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
     for key in ("log_every", "keep_last", "bn_splits", "monitor_every", "monitor_max_images"):
         if getattr(t, key) < 1:
             raise _bad(f"train.{key}", getattr(t, key), "must be >= 1")
+    if t.val_every < 0:
+        raise _bad("train.val_every", t.val_every, "must be >= 0 (0: every epoch)")
     if t.ckpt_every_steps < 0 or t.ckpt_every_minutes < 0 or t.crash_at_step < 0:
         raise _bad("train.ckpt_every_steps", t.ckpt_every_steps, "step/minute intervals must be >= 0")
     if t.precision not in ("fp32", "bf16"):

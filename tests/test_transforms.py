@@ -62,7 +62,8 @@ def jpeg() -> bytes:
 # Presets: shapes and value ranges
 # ----------------------------------------------------------------------------------------------------------------
 EXPECTED = {"swav": [224] * 2 + [96] * 6, "seer": [224] * 2 + [96] * 4, "seer_10b": [160] * 2 + [96] * 4,
-            "cpu_tiny": [64] * 2 + [32] * 2, "demo": [32] * 2 + [16] * 2, "small": [32] * 2}  # fmt: skip
+            "cpu_tiny": [64] * 2 + [32] * 2, "demo": [32] * 2 + [16] * 2, "small": [32] * 2, "small_flip": [32] * 2,
+            "finetune_224": [224], "finetune_384": [384], "finetune_small": [32]}  # fmt: skip
 
 
 def test_every_preset_is_tested():
@@ -324,3 +325,10 @@ def test_eval_transform_matches_torchvision(jpeg):
         eval_transform(224, interpolation="cubic")
     with pytest.raises(ValueError, match="smaller than the crop"):
         eval_transform(224, resize=200)
+
+
+def test_small_image_and_finetune_presets_augment_as_documented():
+    assert MultiCrop.from_preset("small").flip_p == 0.0 and MultiCrop.from_preset("small_flip").flip_p == 0.5
+    for name in ("finetune_224", "finetune_384", "finetune_small"):
+        mc = MultiCrop.from_preset(name)
+        assert mc.n_crops == 1 and mc.jitter_p == 0.0 and mc.gray_p == 0.0 and mc.blur_p == (0.0,)

@@ -26,7 +26,7 @@ def test_pyproject_lists_every_package():
     """setuptools is given an explicit package list (so configs/ can ship as seer.recipes): it must stay complete."""
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "seer").rglob("__init__.py")}
-    assert listed - {"seer.recipes", "seer.recipes.eval", "seer.recipes.pretrain"} == found
+    assert listed - {"seer.recipes", "seer.recipes.eval", "seer.recipes.finetune", "seer.recipes.pretrain"} == found
 
 
 def test_no_upper_bounds_on_torch_and_one_faiss_per_extra():
@@ -63,6 +63,7 @@ def test_wheel_installed_outside_the_checkout_does_everything(tmp_path):
     (wheel,) = dist.glob("seer_ssl-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "seer/recipes/pretrain/seer_rg32.yaml" in names and "seer/recipes/eval/small.yaml" in names
+    assert "seer/recipes/finetune/tiny_cpu.yaml" in names
     assert not any(n.startswith(("tests/", "benchmarks/", "launch/", "eval/", "configs/")) for n in names)
 
     # 2. a fresh venv with the pinned torch, then the wheel and its core dependencies (no extras)

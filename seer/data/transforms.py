@@ -71,9 +71,21 @@ PRESETS: dict[str, dict] = {
     "demo": {"counts": (2, 2), "sizes": (32, 16), "scales": ((0.3, 1.0), (0.15, 0.4)), "blur_p": 0.0},
     # The small-image CPU recipe (tiny_cpu, `seer demo`) on 32 px real images: two global crops only (16 px local
     # crops of a 32 px object cost 15 kNN points), half SwAV's colour jitter (the trunk standardizes each image,
-    # model.cfg.image_norm), no blur. Measured in docs/swav.md.
-    "small": {"counts": (2,), "sizes": (32,), "scales": ((0.35, 1.0),), "blur_p": 0.0, "jitter": (0.4, 0.4, 0.4, 0.1)},
-}
+    # model.cfg.image_norm), no blur, no flip (a mirrored digit or letter is another shape: +15 kNN points on
+    # digits). Measured in docs/swav.md; small_flip keeps SwAV's flip for subjects with a mirror symmetry.
+    "small": {"counts": (2,), "sizes": (32,), "scales": ((0.35, 1.0),), "blur_p": 0.0, "jitter": (0.4, 0.4, 0.4, 0.1),
+              "flip_p": 0.0},
+    "small_flip": {"counts": (2,), "sizes": (32,), "scales": ((0.35, 1.0),), "blur_p": 0.0,
+                   "jitter": (0.4, 0.4, 0.4, 0.1)},
+    # Fine-tuning (configs/finetune): VISSL's fulltune transforms, one RandomResizedCrop and a flip, no color jitter
+    # or blur; 384 px is SEER's fine-tuning resolution. finetune_small: the tiny_cpu images (32 px), no flip.
+    "finetune_224": {"counts": (1,), "sizes": (224,), "scales": ((0.08, 1.0),), "blur_p": 0.0, "jitter_p": 0.0,
+                     "gray_p": 0.0},
+    "finetune_384": {"counts": (1,), "sizes": (384,), "scales": ((0.08, 1.0),), "blur_p": 0.0, "jitter_p": 0.0,
+                     "gray_p": 0.0},
+    "finetune_small": {"counts": (1,), "sizes": (32,), "scales": ((0.35, 1.0),), "blur_p": 0.0, "jitter_p": 0.0,
+                       "gray_p": 0.0, "flip_p": 0.0},
+}  # fmt: skip
 
 
 def preset_crops(name: str) -> list[tuple[int, int]]:

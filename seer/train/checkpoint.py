@@ -42,7 +42,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "read_trunk_state",
-    "read_head_state",
+    "read_classifier_state",
     "resolve_checkpoint",
     "read_meta",
 ]
@@ -496,18 +496,20 @@ def read_trunk_state(path: str | os.PathLike, prefix: str = "trunk.") -> tuple[d
     return state, cfg
 
 
-def read_head_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str] | None]:
-    """The method head's state dict (``model.head.*``: a classifier's ``weight`` / ``bias``, SwAV's projection and
-    prototypes) and the class names the run recorded (``meta["classes"]``), from a run or checkpoint directory.
+def read_classifier_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """A supervised / fine-tuning run's linear classifier (``model.head``: ``{"weight", "bias"}``) and the class names
+    it recorded (``meta["classes"]``), from a run or checkpoint directory.
 
-    ``({}, None)`` when the checkpoint holds no head tensors.
+    ``({}, None)`` when the method's head is not a linear classifier (SwAV's projection and prototypes): only the
+    checkpoint's metadata is read then, never the head's tensors.
     """
     ckpt = resolve_checkpoint(path)
-    try:
-        state, _ = read_trunk_state(ckpt, prefix="head.")
-    except ValueError as exc:
-        if "no tensors under" in str(exc):
-            return {}, None
-        raise
+    md = SafeReader(str(ckpt)).read_metadata()
+    names = {k[len("model.head.") :] for k in md.state_dict_metadata if k.startswith("model.head.")}
+    if names != {"weight", "bias"}:
+        return {}, None
+    state, _ = read_trunk_state(ckpt, prefix="head.")
+    if state["weight"].dim() != 2:
+        return {}, None
     classes = read_meta(ckpt).get("classes")
     return state, [str(c) for c in classes] if isinstance(classes, list) else None

@@ -41,7 +41,7 @@ from seer.data.synthetic import SyntheticMultiCrop
 from seer.extras import optional
 from seer.train.methods import get_method, method_config
 
-__all__ = ["pretrain", "cli_main", "build_model", "peak_memory_bytes"]
+__all__ = ["pretrain", "cli_main", "cli_finetune", "build_model", "peak_memory_bytes"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,7 +61,14 @@ def build_model(cfg: PretrainConfig, *, init_trunk: bool | None = None) -> nn.Mo
         init_trunk = latest_checkpoint(cfg.run_dir) is None
     if init_trunk and cfg.model.init_from:
         _init_trunk_from(trunk, cfg.model.init_from, cfg)
-    return get_method(cfg.method).build(trunk, method_config(cfg), bn_splits=cfg.train.bn_splits)
+    model = get_method(cfg.method).build(trunk, method_config(cfg), bn_splits=cfg.train.bn_splits)
+    init_hook = getattr(model, "init_from_checkpoint", None)  # e.g. fine-tuning from a checkpoint's own head
+    if init_trunk and cfg.model.init_from and init_hook is not None:
+        try:
+            init_hook(cfg.model.init_from)
+        except ValueError as exc:
+            raise ValueError(f"model.init_from: {exc}") from None
+    return model
 
 
 def _init_trunk_from(trunk: nn.Module, source: str, cfg: PretrainConfig) -> None:
@@ -154,6 +161,21 @@ class _Data:
 
     def position(self) -> dict | None:
         return None if self.loader is None else self.loader.position()
+
+    def class_names(self) -> list[str] | None:
+        """The training images' class names (class subfolders / a file list's labels), when the source has them."""
+        if self.loader is None or self.cfg.data.source != "images":
+            return None
+        from seer.data.sources import resolve_source
+
+        names = resolve_source(self.cfg.data.images).class_names
+        return [str(n) for n in names] if names else None
+
+    def steps_per_epoch(self) -> int | None:
+        """Steps in one epoch of the training data (None for synthetic data)."""
+        if self.loader is None:
+            return None
+        return max(1, round(self.loader.plan()["steps_per_epoch"]))
 
     def epoch(self) -> float | None:
         """How far this rank is through the data, in epochs (the slowest stream); None for synthetic data."""
@@ -310,6 +332,17 @@ def pretrain(cfg: PretrainConfig) -> dict:
     model.train()
     data = _Data(cfg, env, per_gpu, start_step, data_position)
     log(data.describe())
+    class_names = data.class_names()
+    if class_names is not None:
+        ckpt_meta["classes"] = class_names  # the exported classifier's labels
+    validator, val_every = None, cfg.train.val_every
+    if cfg.train.val_images:
+        if not hasattr(model, "logits"):
+            raise ValueError(f"train.val_images: method {cfg.method!r} has no classifier to validate (supervised has)")
+        from seer.train.monitor import ClassifierValidator, format_val_line
+
+        validator = ClassifierValidator(cfg.train.val_images, max(r for _, r in crop_shapes(cfg.data)), class_names)
+        val_every = val_every or data.steps_per_epoch() or cfg.train.log_every
     last_save = time.time()
     last_ckpt = ckpt
     t_window, data_time, step_time, n_window, loss_val = time.time(), 0.0, 0.0, 0, float("nan")
@@ -398,6 +431,18 @@ def pretrain(cfg: PretrainConfig) -> dict:
                         writer.add_scalar(f"train/{k}", v, done)
             t_window, data_time, step_time, n_window = time.time(), 0.0, 0.0, 0
 
+        if validator is not None and (done % val_every == 0 or done == total):  # every rank: the forward is collective
+            result = validator(model, score=env.is_main)
+            if result is not None:
+                log(format_val_line(done, result, data.epoch()))
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps({"step": done, "val_top1": result["top1"],
+                                                   "val_top5": result["top5"]}) + "\n")  # fmt: skip
+                    metrics_file.flush()
+                if writer is not None:
+                    writer.add_scalar("val/top1", result["top1"], done)
+                    writer.add_scalar("val/top5", result["top5"], done)
+
         # -- checkpoint ---------------------------------------------------------------------------------------------
         every = cfg.train.ckpt_every_steps
         if (every > 0 and done % every == 0) or save_by_time or done == total:
@@ -443,24 +488,38 @@ def _as_plain(cfg: PretrainConfig) -> dict:
 
 def cli_main(argv: list[str] | None = None) -> int:
     """`seer pretrain --config X [key=value ...]`."""
+    return _cli(argv, "pretrain", "Self-supervised pretraining of a RegNetY trunk.")
+
+
+def cli_finetune(argv: list[str] | None = None) -> int:
+    """`seer finetune --config X [key=value ...]`: a recipe of ``configs/finetune/`` through the same loop."""
+    return _cli(
+        argv,
+        "finetune",
+        "Fine-tune a trunk (any seer.load_trunk source, model.init_from) on labeled images: "
+        "a new or the checkpoint's own head, the whole network or a linear head on the frozen trunk.",
+    )
+
+
+def _cli(argv: list[str] | None, kind: str, description: str) -> int:
     from seer.config import ConfigError
     from seer.distributed.env import destroy_distributed
 
-    ap = argparse.ArgumentParser(prog="seer pretrain", description="Self-supervised pretraining of a RegNetY trunk.")
-    ap.add_argument("--config", help="a shipped recipe's name (seer_rg32, tiny_cpu, ...) or a yaml file of overrides")
+    ap = argparse.ArgumentParser(prog=f"seer {kind}", description=description)
+    ap.add_argument("--config", help=f"a shipped {kind} recipe's name (tiny_cpu, ...) or a yaml file of overrides")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=0.1 train.total_steps=100")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, kind=kind)
     except (ConfigError, FileNotFoundError) as exc:
-        print(f"seer pretrain: {exc}", file=sys.stderr)
+        print(f"seer {kind}: {exc}", file=sys.stderr)
         return 2
     finished = False
     try:
         summary = pretrain(cfg)
         finished = True
     except (FloatingPointError, OSError, ValueError) as exc:  # NaN loss, disk full / unwritable, bad checkpoint
-        print(f"seer pretrain: {exc}", file=sys.stderr)
+        print(f"seer {kind}: {exc}", file=sys.stderr)
         return 1
     finally:
         destroy_distributed(wait_for_peers=finished)

@@ -1,4 +1,5 @@
-"""Whether the features are learning, while training runs: a periodic kNN on a held-out labeled image folder.
+"""Whether the features are learning, while training runs: a periodic kNN on a held-out labeled image folder, and
+for methods with a classifier, its top-1 / top-5 on a validation split.
 
 ``train.monitor_images=DIR`` (class subfolders) is split once into a bank (4 of every 5 images per class) and
 queries (the 5th); every ``train.monitor_every`` steps the trunk embeds both in eval mode at ``resolution`` px
@@ -6,6 +7,10 @@ queries (the 5th); every ``train.monitor_every`` steps the trunk embeds both in 
 by cosine kNN (k=20, T=0.07) against the bank. The line reads::
 
     monitor step 400: kNN top-1 0.532 (k=20; 800 bank / 200 query images of 10 classes), loss 3.214
+
+``train.val_images=DIR`` (or a file list) is scored by ``ClassifierValidator`` with the model's own ``logits``::
+
+    val step 120 (epoch 4.0): top-1 0.874 top-5 0.991 (500 images of 10 classes)
 
 The model is put back in training mode afterwards. Under FSDP every rank embeds the same images (the forward is
 collective), rank 0 scores them.
@@ -17,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["KNNMonitor", "format_line"]
+__all__ = ["KNNMonitor", "ClassifierValidator", "format_line", "format_val_line"]
 
 
 def format_line(step: int, result: dict, loss: float) -> str:
@@ -26,6 +31,80 @@ def format_line(step: int, result: dict, loss: float) -> str:
         f"monitor step {step}: kNN top-1 {result['top1']:.3f} (k={result['k']}; {result['bank']} bank / "
         f"{result['queries']} query images of {result['classes']} classes), loss {loss:.3f}"
     )
+
+
+def format_val_line(step: int, result: dict, epoch: float | None = None) -> str:
+    """The validation's log line."""
+    where = f" (epoch {epoch:.1f})" if epoch is not None else ""
+    return (
+        f"val step {step}{where}: top-1 {result['top1']:.3f} top-5 {result['top5']:.3f} "
+        f"({result['images']} images of {result['classes']} classes)"
+    )
+
+
+def _load_images(part: list, resolution: int) -> tuple[torch.Tensor, np.ndarray]:
+    """``[(path, label), ...]`` -> (model-ready images at ``resolution`` px, labels)."""
+    from seer.data.images import eval_transform
+
+    transform = eval_transform(resolution, crop_pct=1.0)  # the features' own eval preprocessing
+    images = []
+    for path, _ in part:
+        with open(path, "rb") as f:
+            images.append(transform(f.read()))
+    return torch.stack(images), np.array([y for _, y in part])
+
+
+@torch.no_grad()
+def _forward_eval(model: nn.Module, fn, x: torch.Tensor, batch_size: int) -> np.ndarray:
+    """``fn(batch)`` over ``x`` with ``model`` in eval mode (FSDP2 root unsharded), float32 numpy."""
+    was_training = model.training
+    device = next(model.parameters()).device
+    unshard = getattr(model, "unshard", None)  # FSDP2's root keeps the stem: gather it for a bare trunk call
+    if unshard is not None:
+        unshard()
+    model.eval()
+    try:
+        chunks = [fn(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    finally:
+        model.train(was_training)
+        if unshard is not None:
+            model.reshard()
+    return torch.cat(chunks).numpy()
+
+
+class ClassifierValidator:
+    """Top-1 / top-5 of ``model.logits`` on a labeled validation folder or file list (see the module docstring).
+
+    ``class_names``: the training data's classes; the validation split must have the same ones (by name).
+    """
+
+    def __init__(self, images: str, resolution: int, class_names: list[str] | None = None,
+                 batch_size: int = 128) -> None:  # fmt: skip
+        from seer.data.sources import resolve_source
+
+        source = resolve_source(images)
+        if source.class_names is None or any(y < 0 for _, y in source.items):
+            raise ValueError(f"train.val_images={images!r}: needs labels (class subfolders or a label column)")
+        if class_names is not None and list(source.class_names) != list(class_names):
+            raise ValueError(
+                f"train.val_images={images!r}: classes {source.class_names[:5]}... differ from the training data's "
+                f"{list(class_names)[:5]}... (the labels would not match)"
+            )
+        self.classes, self.batch_size = len(source.class_names), batch_size
+        self.x, self.y = _load_images(source.items, resolution)
+
+    def __call__(self, model: nn.Module, score: bool = True) -> dict | None:
+        logits = _forward_eval(model, model.logits, self.x, self.batch_size)
+        if not score:
+            return None
+        k = min(5, logits.shape[1])
+        top = np.argsort(-logits, axis=1)[:, :k]
+        return {
+            "top1": float((top[:, 0] == self.y).mean()),
+            "top5": float((top == self.y[:, None]).any(axis=1).mean()),
+            "images": len(self.y),
+            "classes": self.classes,
+        }
 
 
 class KNNMonitor:
@@ -49,40 +128,14 @@ class KNNMonitor:
         if not self.queries or len(per_class) < 2:
             raise ValueError(f"train.monitor_images={images!r}: needs at least 2 classes and 5 images per class")
         self.classes, self.resolution, self.batch_size = len(per_class), resolution, batch_size
-        self._tensors = {name: self._load(part) for name, part in (("bank", self.bank), ("queries", self.queries))}
+        parts = {"bank": self.bank, "queries": self.queries}
+        self._tensors = {name: _load_images(part, resolution) for name, part in parts.items()}
 
-    def _load(self, part: list) -> tuple[torch.Tensor, np.ndarray]:
-        from seer.data.images import eval_transform
-
-        transform = eval_transform(self.resolution, crop_pct=1.0)  # the features' own eval preprocessing
-        images = []
-        for path, _ in part:
-            with open(path, "rb") as f:
-                images.append(transform(f.read()))
-        return torch.stack(images), np.array([y for _, y in part])
-
-    @torch.no_grad()
     def __call__(self, model: nn.Module, score: bool = True) -> dict | None:
         """Embed bank and queries with ``model.trunk`` (eval mode) and score them (``score=False``: embed only)."""
         from seer.evaluation import eval_knn
 
-        trunk = model.trunk
-        was_training = model.training
-        device = next(model.parameters()).device
-        unshard = getattr(model, "unshard", None)  # FSDP2's root keeps the stem: gather it for a bare trunk call
-        if unshard is not None:
-            unshard()
-        model.eval()
-        try:
-            feats = {}
-            for name, (x, _) in self._tensors.items():
-                chunks = [trunk(x[i : i + self.batch_size].to(device)).float().cpu()
-                          for i in range(0, len(x), self.batch_size)]  # fmt: skip
-                feats[name] = torch.cat(chunks).numpy()
-        finally:
-            model.train(was_training)
-            if unshard is not None:
-                model.reshard()
+        feats = {name: _forward_eval(model, model.trunk, x, self.batch_size) for name, (x, _) in self._tensors.items()}
         if not score:
             return None
         k = min(20, len(self.bank))

@@ -55,7 +55,8 @@ def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.Optimizer:
         for g in groups:
             g.pop("lars_exclude", None)
             g.pop("always_adapt", None)
-        return torch.optim.SGD(groups, lr=optim_cfg.base_lr, momentum=optim_cfg.momentum)
+        return torch.optim.SGD(groups, lr=optim_cfg.base_lr, momentum=optim_cfg.momentum,
+                               nesterov=optim_cfg.nesterov)  # fmt: skip
     raise ValueError(f"optim.name must be 'lars' or 'sgd', got {optim_cfg.name!r}")
 
 

@@ -7,6 +7,10 @@ batch (or the ``supervised.crops`` subset) is classified with its image's label;
 
 ``n_classes`` must match the labels of the data (``data.images`` class subfolders, or the shards' ``cls``); a
 label outside ``[0, n_classes)`` is an error that names it, never a silent wrap-around.
+
+Fine-tuning (`seer finetune`, ``configs/finetune/``) is this method started from ``model.init_from``: with a new
+head or the checkpoint's own (``supervised.head: existing``), training the whole network or only the head on the
+frozen trunk (``supervised.freeze_trunk: true``, the linear protocol: BatchNorm statistics frozen too).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ class SupervisedConfig:
     n_classes: int = 0  # the number of classes of the data; required
     label_smoothing: float = 0.0
     crops: list = field(default_factory=list)  # crop indices to classify; [] = every crop
+    head: str = "new"  # new | existing: model.init_from's classifier head (its classes must be the data's)
+    freeze_trunk: bool = False  # train the head alone on the frozen trunk (eval-mode BatchNorm)
 
     def validate(self, n_crops: int, section: str = "supervised") -> None:
         """ValueError naming the dotted key of an impossible value, for a run of ``n_crops`` crops per image."""
@@ -42,6 +48,8 @@ class SupervisedConfig:
         bad = [c for c in self.crops if not isinstance(c, int) or not 0 <= c < n_crops]
         if bad:
             raise ValueError(f"{section}.crops: indices must be in [0, {n_crops}), got {self.crops}")
+        if self.head not in ("new", "existing"):
+            raise ValueError(f"{section}.head: must be 'new' or 'existing', got {self.head!r}")
 
     def head_params(self, trunk_width: int) -> int:
         return trunk_width * self.n_classes + self.n_classes
@@ -54,7 +62,8 @@ class SupervisedModel(nn.Module):
     """``forward(crops, labels) -> {"loss", "top1"}`` with ``trunk`` and ``head`` (an ``nn.Linear``) submodules."""
 
     def __init__(self, trunk: nn.Module, n_classes: int, *, label_smoothing: float = 0.0,
-                 crops: Sequence[int] = (), bn_splits: int = 1) -> None:  # fmt: skip
+                 crops: Sequence[int] = (), bn_splits: int = 1, head: str = "new",
+                 freeze_trunk: bool = False) -> None:  # fmt: skip
         super().__init__()
         self.trunk = trunk
         self.head = nn.Linear(trunk.num_features, n_classes)
@@ -63,6 +72,37 @@ class SupervisedModel(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.n_classes, self.label_smoothing, self.bn_splits = n_classes, label_smoothing, bn_splits
         self.crops = list(crops)
+        self.head_source, self.freeze_trunk = head, freeze_trunk
+        if freeze_trunk:
+            self.trunk.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> SupervisedModel:
+        super().train(mode)
+        if self.freeze_trunk:  # a frozen trunk keeps its BatchNorm statistics
+            self.trunk.eval()
+        return self
+
+    def init_from_checkpoint(self, source: str) -> None:
+        """Loop hook, when ``model.init_from`` initialized the trunk: ``head: existing`` takes that checkpoint's
+        classifier head (ValueError when it has none, or other classes than ``n_classes``)."""
+        if self.head_source != "existing":
+            return
+        from seer.weights import read_checkpoint
+        from seer.weights.formats import classifier_head
+
+        weight, bias = classifier_head(read_checkpoint(source), self.trunk.num_features)
+        if weight.shape[0] != self.n_classes:
+            raise ValueError(
+                f"supervised.head=existing: {source}'s classifier has {weight.shape[0]} classes, the data "
+                f"(supervised.n_classes) {self.n_classes}; use supervised.head=new for other classes"
+            )
+        with torch.no_grad():
+            self.head.weight.copy_(weight)
+            self.head.bias.copy_(bias)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores of model-ready images (what the validation and the exported classifier compute)."""
+        return self.head(self.trunk(x).to(self.head.weight.dtype))
 
     def forward(self, crops: Sequence[torch.Tensor], labels: torch.Tensor) -> dict:
         labels = torch.as_tensor(labels, device=crops[0].device).long()
@@ -87,4 +127,4 @@ class SupervisedModel(nn.Module):
 def build_model(trunk: nn.Module, cfg: SupervisedConfig, *, bn_splits: int = 1) -> SupervisedModel:
     """The supervised model a config describes on ``trunk`` (its classifier freshly initialized, CPU, fp32)."""
     return SupervisedModel(trunk, cfg.n_classes, label_smoothing=cfg.label_smoothing, crops=cfg.crops,
-                           bn_splits=bn_splits)  # fmt: skip
+                           bn_splits=bn_splits, head=cfg.head, freeze_trunk=cfg.freeze_trunk)  # fmt: skip
