@@ -313,6 +313,13 @@ def pretrain(cfg: PretrainConfig) -> dict:
     ckpt_meta = {
         "global_batch": global_batch,
         "regnet_cfg": trunk_cfg(cfg.model).to_dict(),
+        # how the run's own monitor and validation feed it images: what its exports and load_* default to
+        "preprocess": {
+            "resolution": max(r for _, r in crop_shapes(cfg.data)),
+            "crop_pct": 1.0,
+            "interpolation": "bicubic",
+            "resize_mode": "shorter",
+        },  # fmt: skip
         "config": _as_plain(cfg),
     }
 

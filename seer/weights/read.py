@@ -215,11 +215,14 @@ def read_checkpoint(source: Any, *, format: str | None = None) -> Checkpoint:
 def _read_run_dir(path: Path) -> Checkpoint:
     """A pretraining run (its latest checkpoint) or one checkpoint directory, read by the checkpoint format's owner."""
     # Imported here: torch.distributed.checkpoint is loaded only when a run directory is read.
-    from seer.train.checkpoint import read_classifier_state, read_trunk_state
+    from seer.train.checkpoint import read_classifier_state, read_meta, read_trunk_state, resolve_checkpoint
 
     state, cfg_dict = read_trunk_state(path)
     ckpt = convert_state_dict(state, "seer", origin=str(path))
     ckpt.cfg = cfg_from_dict(cfg_dict)
+    pre = read_meta(resolve_checkpoint(path)).get("preprocess")
+    if isinstance(pre, dict):  # the run's own eval preprocessing (older runs: the format's default)
+        ckpt.preprocess = pre
     # A supervised / fine-tune run's linear classifier is ``model.head`` (weight + bias); SwAV's head is not one.
     head, labels = read_classifier_state(path)
     if head:
