@@ -41,6 +41,7 @@ __all__ = [
     "TrainConfig",
     "PretrainConfig",
     "ConfigError",
+    "resolve_recipe",
     "load_config",
     "dump_config",
     "config_to_dict",
@@ -294,7 +295,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     """
     cfg = PretrainConfig()
     if path is not None:
-        path = _resolve_recipe(path, kind)
+        path = resolve_recipe(path, kind)
         with open(path) as f:
             try:
                 data = yaml.safe_load(f)
@@ -310,9 +311,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     return cfg
 
 
-def _resolve_recipe(name: str | os.PathLike, kind: str) -> Path:
+def resolve_recipe(name: str | os.PathLike, kind: str) -> Path:
     """A recipe file of ``kind``, else (a bare name) one of the other training kind: `seer plan --config
-    seer_rg32_in1k` and `seer launch` find fine-tuning recipes, `seer finetune` pretraining ones."""
+    seer_rg32_in1k` and `seer launch pretrain` find fine-tuning recipes (the loop runs the recipe's method),
+    `seer finetune` pretraining ones."""
     from seer.catalog import RecipeNotFoundError
 
     try:

@@ -128,10 +128,11 @@ def _submissions(job_dir: Path) -> list[dict]:
 
 
 def _resolve_config(arg: str) -> str:
-    from seer.catalog import RecipeNotFoundError, looks_like_path, resolve
+    from seer.catalog import RecipeNotFoundError, looks_like_path
+    from seer.config import resolve_recipe
 
     try:
-        return str(resolve(arg, "pretrain"))
+        return str(resolve_recipe(arg, "pretrain"))
     except RecipeNotFoundError as exc:
         detail = f"{arg}: file not found{exc.suggestion}" if looks_like_path(arg) else str(exc)
         raise LaunchError(f"--config {detail}") from None
