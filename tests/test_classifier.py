@@ -293,3 +293,13 @@ def test_seer_classify_cli(tmp_path, capsys):
     assert all(len(line.split("\t")[1].split("  ")) == 2 for line in lines)
     rc = main(["classify", str(paths[0]), "--model", str(tmp_path / "imgs")])
     assert rc == 1 and "seer classify:" in capsys.readouterr().err
+
+
+def test_hf_sharded_checkpoint_with_the_head_in_its_own_shard(tmp_path):
+    """A big classifier's files: sharded safetensors with an index, the head in a later shard than the stem."""
+    ref = hf_classifier()
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    shards = sorted((tmp_path / "hf").glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    model = seer.load_classifier(tmp_path / "hf")
+    assert rel_err(logits_of(ref, X), model(X).detach()) < 1e-4 and model.id2label == LABELS5
