@@ -148,6 +148,9 @@ class TrainConfig:
     # equal chunks, as N FSDP ranks without SyncBN would.
     bn_splits: int = 1
     tensorboard: bool = True
+    # Collective timeout: a rank that waits this long on a peer (hung, or gone without closing its sockets) raises
+    # instead of blocking the job until its time limit. Raise it when a checkpoint save takes longer.
+    dist_timeout_minutes: float = 10.0
     crash_at_step: int = 0  # testing: hard-exit right after this step, as a kill would; 0 disables
     # Are the features learning? A kNN on a labeled image folder (class subfolders) every monitor_every steps.
     monitor_images: str | None = None
@@ -472,6 +475,8 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
         raise _bad("train.val_every", t.val_every, "must be >= 0 (0: every epoch)")
     if t.ckpt_every_steps < 0 or t.ckpt_every_minutes < 0 or t.crash_at_step < 0:
         raise _bad("train.ckpt_every_steps", t.ckpt_every_steps, "step/minute intervals must be >= 0")
+    if not t.dist_timeout_minutes > 0:
+        raise _bad("train.dist_timeout_minutes", t.dist_timeout_minutes, "must be > 0")
     if t.precision not in ("fp32", "bf16"):
         raise _bad("train.precision", t.precision, "must be 'fp32' or 'bf16'")
     if t.device not in ("auto", "cpu", "cuda"):

@@ -86,3 +86,29 @@ def fused_conv_spy(monkeypatch):
     monkeypatch.setattr(regnet, "_fused_conv", fused)
     monkeypatch.setattr(regnet, "_fused_conv_add_relu", fused_add)
     return seen
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real single-node SLURM cluster (tests/slurm_cluster.py) for the session, its SLURM_CONF exported; the
+    daemons it started are stopped at the end. Skips, with the reason, where none can be started (no packages and
+    no root to install them, daemons that do not come up)."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from slurm_cluster import ClusterUnavailable, SlurmCluster
+
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.up()
+    except ClusterUnavailable as exc:
+        cluster.down()
+        pytest.skip(f"no SLURM cluster here: {exc}")
+    saved = os.environ.get("SLURM_CONF")
+    os.environ.update(cluster.env())
+    yield cluster
+    cluster.down()
+    if saved is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = saved

@@ -118,7 +118,9 @@ def fake_slurm(tmp_path, monkeypatch):
     scripts = {
         "sinfo": "#!/bin/sh\nprintf 'learnfair*\\ndevlab\\nscavenge\\n'\n",
         "srun": "#!/bin/sh\nexit 0\n",
-        "sbatch": f'#!/bin/sh\necho "$@" >> {calls}\necho "Submitted batch job 4242"\n',
+        # `sbatch --test-only` (the launcher's pre-check) answers like SLURM and queues nothing
+        "sbatch": (f'#!/bin/sh\nif [ "$1" = "--test-only" ]; then echo "sbatch: Job 4242 to start at now" >&2; '
+                   f'exit 0; fi\necho "$@" >> {calls}\necho "Submitted batch job 4242"\n'),
     }
     for name, text in scripts.items():
         (bindir / name).write_text(text)
@@ -520,6 +522,7 @@ def test_eval_local_arrays_match_the_single_process_benchmark(tmp_path, capsys):
 # the SLURM path end to end, on stand-ins for sbatch and srun (2 "nodes" x 1 task, gloo)
 # ----------------------------------------------------------------------------------------------------------------
 FAKE_SBATCH = """#!/bin/bash
+[[ "$1" == --test-only ]] && { echo "sbatch: Job 1 to start at now" >&2; exit 0; }
 # Runs the script in the background like a granted allocation (its own process group, the pid in <script>.pid),
 # with the variables SLURM sets for the batch step.
 script="$1"
@@ -692,3 +695,67 @@ def test_launch_submit_script_is_the_seer_launch_command(tmp_path):
     assert _sbatch_flags(proc.stdout)["nodes"] == "2" and "world size 16" in proc.stderr
     proc = subprocess.run(argv[:2] + ["pretrian"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and "python launch/submit.py: unknown command" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# faults: what counts as a peer failure, impossible requests, attempts a killed rank 0 left open
+# ----------------------------------------------------------------------------------------------------------------
+def test_peer_failures_are_told_apart_from_a_rank_s_own_errors():
+    import torch.distributed as dist
+
+    from seer.distributed.env import is_peer_failure
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [1.2.3.4]:5")
+    assert is_peer_failure(gloo)
+    assert is_peer_failure(RuntimeError("[gloo] Timed out waiting 900000ms for recv operation to complete"))
+    assert is_peer_failure(dist.DistBackendError("NCCL communicator was aborted on rank 3"))
+    try:  # a peer failure under another error (a wrapper that re-raises) is still one
+        try:
+            raise gloo
+        except RuntimeError as exc:
+            raise ValueError("step failed") from exc
+    except ValueError as wrapped:
+        assert is_peer_failure(wrapped)
+    assert not is_peer_failure(RuntimeError("DataLoader timed out after 60 seconds"))
+    assert not is_peer_failure(FloatingPointError("loss is nan at step 7"))
+    assert not is_peer_failure(ValueError("data.images: no images under /x"))
+
+
+def test_an_impossible_request_is_refused_by_the_scheduler_check(tmp_path, capsys, monkeypatch):
+    """`sbatch --test-only` says no: the launcher names the request and what the partition offers, queues nothing."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls"
+    fakes = {
+        "sinfo": "#!/bin/sh\n"
+        'case "$*" in *%D*) echo "learnfair*: 4 node(s), 80 CPUs and 480000 MB per node, gres gpu:8, time limit '
+        '3-00:00:00";; *) echo "learnfair*";; esac\n',
+        "srun": "#!/bin/sh\nexit 0\n",
+        "sbatch": f'#!/bin/sh\necho "$@" >> {calls}\n[ "$1" = "--test-only" ] && '
+        '{ echo "sbatch: error: Batch job submission failed: Requested node configuration is not available" >&2; '
+        "exit 1; }\necho Submitted batch job 1\n",
+    }
+    for name, text in fakes.items():
+        (bindir / name).write_text(text)
+        (bindir / name).chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+    job_dir = tmp_path / "job"
+    code, _, err = _run(["pretrain", "--config", RG256, "--nodes", "64", "--partition", "learnfair",
+                         "--job-dir", str(job_dir)], capsys)  # fmt: skip
+    assert code == 2
+    assert "SLURM would not run this job: error: Batch job submission failed: Requested node configuration" in err
+    assert "requested 64 node(s) with 80 CPUs" in err and "this cluster offers learnfair*: 4 node(s)" in err, err
+    assert calls.read_text().split()[0] == "--test-only" and calls.read_text().count("\n") == 1  # never submitted
+    assert not job_dir.exists()
+
+
+def test_a_new_attempt_closes_the_records_a_killed_rank_0_left_running(tmp_path):
+    from seer.launch.jobs import _Attempt
+
+    first = _Attempt(tmp_path, submission=0, start_step=0)
+    assert read_attempts(tmp_path)[0]["status"] == "running"
+    del first  # rank 0 SIGKILLed: the record is never closed
+    _Attempt(tmp_path, submission=0, start_step=15)
+    old, new = read_attempts(tmp_path)
+    assert old["status"] == "lost" and old["end_step"] == 15 and "killed" in old["reason"]
+    assert new["status"] == "running" and new["attempt"] == 1

@@ -18,7 +18,40 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "init_distributed", "destroy_distributed", "parse_nodelist", "detect_launcher"]
+__all__ = [
+    "DistEnv",
+    "init_distributed",
+    "destroy_distributed",
+    "parse_nodelist",
+    "detect_launcher",
+    "is_peer_failure",
+]
+
+# What a rank raises when a peer is gone or hung: gloo's transport errors (a RuntimeError naming the socket), NCCL's
+# watchdog / abort errors and the store's (torch.distributed.DistError and subclasses), and collective timeouts.
+_PEER_FAILURE = re.compile(
+    r"Connection (reset|closed) by peer|Broken pipe|third_party/gloo|Timed out waiting|"
+    r"Socket Timeout|NCCL communicator was aborted|Watchdog caught collective operation timeout|"
+    r"ProcessGroupNCCL.*(timeout|abort)",
+    re.IGNORECASE,
+)
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Did this rank fail because another rank died or hung (not because of its own bug or data)?
+
+    The launcher requeues a job on these: the dead rank's work is lost, the others resume from the last complete
+    checkpoint. Anything else (a bad config, bad data, NaN loss, out of memory) fails the job as it is.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, getattr(dist, "DistError", ())):
+            return True
+        if isinstance(exc, (RuntimeError, ConnectionError, TimeoutError)) and _PEER_FAILURE.search(str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from seer.launch.executor import (
     LaunchError,
     add_resource_args,
     check_resources,
+    check_submission,
     make_executor,
     render_array_sbatch,
     render_sbatch,
@@ -225,6 +226,11 @@ def pretrain_main(argv: list[str], prog: str = PROG) -> int:
         print(f"# dry run, nothing submitted: {summary}", file=sys.stderr)
         return 0
 
+    if not args.local:  # before anything is written or queued
+        try:
+            check_submission(render_sbatch(executor), args)
+        except LaunchError as exc:
+            return _error(prog, "pretrain", exc)
     index = len(_submissions(job_dir))
     job_dir.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, job_dir / "config.yaml")
@@ -376,6 +382,11 @@ def eval_main(argv: list[str], prog: str = PROG) -> int:
               f"tasks into {out}", file=sys.stderr)  # fmt: skip
         return 0
 
+    if not args.local:
+        try:
+            check_submission(render_array_sbatch(ex, len(plan_tasks(suite)["features"])), args)
+        except LaunchError as exc:
+            return _error(prog, "eval", exc)
     # Generated datasets are written once, here, so array tasks never race to create them.
     seed = int(suite.get("seed", 0))
     for ds in suite["datasets"]:

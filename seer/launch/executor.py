@@ -21,6 +21,7 @@ __all__ = [
     "LOCAL_MAX_REQUEUES",
     "add_resource_args",
     "check_resources",
+    "check_submission",
     "executor_parameters",
     "make_executor",
     "render_sbatch",
@@ -176,6 +177,42 @@ def _check_partition(partition: str | None) -> None:
         raise LaunchError(
             f"--partition {partition!r} does not exist on this cluster{hint}; sinfo lists: {sorted(names)}"
         )
+
+
+def check_submission(script: str, args: argparse.Namespace) -> None:
+    """Ask the scheduler whether it would ever run ``script`` (``sbatch --test-only``): a request no node can meet
+    (more CPUs, memory or GPUs than a node has, more nodes than the partition, a time limit over its maximum, an
+    unknown account or QOS) is otherwise accepted and left pending forever. Nothing is queued."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="seer-test-only-") as f:
+        f.write(script)
+        f.flush()
+        try:
+            done = subprocess.run(["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return  # cannot tell: let sbatch decide
+    if done.returncode == 0:
+        return
+    lines = [line.removeprefix("sbatch: ").strip() for line in (done.stderr + done.stdout).splitlines()]
+    reason = "; ".join(line for line in lines if line) or f"sbatch --test-only exited {done.returncode}"
+    mem = f"{args.mem_gb:g} GB" if args.mem_gb is not None else "the default memory"
+    want = (f"{args.nodes} node(s) with {args.tasks_per_node * args.cpus_per_task} CPUs, {mem} and "
+            f"{args.gpus_per_node} GPU(s) each, {int(args.timeout_min)} min")  # fmt: skip
+    raise LaunchError(f"SLURM would not run this job: {reason}; requested {want}{_partition_offer(args.partition)}. "
+                      "Nothing was submitted")  # fmt: skip
+
+
+def _partition_offer(partition: str | None) -> str:
+    """What the partition's nodes offer, for the error message (empty when sinfo cannot tell)."""
+    argv = ["sinfo", "-h", "-o", "%P: %D node(s), %c CPUs and %m MB per node, gres %G, time limit %l"]
+    if partition:
+        argv += ["-p", partition]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return f" (this cluster offers {'; '.join(out.splitlines())})" if out else ""
 
 
 def executor_parameters(args: argparse.Namespace, *, name: str) -> dict:

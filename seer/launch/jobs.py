@@ -93,7 +93,7 @@ def export_torch_env(requeue: int = 0, *, always: bool = False) -> dict:
         "LOCAL_RANK": str(tde.local_rank),
         "LOCAL_WORLD_SIZE": str(tde.local_world_size),
         "MASTER_ADDR": "127.0.0.1" if local else str(tde.master_addr),
-        "MASTER_PORT": str(int(user_port) if user_port else master_port(job_id, requeue)),
+        "MASTER_PORT": str(int(user_port) if user_port else master_port(job_id, _restarts(requeue))),
     }
     exported = always or tde.world_size > 1
     if exported:
@@ -102,6 +102,12 @@ def export_torch_env(requeue: int = 0, *, always: bool = False) -> dict:
         for key in values:
             os.environ.pop(key, None)  # stale values from an enclosing job would make init_distributed start a group
     return {**values, "exported": exported, "job_id": job_id, "hostnames": list(tde._job_env.hostnames)}
+
+
+def _restarts(requeue: int) -> int:
+    """How many times this job started before: our requeue count, or SLURM's restart count when SLURM requeued the
+    job without us (``scontrol requeue``, a node failure, a rank failure), which leaves the pickle unchanged."""
+    return max(int(requeue), int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0))
 
 
 def _limit_threads_locally(local_world_size: int) -> None:
@@ -143,11 +149,22 @@ def run_progress(job_dir: str | os.PathLike) -> int:
 
 
 class _Attempt:
-    """The record of one start of the job (rank 0 only); rewritten atomically as its status changes."""
+    """The record of one start of the job (rank 0 only); rewritten atomically as its status changes.
+
+    A new attempt first closes the records its predecessors left ``running``: their rank 0 was killed (SIGKILL,
+    a requeue's kill after the grace time, a node failure) before it could say how it ended.
+    """
 
     def __init__(self, job_dir: Path, **fields: Any) -> None:
         root = attempts_dir(job_dir)
         root.mkdir(parents=True, exist_ok=True)
+        for path in sorted(root.glob("attempt_*.json")):
+            with open(path) as f:
+                old = json.load(f)
+            if old.get("status") == "running":
+                old.update(status="lost", reason="rank 0 was killed before it could record an end",
+                           end_step=fields.get("start_step"))  # fmt: skip
+                _write_json(path, old)
         index = len(list(root.glob("attempt_*.json")))
         self.path = root / f"attempt_{index:03d}.json"
         self.data = {"attempt": index, "status": "running", "started": _now(), "started_unix": time.time(), **fields}
@@ -202,7 +219,7 @@ class PretrainJob:
         import submitit
 
         from seer.config import config_from_dict
-        from seer.distributed.env import destroy_distributed
+        from seer.distributed.env import destroy_distributed, is_peer_failure
         from seer.train.loop import pretrain
 
         job_env = submitit.JobEnvironment()
@@ -227,6 +244,7 @@ class PretrainJob:
                 pid=os.getpid(),
             )
             print(f"[launch] attempt {self._attempt.data['attempt']} of {self.job_dir}: {job_env}", flush=True)
+            self._record_sigterm()
         # Every task says where it sits (its own log file): the first thing to read when a rendezvous hangs.
         keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
         print("[launch] torch.distributed env: " + " ".join(f"{k}={info[k]}" for k in keys), flush=True)
@@ -237,6 +255,8 @@ class PretrainJob:
             # left alone (other ranks may be blocked in a collective; the scheduler stops them).
             raise
         except BaseException as exc:
+            if job_env.cluster == "slurm" and is_peer_failure(exc) and self._requeue_after_rank_failure(exc):
+                raise
             # A "stopped" attempt (checkpoint() refused to requeue) ends here too: keep its status and reason. A
             # "requeued" one ends here only when the requeue itself failed (e.g. `scontrol requeue` refused).
             if self._attempt is not None and self._attempt.data["status"] in ("running", "requeued"):
@@ -254,6 +274,58 @@ class PretrainJob:
         if self._attempt is not None:
             self._attempt.update(status="finished", ended=_now(), end_step=int(summary["step"]), summary=summary)
         return summary
+
+    def _record_sigterm(self) -> None:
+        """SLURM sends SIGTERM, then SIGKILL after its KillWait, when it requeues (``scontrol requeue``, preemption
+        in REQUEUE mode), cancels or times out a job. submitit ignores SIGTERM so training goes on until the kill
+        (steps after the last checkpoint are redone by the next attempt); the attempt record says what happened."""
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def on_term(signum: int, frame: Any) -> None:
+            if self._attempt is not None and self._attempt.data["status"] == "running":
+                self._attempt.update(status="terminated", ended=_now(), end_step=run_progress(self.job_dir),
+                                     reason="SIGTERM from the scheduler (requeue, preemption, cancel or time limit)")
+            if callable(previous):
+                previous(signum, frame)
+            elif previous == signal.SIG_DFL:  # no one ignored it: terminate as the default would
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        try:
+            signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread (debug executor)
+            pass
+
+    def _requeue_after_rank_failure(self, exc: BaseException) -> bool:
+        """Another rank died or hung: requeue the whole job (``scontrol requeue``), so every rank restarts from the
+        last complete checkpoint. Any surviving rank may do this (rank 0 may be the one that died); a second call
+        for the same job is harmless. Not done when the requeue budget is spent, or when the previous attempt also
+        lost a rank at the same step (a rank that fails deterministically would otherwise loop).
+        """
+        import subprocess
+
+        step = run_progress(self.job_dir)
+        mine = [a for a in read_attempts(self.job_dir) if a.get("submission") == self.submission]
+        earlier = [a for a in mine[:-1] if a.get("reason", "").startswith("rank failure")]
+        if self._requeues_used() >= self.max_requeues:
+            why = f"max requeues reached ({self._requeues_used()} of {self.max_requeues})"
+        elif earlier and earlier[-1].get("end_step") == step:
+            why = f"the previous attempt also lost a rank at step {step}: a deterministic failure, not requeued"
+        else:
+            why = ""
+        job_id = os.environ.get("SLURM_JOB_ID", "")
+        if not why:
+            done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+            # "already pending / requeued": another surviving rank was first
+            if done.returncode != 0 and "pending" not in (done.stderr + done.stdout).lower():
+                why = f"scontrol requeue {job_id} failed: {(done.stderr or done.stdout).strip()}"
+        first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        print(f"[launch] rank failure at step >= {step} ({first_line}): "
+              f"{'not requeued, ' + why if why else 'requeued the job'}", flush=True)  # fmt: skip
+        if self._attempt is not None:
+            self._attempt.update(status="stopped" if why else "requeued", ended=_now(), end_step=step,
+                                 reason=f"rank failure: {why or 'requeued'}", error=first_line)  # fmt: skip
+        return not why
 
     def checkpoint(self) -> Any:
         """Called by submitit on global rank 0 in the preemption / timeout signal handler: no collectives here.

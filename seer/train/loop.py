@@ -227,7 +227,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     from seer.train.optim import build_optimizer, clip_grad_norm, cosine_schedule, scaled_lr, set_lr
 
     # -- setup: process group, config checks, run directory ----------------------------------------------------
-    env = init_distributed(device=cfg.train.device)
+    env = init_distributed(device=cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes)
     validate(cfg, env.world_size)
     per_gpu = batch_per_gpu(cfg, env.world_size)
     global_batch = per_gpu * env.world_size
