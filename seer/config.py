@@ -152,6 +152,8 @@ class TrainConfig:
     # instead of blocking the job until its time limit. Raise it when a checkpoint save takes longer.
     dist_timeout_minutes: float = 10.0
     crash_at_step: int = 0  # testing: hard-exit right after this step, as a kill would; 0 disables
+    # testing: a step takes at least this long (a sleep), so a run outlasts a short time limit on any machine
+    min_step_seconds: float = 0.0
     # Are the features learning? A kNN on a labeled image folder (class subfolders) every monitor_every steps.
     monitor_images: str | None = None
     monitor_every: int = 100
@@ -473,6 +475,8 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
             raise _bad(f"train.{key}", getattr(t, key), "must be >= 1")
     if t.val_every < 0:
         raise _bad("train.val_every", t.val_every, "must be >= 0 (0: every epoch)")
+    if t.min_step_seconds < 0:
+        raise _bad("train.min_step_seconds", t.min_step_seconds, "must be >= 0")
     if t.ckpt_every_steps < 0 or t.ckpt_every_minutes < 0 or t.crash_at_step < 0:
         raise _bad("train.ckpt_every_steps", t.ckpt_every_steps, "step/minute intervals must be >= 0")
     if not t.dist_timeout_minutes > 0:

@@ -143,6 +143,7 @@ def fake_slurm(tmp_path, monkeypatch):
         (["--sbatch", "partition=devlab"], "use the named option"),
         (["--sbatch", "novalue"], "KEY=VALUE"),
         (["--signal-delay-s", "99999"], "--signal-delay-s must be in"),
+        (["--timeout-min", "1", "--signal-delay-s", "45"], "Use --signal-delay-s <= 20"),
         (["--max-requeues", "-1"], "--max-requeues must be >= 0"),
         (["--local", "--nodes", "2"], "--nodes must be 1"),
         (["optim.base_lr=-1"], "optim.base_lr"),

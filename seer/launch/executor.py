@@ -30,6 +30,8 @@ __all__ = [
 
 LOCAL_MAX_REQUEUES = 5  # submitit.local._local: Controller.run(max_retry=6) starts
 # Set by named flags: --sbatch may not set them a second time.
+# slurmctld checks time limits every 30 s (PERIODIC_TIMEOUT), and a task needs a few seconds to install its handler
+SLURM_CHECK_S, SLURM_START_S = 30, 10
 _NAMED_SLURM = ("partition", "account", "qos", "constraint", "exclude", "comment", "signal_delay_s", "setup")
 
 
@@ -110,10 +112,20 @@ def check_resources(args: argparse.Namespace, *, single_task: bool = False, slur
     if not args.local and args.timeout_min != int(args.timeout_min):
         raise LaunchError(f"--timeout-min must be a whole number of minutes on SLURM, got {args.timeout_min}")
     if args.signal_delay_s is None:
-        args.signal_delay_s = int(min(30, args.timeout_min * 60 / 4)) if args.local else 120
+        args.signal_delay_s = int(min(30 if args.local else 120, max(1, args.timeout_min * 60 / 4)))
     if args.signal_delay_s < 1 or args.signal_delay_s >= args.timeout_min * 60:
         raise LaunchError(
             f"--signal-delay-s must be in [1, {int(args.timeout_min * 60)}) (the time limit), got {args.signal_delay_s}"
+        )
+    latest = int(args.timeout_min * 60) - SLURM_CHECK_S - SLURM_START_S
+    if not args.local and args.signal_delay_s > latest:
+        # slurmctld checks limits every 30 s and signals a job once it is within signal delay + 30 s of its limit.
+        # Past this bound every attempt may be signalled as it starts, before it can save anything (seen with a
+        # 1-minute limit and a 45 s delay: the requeued job got USR2 0.2 s after it started and died of it).
+        raise LaunchError(
+            f"--signal-delay-s {args.signal_delay_s} with a {args.timeout_min:g} min time limit: SLURM signals a job "
+            f"up to {SLURM_CHECK_S} s before the delay asks, so an attempt could be signalled as it starts, before "
+            f"it can save anything. Use --signal-delay-s <= {max(latest, 0)} or a longer --timeout-min"
         )
     for name in ("partition", "account", "qos", "constraint", "exclude", "comment", "job_name"):
         value = getattr(args, name)

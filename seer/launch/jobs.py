@@ -306,6 +306,13 @@ class PretrainJob:
 
         step = run_progress(self.job_dir)
         mine = [a for a in read_attempts(self.job_dir) if a.get("submission") == self.submission]
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
+        this = [a for a in mine if a.get("requeue") == self.requeue and a.get("slurm_restart_count") == restarts]
+        if this and this[-1].get("status") in ("requeued", "terminated"):
+            # rank 0 requeued this start from its signal handler, or the scheduler is stopping it (SIGTERM): the
+            # peer "failure" is rank 0 leaving. A second `scontrol requeue` would be one requeue too many.
+            print(f"[launch] rank 0 left at step >= {step}: the job is already {this[-1]['status']}", flush=True)
+            return True
         earlier = [a for a in mine[:-1] if a.get("reason", "").startswith("rank failure")]
         if self._requeues_used() >= self.max_requeues:
             why = f"max requeues reached ({self._requeues_used()} of {self.max_requeues})"
