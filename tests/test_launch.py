@@ -119,8 +119,10 @@ def fake_slurm(tmp_path, monkeypatch):
         "sinfo": "#!/bin/sh\nprintf 'learnfair*\\ndevlab\\nscavenge\\n'\n",
         "srun": "#!/bin/sh\nexit 0\n",
         # `sbatch --test-only` (the launcher's pre-check) answers like SLURM and queues nothing
-        "sbatch": (f'#!/bin/sh\nif [ "$1" = "--test-only" ]; then echo "sbatch: Job 4242 to start at now" >&2; '
-                   f'exit 0; fi\necho "$@" >> {calls}\necho "Submitted batch job 4242"\n'),
+        "sbatch": (
+            f'#!/bin/sh\nif [ "$1" = "--test-only" ]; then echo "sbatch: Job 4242 to start at now" >&2; '
+            f'exit 0; fi\necho "$@" >> {calls}\necho "Submitted batch job 4242"\n'
+        ),
     }
     for name, text in scripts.items():
         (bindir / name).write_text(text)

@@ -33,10 +33,22 @@ def _torchrun(run_dir: Path, overrides: list[str], max_restarts: int) -> subproc
     env["OMP_NUM_THREADS"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--max-restarts", str(max_restarts), "--monitor-interval", "0.5", "--rdzv-backend", "c10d",
+           # every rank's output also in its own file (per restart), for the failure message
+           "--log-dir", str(run_dir.parent / f"{run_dir.name}_ranks"), "--tee", "3",
            "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", "-m", "seer.cli", "pretrain",
            "--config", str(REPO / "configs/pretrain/tiny_cpu.yaml"), *overrides, f"run_dir={run_dir}"]  # fmt: skip
     log = open(run_dir.parent / f"{run_dir.name}.log", "w")
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _failure(run_dir: Path) -> str:
+    """The agent's log tail and every rank's stderr tail, per restart: which rank failed first, and why."""
+    parts = [(run_dir.parent / f"{run_dir.name}.log").read_text(errors="replace")[-2000:]]
+    for path in sorted((run_dir.parent / f"{run_dir.name}_ranks").rglob("stderr.log")):
+        text = path.read_text(errors="replace").strip()
+        if text:
+            parts.append(f"--- {path.relative_to(run_dir.parent)}\n{text[-2500:]}")
+    return "\n".join(parts)
 
 
 def _worker_pid(run_dir: Path, rank: int) -> int | None:
@@ -61,13 +73,13 @@ def test_a_killed_torchrun_worker_restarts_the_group_from_the_last_checkpoint(tm
     for d in (straight, cut):
         d.mkdir()
     ref = _torchrun(straight, overrides, max_restarts=0)
-    assert ref.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()[-3000:]
+    assert ref.wait(timeout=300) == 0, _failure(straight)
 
     proc = _torchrun(cut, overrides, max_restarts=1)
     try:
         deadline = time.time() + 240
         while run_progress(cut) < 2 * CKPT_EVERY:
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "cut.log").read_text()[-3000:]
+            assert proc.poll() is None and time.time() < deadline, _failure(cut)
             time.sleep(0.2)
         pid = _worker_pid(cut, 1)
         assert pid is not None
@@ -79,7 +91,7 @@ def test_a_killed_torchrun_worker_restarts_the_group_from_the_last_checkpoint(tm
             assert time.time() - t_kill < 60, "rank 0 still running a minute after its peer died"
             time.sleep(0.1)
         stopped_s = time.time() - t_kill
-        assert proc.wait(timeout=300) == 0, (tmp_path / "cut.log").read_text()[-3000:]
+        assert proc.wait(timeout=300) == 0, _failure(cut)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -195,14 +195,32 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0, 
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world_size))
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(
             backend=backend,
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
             device_id=dev if use_cuda else None,
+            store=_elastic_store(world_size, timeout),
         )
     return DistEnv(rank, world_size, local_rank, dev, backend)
+
+
+def _elastic_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun, the agent's store with a prefix per restart of the worker group (None elsewhere: env://).
+
+    torchrun's agent serves one TCPStore for every restart of the group, and torch's env:// rendezvous adds no
+    per-restart prefix to it (it assumes a new store per restart). A restarted rank could then read a dead peer's
+    gloo address from the previous round and fail with "Connection refused" (seen: a torchrun worker SIGKILLed,
+    the restarted group failing to connect about one time in two).
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False,
+                         timeout=timeout)  # fmt: skip
+    return dist.PrefixStore(f"seer/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/restart_{restart}", base)
 
 
 def destroy_distributed(*, wait_for_peers: bool = False) -> None:

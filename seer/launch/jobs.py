@@ -283,8 +283,12 @@ class PretrainJob:
 
         def on_term(signum: int, frame: Any) -> None:
             if self._attempt is not None and self._attempt.data["status"] == "running":
-                self._attempt.update(status="terminated", ended=_now(), end_step=run_progress(self.job_dir),
-                                     reason="SIGTERM from the scheduler (requeue, preemption, cancel or time limit)")
+                self._attempt.update(
+                    status="terminated",
+                    ended=_now(),
+                    end_step=run_progress(self.job_dir),
+                    reason="SIGTERM from the scheduler (requeue, preemption, cancel or time limit)",
+                )
             if callable(previous):
                 previous(signum, frame)
             elif previous == signal.SIG_DFL:  # no one ignored it: terminate as the default would
