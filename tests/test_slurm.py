@@ -32,10 +32,12 @@ CKPT_EVERY = 5
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_overrides) -> list[str]:
-    """The run every job trains: tiny trunk, 8 images per rank, a checkpoint every CKPT_EVERY steps."""
+    """The run every job trains: tiny trunk, 8 images per rank, a checkpoint every CKPT_EVERY steps, each step at
+    least 0.2 s (a sleep, no change to the numbers) so that a fault lands mid-run on any machine: on a fast one the
+    60 steps otherwise end within SLURM's 5 s between SIGTERM and SIGKILL."""
     return [*tiny_overrides, "swav.freeze_prototypes_iters=3", "data.batch_size_per_gpu=8", "data.global_batch_size=0",
             "optim.base_lr=2.4", "optim.warmup_iters=2", f"train.ckpt_every_steps={CKPT_EVERY}", "train.keep_last=2",
-            "data.workers=0"]  # fmt: skip
+            "data.workers=0", "train.min_step_seconds=0.2"]  # fmt: skip
 
 
 def _submit(job_dir: Path, run: list[str], *extra: str, steps: int = STEPS, capsys=None) -> tuple[int, str, str]:
@@ -143,7 +145,9 @@ def test_preempted_job_requeues_and_ends_on_the_uninterrupted_weights(slurm_clus
         slurm_cluster.run(["scancel", "--signal=USR2", job_id])
     else:  # what preemption in REQUEUE mode does: SIGTERM, SIGKILL after KillWait, back to the queue
         slurm_cluster.run(["scontrol", "requeue", job_id])
-    interrupted_at = run_progress(job_dir)
+    interrupted_at, t_fault = run_progress(job_dir), time.time()
+    _wait(lambda: _state(slurm_cluster, job_id) != "RUNNING", 60, "the job to leave RUNNING", poll_s=0.5)
+    noticed_s = time.time() - t_fault
     info = _wait_done(slurm_cluster, job_id)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, _logs(job_dir))
     first, second = read_attempts(job_dir)
@@ -155,6 +159,10 @@ def test_preempted_job_requeues_and_ends_on_the_uninterrupted_weights(slurm_clus
     assert first["master"] != second["master"]  # each attempt rendezvouses on its own port
     _complete_checkpoints_only(job_dir)
     _same_weights(job_dir, uninterrupted)
+    print(
+        f"{how}: job left RUNNING {noticed_s:.1f} s after the signal at step {interrupted_at}; the next attempt "
+        f"resumed at step {second['start_step']}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,7 +197,10 @@ def test_a_rank_that_dies_or_hangs_requeues_the_job(slurm_cluster, tiny_run, uni
     assert second["status"] == "finished" and lost_at <= second["start_step"] < STEPS, second
     _complete_checkpoints_only(job_dir)
     _same_weights(job_dir, uninterrupted)
-    print(f"{sig} rank {rank}: job left RUNNING {noticed_s:.1f} s after the fault")
+    print(
+        f"{sig} rank {rank}: job left RUNNING {noticed_s:.1f} s after the fault at step {lost_at}; the next "
+        f"attempt resumed at step {second['start_step']}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,9 +213,8 @@ def test_a_job_longer_than_its_time_limit_finishes_over_several_attempts(slurm_c
     # job within signal delay + 30 s of its limit, so USR2 arrives 15-45 s into each attempt, of which start-up takes
     # a few: every attempt trains for less than 45 s (at least 2 attempts), each for several seconds.
     steps, max_requeues = 90, 8
-    extra = ["--timeout-min", "1", "--signal-delay-s", "15", "--max-requeues", str(max_requeues),
-             "train.min_step_seconds=0.5"]  # fmt: skip
-    code, _, _ = _submit(job_dir, tiny_run, *extra, steps=steps)
+    extra = ["--timeout-min", "1", "--signal-delay-s", "15", "--max-requeues", str(max_requeues)]
+    code, _, _ = _submit(job_dir, [*tiny_run, "train.min_step_seconds=0.5"], *extra, steps=steps)
     assert code == 0
     info = _wait_done(slurm_cluster, _job_id(job_dir), timeout_s=780)
     attempts = read_attempts(job_dir)
@@ -217,6 +227,7 @@ def test_a_job_longer_than_its_time_limit_finishes_over_several_attempts(slurm_c
     starts = [a["start_step"] for a in attempts]
     assert starts == sorted(starts) and starts[-1] > 0, summary  # each attempt resumed where the last one saved
     assert int(info["Restarts"]) == len(attempts) - 1
+    print(f"time limit: {len(attempts)} attempts, (status, start step, end step) {summary}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
