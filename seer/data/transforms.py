@@ -70,13 +70,15 @@ PRESETS: dict[str, dict] = {
     # blur (a radius of 0.1-2 px wipes out 16 px crops).
     "demo": {"counts": (2, 2), "sizes": (32, 16), "scales": ((0.3, 1.0), (0.15, 0.4)), "blur_p": 0.0},
     # The small-image CPU recipe (tiny_cpu, `seer demo`) on 32 px real images: two global crops only (16 px local
-    # crops of a 32 px object cost 15 kNN points), half SwAV's colour jitter (the trunk standardizes each image,
-    # model.cfg.image_norm), no blur, no flip (a mirrored digit or letter is another shape: +15 kNN points on
-    # digits). Measured in docs/swav.md; small_flip keeps SwAV's flip for subjects with a mirror symmetry.
-    "small": {"counts": (2,), "sizes": (32,), "scales": ((0.35, 1.0),), "blur_p": 0.0, "jitter": (0.4, 0.4, 0.4, 0.1),
+    # crops of a 32 px object cost 15 kNN points), half SwAV's brightness and contrast jitter (the trunk standardizes
+    # each image, model.cfg.image_norm), SwAV's saturation 0.8 and the widest hue jitter, 0.5 (SwAV: 0.2; +10 kNN
+    # points on digits over photos, +3 on glyphs, +1 on digits: a photo background's colours stop identifying the
+    # image), no blur, no flip (a mirrored digit or letter is another shape: +15 kNN points on digits). Measured in
+    # docs/swav.md; small_flip keeps SwAV's flip for subjects with a mirror symmetry.
+    "small": {"counts": (2,), "sizes": (32,), "scales": ((0.35, 1.0),), "blur_p": 0.0, "jitter": (0.4, 0.4, 0.8, 0.5),
               "flip_p": 0.0},
     "small_flip": {"counts": (2,), "sizes": (32,), "scales": ((0.35, 1.0),), "blur_p": 0.0,
-                   "jitter": (0.4, 0.4, 0.4, 0.1)},
+                   "jitter": (0.4, 0.4, 0.8, 0.5)},
     # Fine-tuning (configs/finetune): VISSL's fulltune transforms, one RandomResizedCrop and a flip, no color jitter
     # or blur; 384 px is SEER's fine-tuning resolution. finetune_small: the tiny_cpu images (32 px), no flip.
     "finetune_224": {"counts": (1,), "sizes": (224,), "scales": ((0.08, 1.0),), "blur_p": 0.0, "jitter_p": 0.0,
