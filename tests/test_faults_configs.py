@@ -70,6 +70,8 @@ def test_unknown_keys_named(override: str, key: str, tiny) -> None:
         ("swav.temperature=0", "swav.temperature"),
         ("optim.warmup_iters=9", "optim.warmup_iters"),
         ("train.precision=fp8", "train.precision"),
+        ("train.min_step_seconds=-1", "train.min_step_seconds"),
+        ("train.dist_timeout_minutes=0", "train.dist_timeout_minutes"),
         ("model.preset=regnety_9000gf", "model.preset"),
         ("model.cfg={depth: -1}", "model.cfg"),
         ("run_dir=[a, b]", "run_dir"),
