@@ -29,9 +29,9 @@ __all__ = [
 ]
 
 LOCAL_MAX_REQUEUES = 5  # submitit.local._local: Controller.run(max_retry=6) starts
-# Set by named flags: --sbatch may not set them a second time.
 # slurmctld checks time limits every 30 s (PERIODIC_TIMEOUT), and a task needs a few seconds to install its handler
 SLURM_CHECK_S, SLURM_START_S = 30, 10
+# Set by named flags: --sbatch may not set them a second time.
 _NAMED_SLURM = ("partition", "account", "qos", "constraint", "exclude", "comment", "signal_delay_s", "setup")
 
 

@@ -104,10 +104,15 @@ def export_torch_env(requeue: int = 0, *, always: bool = False) -> dict:
     return {**values, "exported": exported, "job_id": job_id, "hostnames": list(tde._job_env.hostnames)}
 
 
+def _slurm_restart_count() -> int:
+    """How many times SLURM restarted this job (0 outside SLURM and on the first start)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
+
+
 def _restarts(requeue: int) -> int:
     """How many times this job started before: our requeue count, or SLURM's restart count when SLURM requeued the
     job without us (``scontrol requeue``, a node failure, a rank failure), which leaves the pickle unchanged."""
-    return max(int(requeue), int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0))
+    return max(int(requeue), _slurm_restart_count())
 
 
 def _limit_threads_locally(local_world_size: int) -> None:
@@ -238,7 +243,7 @@ class PretrainJob:
                 hostnames=info["hostnames"],
                 world_size=int(info["WORLD_SIZE"]),
                 master=f"{info['MASTER_ADDR']}:{info['MASTER_PORT']}",
-                slurm_restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+                slurm_restart_count=_slurm_restart_count(),
                 start_step=run_progress(self.job_dir),
                 total_steps=cfg.total_steps,
                 pid=os.getpid(),
@@ -310,7 +315,7 @@ class PretrainJob:
 
         step = run_progress(self.job_dir)
         mine = [a for a in read_attempts(self.job_dir) if a.get("submission") == self.submission]
-        restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
+        restarts = _slurm_restart_count()
         this = [a for a in mine if a.get("requeue") == self.requeue and a.get("slurm_restart_count") == restarts]
         if this and this[-1].get("status") in ("requeued", "terminated"):
             # rank 0 requeued this start from its signal handler, or the scheduler is stopping it (SIGTERM): the

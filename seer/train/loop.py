@@ -466,8 +466,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
             log(f"saved {last_ckpt}")
         if cfg.train.crash_at_step and done == cfg.train.crash_at_step:
             os._exit(3)  # testing: die like a killed job (no cleanup, no final checkpoint)
-        if cfg.train.min_step_seconds > time.time() - t0:  # testing: a run of known length on any machine
-            time.sleep(cfg.train.min_step_seconds - (time.time() - t0))
+        if cfg.train.min_step_seconds:  # testing: a run of known length on any machine
+            time.sleep(max(0.0, cfg.train.min_step_seconds - (time.time() - t0)))
 
     if writer is not None:
         writer.close()
