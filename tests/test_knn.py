@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from seer.evaluation import eval_knn, knn_search, write_json
+from seer.evaluation import eval_knn, knn, knn_search, write_json
 from seer.evaluation.knn import _few_shot_rows, cli_main
 
 
@@ -127,13 +129,115 @@ def test_settings_metadata_and_json(tmp_path):
     s = res["settings"]
     assert s["ks"] == [10, 20] and s["temperature"] == 0.07 and s["normalize"] is True
     assert s["n_train"] == 1500 and s["n_test"] == 200 and s["n_classes"] == 13 and s["feature_dim"] == 24
-    assert s["backend"] == "torch" and s["k_effective"] == {10: 10, 20: 20}
+    assert s["backend"] in ("torch", "faiss") and s["backend_choice"]["requested"] == "auto"
+    assert s["k_effective"] == {10: 10, 20: 20}
     assert res["metadata"]["layer"] == "res5"
     out = write_json(res, tmp_path / "sub" / "knn.json")
     loaded = json.loads(out.read_text())
     assert loaded["top1"]["20"] == res["top1"][20]
     assert loaded["metadata"]["checkpoint"] == "ckpt.safetensors"
     assert not [p for p in out.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.fixture
+def backend_probe(monkeypatch):
+    """backend="auto" on its own: no SEER_KNN_BACKEND, an empty probe cache, a small probe, and per-backend counts
+    of search calls (the process's real cache comes back afterwards)."""
+    monkeypatch.delenv(knn.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(knn, "_BACKEND_CACHE", {})
+    monkeypatch.setattr(knn, "PROBE_TRAIN", 1024)
+    monkeypatch.setattr(knn, "PROBE_TEST", 64)
+    monkeypatch.setattr(knn, "PROBE_K", 20)
+    calls = {"torch": 0, "faiss": 0}
+    for name in calls:
+        real = getattr(knn, f"_search_{name}")
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(knn, f"_search_{name}", counted)
+    return calls
+
+
+def _no_probe(dim):
+    raise AssertionError("this choice must not run the probe")
+
+
+@pytest.mark.parametrize("forced", ["torch", "faiss"])
+def test_auto_obeys_forced_backend(forced, backend_probe, monkeypatch):
+    if forced == "faiss":
+        pytest.importorskip("faiss")
+    monkeypatch.setattr(knn, "_probe_seconds", _no_probe)
+    monkeypatch.setenv(knn.BACKEND_ENV, f" {forced.upper()} ")  # case and spaces are forgiven
+    xtr, ytr, xte, yte = _data(seed=10)
+    res = eval_knn(xtr, ytr, xte, yte, ks=(5, 20), device="cpu")
+    assert res["settings"]["backend"] == forced
+    assert res["settings"]["backend_choice"] == {
+        "requested": "auto",
+        "rule": "forced by SEER_KNN_BACKEND",
+        "seconds": {},
+    }
+    assert backend_probe == {"torch": int(forced == "torch"), "faiss": int(forced == "faiss")}  # it really ran
+    knn_search(xtr, xte, 5, device="cpu")
+    assert backend_probe[forced] == 2
+    explicit = eval_knn(xtr, ytr, xte, yte, ks=(5, 20), device="cpu", backend="torch")
+    assert explicit["settings"]["backend_choice"] == {"requested": "torch", "rule": "requested", "seconds": {}}
+    assert explicit["top1"] == res["top1"] and explicit["top5"] == res["top5"]  # exact either way
+    monkeypatch.setenv(knn.BACKEND_ENV, "annoy")
+    with pytest.raises(ValueError, match="SEER_KNN_BACKEND must be"):
+        eval_knn(xtr, ytr, xte, yte, ks=(5,), device="cpu")
+
+
+def test_probe_times_both_and_caches(backend_probe):
+    pytest.importorskip("faiss")
+    name, record = knn.pick_backend("cpu", 64)
+    assert name in ("torch", "faiss") and record["rule"] == "probe"
+    seconds = record["seconds"]
+    assert set(seconds) == {"torch", "faiss"} and all(0 < s < 10 for s in seconds.values())
+    assert seconds[name] == min(seconds.values())
+    assert backend_probe == {"torch": knn.PROBE_REPEATS, "faiss": knn.PROBE_REPEATS}
+    # Cached: neither a second call nor eval_knn times again; eval_knn records the cached probe and runs its pick.
+    assert knn.pick_backend("cpu", 64) == (name, record)
+    xtr, ytr, xte, yte = _data(seed=11)
+    res = eval_knn(xtr, ytr, xte, yte, ks=(5,), device="cpu")
+    assert res["settings"]["backend"] == name
+    assert res["settings"]["backend_choice"] == {"requested": "auto", **record}
+    other = "faiss" if name == "torch" else "torch"
+    assert backend_probe == {name: knn.PROBE_REPEATS + 1, other: knn.PROBE_REPEATS}
+    knn.clear_backend_cache()
+    knn.pick_backend("cpu", 64)
+    assert backend_probe == {name: 2 * knn.PROBE_REPEATS + 1, other: 2 * knn.PROBE_REPEATS}
+
+
+@pytest.mark.parametrize("slow", ["torch", "faiss"])
+def test_probe_picks_the_faster(slow, backend_probe, monkeypatch):
+    pytest.importorskip("faiss")
+    real = getattr(knn, f"_search_{slow}")
+
+    def slowed(*args, **kwargs):
+        time.sleep(0.25)  # far more than either search of the small probe takes
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(knn, f"_search_{slow}", slowed)
+    name, record = knn.pick_backend("cpu", 16)
+    assert name == ("faiss" if slow == "torch" else "torch")
+    assert record["seconds"][slow] > 0.25 > record["seconds"][name]
+
+
+def test_auto_without_faiss_picks_torch(backend_probe, monkeypatch):
+    # A faiss choice cached while faiss was importable must not outlive faiss.
+    knn._BACKEND_CACHE[("cpu", torch.get_num_threads())] = ("faiss", {"rule": "probe", "seconds": {}})
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now raises ImportError
+    monkeypatch.setattr(knn, "_probe_seconds", _no_probe)
+    xtr, ytr, xte, yte = _data(seed=12)
+    res = eval_knn(xtr, ytr, xte, yte, ks=(5,), device="cpu")
+    assert res["settings"]["backend"] == "torch"
+    assert res["settings"]["backend_choice"] == {"requested": "auto", "rule": "faiss not installed", "seconds": {}}
+    knn_search(xtr, xte, 5, device="cpu")
+    assert backend_probe == {"torch": 2, "faiss": 0}
+    # CUDA keeps torch without probing (no GPU needed: the device is only named).
+    assert knn.pick_backend("cuda", 64) == ("torch", {"rule": "cuda: torch, not probed", "seconds": {}})
 
 
 def test_many_classes_no_hard_coded_count():

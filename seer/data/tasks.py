@@ -94,45 +94,96 @@ def _digits(n_train: int, n_test: int, size: int, seed: int, background: str = "
     return out, [str(d) for d in range(10)]
 
 
-def _font_files() -> list[str]:
+def _font_files(families: tuple[str, ...] = ("DejaVuSans", "DejaVuSerif", "DejaVuSansMono")) -> list[str]:
+    """The matplotlib-shipped font files of ``families`` (every style of each that exists)."""
     import matplotlib
 
     root = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-    names = ["DejaVuSans", "DejaVuSerif", "DejaVuSansMono"]
-    styles = ["", "-Bold", "-Oblique", "-Italic", "-BoldOblique", "-BoldItalic"]
-    return sorted(str(p) for n in names for s in styles if (p := root / f"{n}{s}.ttf").is_file())
+    styles = ["", "-Bold", "-Oblique", "-Italic", "-BoldOblique", "-BoldItalic", "Bol", "BolIta", "Italic"]
+    return sorted({str(p) for n in families for s in styles if (p := root / f"{n}{s}.ttf").is_file()})
 
 
-def _glyphs(n_train: int, n_test: int, size: int, seed: int):
+def _rendered(n_train: int, n_test: int, size: int, seed: int, chars: str, fonts: list[str]):
+    """``chars`` rendered in ``fonts`` (a quarter of the fonts, at least 2, only in test), rotated +-15 degrees."""
     rng = np.random.default_rng(seed)
-    fonts = _font_files()
     if len(fonts) < 4:
-        raise RuntimeError("the glyphs task needs matplotlib's DejaVu fonts (pip install matplotlib)")
+        raise RuntimeError("the rendered-glyph tasks need matplotlib's fonts (pip install matplotlib)")
     order = rng.permutation(len(fonts))
     test_fonts = [fonts[i] for i in order[: max(2, len(fonts) // 4)]]  # fonts never seen in train
     train_fonts = [fonts[i] for i in order[len(test_fonts) :]]
-    letters = "ABCDEFGHIJ"
     out = {}
     for part, n, pool in (("train", n_train, train_fonts), ("test", n_test, test_fonts)):
         images, labels = [], []
         for _ in range(n):
-            label = int(rng.integers(len(letters)))
+            label = int(rng.integers(len(chars)))
             font = ImageFont.truetype(pool[int(rng.integers(len(pool)))], 48)
             canvas = Image.new("L", (64, 64), 0)
-            ImageDraw.Draw(canvas).text((32, 32), letters[label], fill=255, font=font, anchor="mm")
+            ImageDraw.Draw(canvas).text((32, 32), chars[label], fill=255, font=font, anchor="mm")
             canvas = canvas.rotate(float(rng.uniform(-15, 15)), resample=Image.Resampling.BICUBIC)
             box = canvas.getbbox() or (0, 0, 64, 64)
             images.append(_place(canvas.crop(box), size, rng))
             labels.append(label)
         out[part] = (images, np.asarray(labels, np.int64))
-    return out, list(letters)
+    return out, list(chars)
+
+
+def _glyphs(n_train: int, n_test: int, size: int, seed: int):
+    return _rendered(n_train, n_test, size, seed, "ABCDEFGHIJ", _font_files())
+
+
+def _printed_digits(n_train: int, n_test: int, size: int, seed: int):
+    # Computer Modern and STIX besides DejaVu: serif, sans, typewriter and italic digits of other designs
+    fonts = _font_files(("DejaVuSans", "DejaVuSerif", "DejaVuSansMono", "STIXGeneral", "cmr10", "cmb10", "cmss10",
+                         "cmtt10", "cmti10"))  # fmt: skip
+    return _rendered(n_train, n_test, size, seed, "0123456789", fonts)
 
 
 def _digits_on_photos(n_train: int, n_test: int, size: int, seed: int):
     return _digits(n_train, n_test, size, seed, background="photo")
 
 
-TASKS: dict[str, Callable] = {"digits": _digits, "glyphs": _glyphs, "digits_on_photos": _digits_on_photos}
+# scikit-image's bundled photos of surfaces: materials, microscopy, astronomy and print
+_TEXTURES = ("brick", "grass", "gravel", "coins", "moon", "hubble_deep_field", "immunohistochemistry", "text", "page",
+             "cell")  # fmt: skip
+
+
+def _textures(n_train: int, n_test: int, size: int, seed: int):
+    try:
+        import skimage.data
+    except ImportError as e:
+        raise RuntimeError("the textures task needs scikit-image's bundled photos (pip install scikit-image)") from e
+    rng = np.random.default_rng(seed)
+    photos = [np.asarray(Image.fromarray(getattr(skimage.data, n)()).convert("L"), np.float32) for n in _TEXTURES]
+    out = {}
+    for part, n in (("train", n_train), ("test", n_test)):
+        images, labels = [], []
+        for _ in range(n):
+            label = int(rng.integers(len(photos)))
+            photo = photos[label]
+            # train patches come from the left 60% of each photo, test patches from the right 40%: no shared pixels
+            cut = int(photo.shape[1] * 0.6)
+            region = photo[:, :cut] if part == "train" else photo[:, cut:]
+            side = int(rng.integers(24, min(128, *region.shape) + 1))
+            y = int(rng.integers(0, region.shape[0] - side + 1))
+            x = int(rng.integers(0, region.shape[1] - side + 1))
+            patch = np.rot90(region[y : y + side, x : x + side], int(rng.integers(4)))
+            patch = Image.fromarray(patch.astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)
+            # a random gain and contrast, so a photo's mean brightness alone does not name it
+            a = np.asarray(patch, np.float32)
+            a = (a - a.mean()) * rng.uniform(0.6, 1.4) + a.mean() * rng.uniform(0.6, 1.4) + rng.normal(0, 4, a.shape)
+            images.append(Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).convert("RGB"))
+            labels.append(label)
+        out[part] = (images, np.asarray(labels, np.int64))
+    return out, list(_TEXTURES)
+
+
+TASKS: dict[str, Callable] = {
+    "digits": _digits,
+    "glyphs": _glyphs,
+    "digits_on_photos": _digits_on_photos,
+    "printed_digits": _printed_digits,
+    "textures": _textures,
+}
 
 
 def make_task(name: str, n_train: int = 2000, n_test: int = 500, size: int = 32, seed: int = 0) -> dict:

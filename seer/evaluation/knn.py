@@ -9,7 +9,8 @@ The search is blocked fp32 GEMMs: for each train chunk (read once, from memory, 
 ``.npy``), ``test_chunk @ train_chunk.T`` then a running top-k merge. After the first chunk most similarities fall
 below the running k-th best of their row, so later blocks are filtered against that threshold and only the few
 survivors are merged; that keeps the top-k bookkeeping a small fraction of the GEMM time. faiss ``IndexFlatIP``
-(CPU, or GPU when faiss-gpu sees a GPU) is available as ``backend="faiss"``.
+(CPU, or GPU when faiss-gpu sees a GPU) is available as ``backend="faiss"``. ``backend="auto"`` takes the faster of
+the two on this CPU (``pick_backend``: a short probe, once per process), since which one wins depends on the CPU.
 
 Documented choices:
 - ``k`` larger than the train bank raises ``ValueError`` unless ``clamp_k=True`` (then k is clamped to the bank
@@ -43,12 +44,25 @@ import torch
 
 from seer.extras import require
 
-__all__ = ["eval_knn", "knn_search", "knn_vote", "write_json", "load_features", "cli_main"]
+__all__ = [
+    "eval_knn",
+    "knn_search",
+    "knn_vote",
+    "pick_backend",
+    "clear_backend_cache",
+    "write_json",
+    "load_features",
+    "cli_main",
+]
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "faiss")
 MERGE_THREADS: int | None = None  # torch threads of the top-k bookkeeping (None: 1 on CPUs with <= 4 threads)
+BACKEND_ENV = "SEER_KNN_BACKEND"  # "torch" or "faiss": what backend="auto" uses, without probing
+# The probe of backend="auto": the DINO protocol's largest default k on a small random bank, best of a few runs.
+PROBE_TRAIN, PROBE_TEST, PROBE_MAX_DIM, PROBE_K, PROBE_REPEATS = 8192, 256, 512, 200, 2
+_BACKEND_CACHE: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}  # (device type, torch threads) -> choice
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,6 +349,69 @@ def _faiss_gpus() -> int:
     return int(get()) if get is not None and hasattr(faiss, "GpuIndexFlatIP") else 0
 
 
+def _faiss_installed() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _probe_seconds(dim: int) -> dict[str, float]:
+    """Best-of-``PROBE_REPEATS`` seconds of each CPU backend on one small random problem of width ``dim``."""
+    gen = torch.Generator().manual_seed(0)
+    bank = _Bank(torch.randn(PROBE_TRAIN, dim, generator=gen), "probe")
+    test = _prepare(torch.randn(PROBE_TEST, dim, generator=gen), True, "probe", 0)
+    cpu = torch.device("cpu")
+    runs = {
+        "torch": lambda: _search_torch(bank, test, PROBE_K, True, 16384, 512, cpu, False),
+        "faiss": lambda: _search_faiss(bank, test, PROBE_K, True, 16384, False, False),
+    }
+    best = dict.fromkeys(runs, math.inf)
+    for _ in range(PROBE_REPEATS):  # interleaved, so a load spike from another process hits both alike
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
+def pick_backend(device: str | torch.device | None = "cpu", dim: int = PROBE_MAX_DIM) -> tuple[str, dict[str, Any]]:
+    """The exact-search backend that ``backend="auto"`` uses on ``device`` -> ``(name, {"rule", "seconds"})``.
+
+    In order: ``SEER_KNN_BACKEND=torch|faiss`` forces the answer; a non-CPU device gets "torch" (its GEMM path;
+    faiss-gpu runs only when asked for by ``backend="faiss"``); without faiss, "torch"; otherwise the faster of the
+    two on a random ``PROBE_TRAIN`` x ``PROBE_TEST`` problem of width ``min(dim, PROBE_MAX_DIM)``, k=``PROBE_K``
+    (best of ``PROBE_REPEATS`` each: ~0.6 s on 2 busy cores). Which wins depends on the CPU (faiss 1.7x faster on an
+    AMD EPYC without AVX-512, torch on Intel AMX), so the probe runs once per process and per (device type, torch
+    threads); the first call's ``dim`` sizes it. ``clear_backend_cache()`` forgets it.
+    """
+    dev = _resolve_device(device)
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced and forced != "auto":
+        if forced not in ("torch", "faiss"):
+            raise ValueError(f"{BACKEND_ENV} must be 'torch', 'faiss' or 'auto', got {forced!r}")
+        return forced, {"rule": f"forced by {BACKEND_ENV}", "seconds": {}}
+    if dev.type != "cpu":
+        return "torch", {"rule": f"{dev.type}: torch, not probed", "seconds": {}}
+    # Checked before the cache: faiss may be importable when a choice was cached and not now (tests hide it).
+    if not _faiss_installed():
+        return "torch", {"rule": "faiss not installed", "seconds": {}}
+    key = (dev.type, torch.get_num_threads())
+    if key not in _BACKEND_CACHE:
+        seconds = _probe_seconds(max(1, min(int(dim), PROBE_MAX_DIM)))
+        name = min(seconds, key=seconds.__getitem__)
+        log.info("kNN backend auto -> %s (probe: %s)", name, {k: round(v, 4) for k, v in seconds.items()})
+        _BACKEND_CACHE[key] = (name, {"rule": "probe", "seconds": seconds})
+    name, record = _BACKEND_CACHE[key]
+    return name, {"rule": record["rule"], "seconds": dict(record["seconds"])}
+
+
+def clear_backend_cache() -> None:
+    """Forget the probed ``backend="auto"`` choices: the next ``pick_backend`` call measures again."""
+    _BACKEND_CACHE.clear()
+
+
 def _bar(progress: bool, total: int, desc: str):
     if not progress:
         return None
@@ -360,6 +437,7 @@ def knn_search(
     ``train_features`` may be an array, a memory-mapped ``.npy`` (path or ``np.load(..., mmap_mode="r")``), a
     torch tensor, or a list of those (chunks); it is read one ``train_chunk_size`` chunk at a time, so the bank
     may be larger than memory. ``test_features`` is held in memory. Indices are global rows of the bank.
+    ``backend``: "torch", "faiss", or "auto" (the faster of the two here: ``pick_backend``).
     """
     bank = train_features if isinstance(train_features, _Bank) else _Bank(train_features, "train_features")
     if backend not in BACKENDS:
@@ -371,7 +449,7 @@ def knn_search(
     test = _prepare(_to_tensor32(test_bank.take(np.arange(test_bank.n)), dev), normalize, "test_features", 0)
     if test.shape[1] != bank.dim:
         raise ValueError(f"feature dims differ: train_features has {bank.dim}, test_features has {test.shape[1]}")
-    if backend == "faiss":
+    if (pick_backend(dev, bank.dim)[0] if backend == "auto" else backend) == "faiss":
         use_gpu = dev.type == "cuda" and _faiss_gpus() > 0
         return _search_faiss(bank, test, k, normalize, train_chunk_size, use_gpu, progress)
     return _search_torch(bank, test, k, normalize, train_chunk_size, test_chunk_size, dev, progress)
@@ -458,7 +536,9 @@ def eval_knn(
         temperature: T of the vote weights ``exp(sim / T)``.
         normalize: L2-normalize features (cosine similarity). ``False`` searches raw inner products.
         backend: "torch" (blocked fp32 GEMM + running top-k), "faiss" (IndexFlatIP, GPU when faiss-gpu and
-            ``device`` is CUDA), or "auto" (= "torch": faster than faiss in 3 of 4 runs of ``benchmarks/knn.py`` here).
+            ``device`` is CUDA), or "auto": on CPU the faster of the two, measured once per process by
+            ``pick_backend`` (a ~0.6 s probe; "torch" without faiss, or on CUDA); ``SEER_KNN_BACKEND=torch|faiss``
+            forces its answer. ``settings["backend"]`` / ``settings["backend_choice"]`` record what ran and why.
         device: where the search runs ("cpu", "cuda", None = CUDA when available).
         clamp_k: clamp ks larger than the train bank to its size instead of raising ``ValueError``.
         n_per_class: few-shot: sample this many train samples per class (all of a class that has fewer),
@@ -490,7 +570,10 @@ def eval_knn(
         raise ValueError(f"feature dims differ: train_features has {bank.dim}, test_features has {test_bank.dim}")
     classes = np.unique(np.concatenate([y_train, y_test]))
     dev = _resolve_device(device)
-    chosen = "torch" if backend == "auto" else backend
+    if backend == "auto":
+        chosen, choice = pick_backend(dev, bank.dim)
+    else:
+        chosen, choice = backend, {"rule": "requested", "seconds": {}}
     settings: dict[str, Any] = {
         "protocol": "knn",
         "ks": ks,
@@ -499,6 +582,7 @@ def eval_knn(
         "metric": "cosine" if normalize else "inner_product",
         "voting": "sum of exp(sim/T) per class (DINO); zero-vote classes never predicted; ties -> smaller class",
         "backend": chosen,
+        "backend_choice": {"requested": backend, **choice},
         "device": str(dev),
         "n_train": bank.n,
         "n_test": test_bank.n,

@@ -40,7 +40,7 @@ def extract_features(images: Any, model: Any = None, *, layer: str = "avgpool", 
                      preprocess: bool | Preprocess = True, resolution: int | None = None,
                      crop_pct: float | None = None, interpolation: str | None = None,
                      resize_mode: str | None = None, mean: Sequence[float] | None = None,
-                     std: Sequence[float] | None = None) -> np.ndarray:  # fmt: skip
+                     std: Sequence[float] | None = None, backend: str = "auto") -> np.ndarray:  # fmt: skip
     """Features of images with a SEER trunk, as numpy float32 ``[N, D]`` in input order.
 
     Args:
@@ -65,6 +65,12 @@ def extract_features(images: Any, model: Any = None, *, layer: str = "avgpool", 
         resolution, crop_pct, interpolation, resize_mode, mean, std: override the preprocessing (defaults come from
             the checkpoint: 224 px / crop 0.965 / bicubic for timm SEER weights, the HF processor's settings --
             384 px warp for the hub SEER models -- for HF ones; see docs/features.md).
+        backend: "torch" (eager), "compile" (``torch.compile``, inductor with frozen weights), "onnxruntime" or
+            "openvino" (CPU; the trunk exported to ONNX once per process; extras ``seer-ssl[onnx]`` /
+            ``[openvino]``), or "auto": eager torch for fewer than 1000 images, on GPU, for non-seer models or with
+            no runtime installed, else the fastest per batch in a short probe on this machine (logged on logger
+            ``seer.features``; ``SEER_FEATURES_BACKEND`` forces one). Every backend computes in fp32 within 1e-4
+            of eager torch; ``amp`` stays opt-in.
 
     Returns:
         float32 array ``[N, D]`` (a ``FeatureArray`` when ``on_error="skip"``).
@@ -79,7 +85,7 @@ def extract_features(images: Any, model: Any = None, *, layer: str = "avgpool", 
                      mean=mean, std=std)  # fmt: skip
     setup = make_setup(model, layer=layer, batch_size=batch_size, device=device, normalize=normalize, amp=amp,
                         preprocess=preprocess, n_items=None if items is None else len(items), num_workers=num_workers,
-                        needs_decode=needs_decode, overrides=overrides)  # fmt: skip
+                        needs_decode=needs_decode, overrides=overrides, backend=backend)  # fmt: skip
     feats: list[np.ndarray] = []
     kept: list[int] = []
     skipped: list[dict] = []

@@ -20,6 +20,7 @@ from torch import nn
 
 from seer import hardware
 from seer.data.images import Preprocess
+from seer.features import backends
 from seer.features.inputs import batches
 from seer.models.regnet import RegNetTrunk
 from seer.weights import DEFAULT_HUB_MODEL, load_trunk
@@ -98,8 +99,12 @@ class _Runner:
     """Batches of uint8 images -> features on the model's device."""
 
     def __init__(self, model: nn.Module, device: torch.device, preprocess: Preprocess | None, layer: str,
-                 normalize: bool, amp: str | None) -> None:  # fmt: skip
+                 normalize: bool, amp: str | None, backend: str = "torch", batch_size: int = 32,
+                 n_items: int | None = None) -> None:  # fmt: skip
         self.model, self.device, self.layer, self.normalize = model, device, layer, normalize
+        self.backend_name, self.batch_size, self.n_items = backend, batch_size, n_items
+        self.backend: backends.Backend | None = None  # resolved at the first batch, when the image size is known
+        self.choice: backends.BackendChoice | None = None
         self.amp = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
                     "bfloat16": torch.bfloat16}[amp]  # fmt: skip
         if device.type == "cpu":
@@ -130,9 +135,27 @@ class _Runner:
         per_image = 4 * max([self.model.cfg.stem_width * area(1)] + [m * area(i + 1) for i, m in enumerate(mids)])
         return max(1, min(images.shape[0], (30 << 20) // max(per_image, 1)))
 
+    def _resolve(self, images: torch.Tensor) -> backends.Backend | None:
+        """The backend for these images (``None``: the eager torch path), chosen and set up once."""
+        if self.backend_name == "torch":
+            return None
+        if self.backend is None and self.choice is None:
+            h, w = (images.shape[1], images.shape[2]) if images.dtype == torch.uint8 else images.shape[2:]
+            example = torch.zeros(self.batch_size, 3, h, w, device=self.device)
+            name = self.backend_name
+            if name == "auto":
+                self.choice = backends.choose(self.model, self.layer, example, n_images=self.n_items, amp=self.amp)
+                name = self.choice.name
+            else:
+                self.choice = backends.BackendChoice(name, "requested")
+            if name != "torch":
+                self.backend = backends.make_backend(name, self.model, self.layer, example, amp=self.amp)
+        return self.backend
+
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        micro = self.micro_batch(images)
+        backend = self._resolve(images)
+        micro = self.micro_batch(images) if backend is None else images.shape[0]
         if micro < images.shape[0]:
             return torch.cat([self(chunk) for chunk in images.split(micro)])
         if images.dtype == torch.uint8:  # [B, H, W, 3]: permute gives a channels_last view, no copy
@@ -140,9 +163,12 @@ class _Runner:
             x = torch.addcmul(self.shift, x, self.scale)  # (x / 255 - mean) / std in one pass
         else:
             x = images.to(self.device, non_blocking=True).float()
-        ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
-        with ctx:
-            feats = pooled_features(self.model, x, (self.layer,))[self.layer]
+        if backend is not None:
+            feats = backend(x.contiguous())
+        else:
+            ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
+            with ctx:
+                feats = pooled_features(self.model, x, (self.layer,))[self.layer]
         feats = feats.float()
         if self.normalize:
             feats = torch.nn.functional.normalize(feats, dim=1)
@@ -186,10 +212,12 @@ class Setup:
 
 def make_setup(model: Any, *, layer: str, batch_size: int | None, device: Any, normalize: bool, amp: str | None,
                preprocess: bool | Preprocess, n_items: int | None, num_workers: int | None,
-               needs_decode: bool, overrides: dict) -> Setup:  # fmt: skip
+               needs_decode: bool, overrides: dict, backend: str = "torch") -> Setup:  # fmt: skip
     """Resolve and check what ``extract_features`` / ``extract_dataset`` were given (see their arguments)."""
     if layer not in LAYERS:
         raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
+    if backend not in backends.BACKENDS:
+        raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
     if amp not in (None, "bf16", "fp16", "bfloat16", "float16"):
         raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
     net, owned = _resolve_model(model)
@@ -214,7 +242,8 @@ def make_setup(model: Any, *, layer: str, batch_size: int | None, device: Any, n
         big = n_items is not None and n_items >= 4 * batch_size
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         num_workers = min(8, cores // 2) if (big and needs_decode and cores >= 4) else 0
-    return Setup(net, _Runner(net, dev, pp, layer, normalize, amp), pp, batch_size, num_workers)
+    runner = _Runner(net, dev, pp, layer, normalize, amp, backend=backend, batch_size=batch_size, n_items=n_items)
+    return Setup(net, runner, pp, batch_size, num_workers)
 
 
 def progress_bar(total: int | None, progress: bool | None, desc: str):

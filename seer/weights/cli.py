@@ -14,12 +14,14 @@ __all__ = ["cli_export"]
 
 
 def cli_export(argv: list[str] | None = None) -> int:
-    """`seer export RUN_DIR OUT [--format seer|hf|timm|torchvision] [--trunk-only]`: write a run's trunk (and a
+    """`seer export RUN_DIR OUT [--format seer|hf|timm|torchvision|onnx] [--trunk-only]`: write a run's trunk (and a
     fine-tuning run's classifier head)."""
     ap = argparse.ArgumentParser(prog="seer export", description=cli_export.__doc__)
     ap.add_argument("run_dir", help="a training run directory (latest checkpoint) or one checkpoint directory")
-    ap.add_argument("out", help="output path (a .safetensors file for --format seer, a directory for hf)")
-    ap.add_argument("--format", default="seer", choices=["seer", "hf", "timm", "torchvision"])
+    ap.add_argument(
+        "out", help="output path (a .safetensors file for --format seer, a directory for hf, a .onnx file for onnx)"
+    )
+    ap.add_argument("--format", default="seer", choices=["seer", "hf", "timm", "torchvision", "onnx"])
     ap.add_argument("--trunk-only", action="store_true", help="leave a fine-tuning run's classifier head out")
     args = ap.parse_args(argv)
     try:
@@ -27,7 +29,7 @@ def cli_export(argv: list[str] | None = None) -> int:
         classifier = not args.trunk_only and bool(read_classifier_state(ckpt)[0])
         model = load_classifier(ckpt) if classifier else load_trunk(ckpt)
         save_trunk(model, args.out, format=args.format)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"seer export: {exc}", file=sys.stderr)
         return 1
     what = f"classifier ({model.n_classes} classes)" if classifier else "trunk"

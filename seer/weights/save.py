@@ -43,6 +43,10 @@ def save_trunk(trunk: RegNetTrunk | RegNetClassifier, path: str | os.PathLike, *
         raise TypeError(f"save_trunk expects a RegNetTrunk or RegNetClassifier, got {type(trunk).__name__}")
     path = Path(path).expanduser()
     cfg: RegNetCfg = trunk.cfg
+    if format == "onnx":  # the graph computes image_norm itself, so every trunk exports
+        from seer.weights.onnx import export_onnx
+
+        return export_onnx(classifier or trunk, path, preprocess=preprocess)
     if cfg.image_norm and format != "seer":
         # timm / torchvision / HF trunks have no per-image standardization: the file would load as a different model
         raise ValueError(f"save_trunk: format={format!r} cannot record image_norm=True (per-image standardization "
@@ -77,7 +81,7 @@ def save_trunk(trunk: RegNetTrunk | RegNetClassifier, path: str | os.PathLike, *
         return path
     if format == "hf":
         return _save_hf(tensors, cfg, path, pre, head, classifier.id2label if classifier is not None else None)
-    raise ValueError(f"unknown format {format!r}; choose 'seer', 'hf', 'timm' or 'torchvision'")
+    raise ValueError(f"unknown format {format!r}; choose 'seer', 'hf', 'timm', 'torchvision' or 'onnx'")
 
 
 def _head_tensors(classifier: RegNetClassifier) -> dict[str, torch.Tensor]:
