@@ -31,12 +31,16 @@ import torch
 from benchmarks.common import machine_info, measure_mm_peak, timeit, write_result
 
 BACKENDS = ("torch", "compile", "onnxruntime", "openvino")
+# opt-in bf16, measured where oneDNN has bf16 kernels (AVX512-BF16 / AMX): (row, backend, amp)
+BF16_ROWS = (("torch_bf16", "torch", torch.bfloat16), ("openvino_bf16", "openvino", torch.bfloat16))
 LABELS = {"torch": "seer eager", "compile": "torch.compile (inductor, freezing)", "onnxruntime": "ONNX Runtime (CPU)",
-          "openvino": "OpenVINO (CPU, f32)"}  # fmt: skip
+          "openvino": "OpenVINO (CPU, f32)", "torch_bf16": "seer eager, amp='bf16' (opt-in)",
+          "openvino_bf16": "OpenVINO, bf16 hint (opt-in)"}  # fmt: skip
 
 
 def _inference(preset: str, batch: int, resolution: int, repeat: int, peak: float) -> dict:
-    from seer.features.backends import installed, make_backend
+    from seer import hardware
+    from seer.features.backends import Backend, installed, make_backend
     from seer.models.regnet import build_trunk, complexity, get_preset
 
     torch.manual_seed(0)
@@ -45,12 +49,23 @@ def _inference(preset: str, batch: int, resolution: int, repeat: int, peak: floa
     gflop = 2 * complexity(preset, resolution)["macs"] * batch / 1e9
     out: dict = {}
     ref = None
-    for name in BACKENDS:
-        if not installed(name):
+    rows = [(name, name, None) for name in BACKENDS]
+    if hardware.cpu_bf16_kernels():
+        rows += list(BF16_ROWS)
+    for name, kind, amp in rows:
+        if not installed(kind):
             out[name] = {"status": "not installed"}
             continue
         try:
-            backend = make_backend(name, trunk, "avgpool", x)
+            backend = make_backend(kind, trunk, "avgpool", x, amp=amp)
+            if kind == "torch" and amp is not None:
+                eager = backend
+
+                def run(x: torch.Tensor, eager=eager) -> torch.Tensor:
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        return eager(x).float()
+
+                backend = Backend("torch", run)
         except Exception as exc:  # a runtime that fails on this model is reported, the others still run
             out[name] = {"status": f"failed: {type(exc).__name__}: {str(exc)[:200]}"}
             continue
@@ -144,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     for preset, rows in results["inference"].items():
         base = rows["torch"].get("images_per_s")
-        for name in BACKENDS:
+        for name in rows:
             r = rows[name]
             if r["status"] != "ok":
                 lines.append(f"| {preset} | {LABELS[name]} | {r['status']} | | | | |")

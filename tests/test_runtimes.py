@@ -197,7 +197,7 @@ def test_auto_keeps_torch_for_small_jobs_and_probes_large_ones(monkeypatch, capl
     ex = torch.zeros(6, 3, 32, 32)
     monkeypatch.delenv("SEER_FEATURES_BACKEND", raising=False)
     small = backends.choose(trunk, "avgpool", ex, n_images=12)
-    assert small.name == "torch" and "12 images < 1000" in small.rule and small.seconds == {}
+    assert small.name == "torch" and f"12 images < {backends.AUTO_MIN_IMAGES}" in small.rule and small.seconds == {}
 
     calls = []
     real = backends._probe
@@ -232,3 +232,24 @@ def test_auto_rules_without_a_probe(monkeypatch):
     assert choice.name == "torch" and "no other runtime installed" in choice.rule
     net = torch.nn.Conv2d(3, 3, 1)
     assert "not a seer RegNetTrunk" in backends.choose(net, "avgpool", ex, n_images=10**6).rule
+
+
+def test_extract_dataset_records_the_backend_that_ran(tmp_path):
+    from PIL import Image
+
+    from seer.features import extract_dataset, load_feature_file
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(6):
+        files.append(tmp_path / "imgs" / f"{i}.png")
+        files[-1].parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(files[-1])
+    trunk = _trunk(5)
+    got = {}
+    for backend in ("torch", "onnxruntime"):
+        summary = extract_dataset([str(f) for f in files], tmp_path / backend, trunk, backend=backend, resolution=32,
+                                  dtype="float32", progress=False, batch_size=4)  # fmt: skip
+        assert summary["backend"]["backend"] == backend
+        got[backend] = np.asarray(load_feature_file(tmp_path / backend)["features"])
+    assert _rel(got["onnxruntime"], got["torch"]) < RTOL

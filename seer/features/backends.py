@@ -10,10 +10,10 @@ Every backend maps model-ready float32 images ``[B, 3, H, W]`` to the pooled fea
   otherwise pick bf16 by itself on CPUs with bf16 instructions (``pip install 'seer-ssl[openvino]'``).
 
 ``backend="auto"`` (``choose``) keeps ``torch`` where nothing else can pay -- a GPU, a model that is not a
-``RegNetTrunk``, fewer than ``AUTO_MIN_IMAGES`` images, no runtime installed -- and otherwise measures each installed
-CPU runtime on a batch of the run's size (after its set-up) and takes the one with the least estimated total time,
-set-up included. ``compile`` joins the probe only when asked (``SEER_FEATURES_COMPILE_PROBE=1``): its set-up
-(tens of seconds on a few cores) dominates one extraction. ``SEER_FEATURES_BACKEND=<name>`` forces the choice. The
+``RegNetTrunk``, fewer than ``AUTO_MIN_IMAGES`` (5000) images, no runtime installed -- and otherwise sets up each
+installed CPU runtime, times it against eager torch on a batch of the run's size, and runs the fastest per batch.
+``compile`` joins the probe only when asked (``SEER_FEATURES_COMPILE_PROBE=1``): its set-up (tens of seconds on a
+few cores) dominates one extraction. ``SEER_FEATURES_BACKEND=<name>`` forces the choice. The
 choice and its timings are logged (logger ``seer.features``) and cached per process.
 """
 
@@ -23,7 +23,6 @@ import contextlib
 import copy
 import importlib.util
 import logging
-import math
 import os
 import tempfile
 import time
@@ -41,7 +40,10 @@ __all__ = ["BACKENDS", "AUTO_MIN_IMAGES", "Backend", "BackendChoice", "make_back
 
 BACKENDS = ("auto", "torch", "compile", "onnxruntime", "openvino")
 RUNTIMES = ("onnxruntime", "openvino")  # need the ONNX graph, run on CPU only
-AUTO_MIN_IMAGES = 1000  # below this an export (~10 s) cannot pay back whatever a runtime gains per image
+# The probe sets up every installed runtime (an ONNX export and a compile each: about 15 s for a regnety_800mf on 2
+# cores, measured by benchmarks/runtimes.py), which the fastest one, 1.5x eager there, pays back after about 5000
+# images; below that eager torch is faster overall.
+AUTO_MIN_IMAGES = 5000
 _MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "onnx": "onnxscript"}
 
 log = logging.getLogger("seer.features")
@@ -208,17 +210,19 @@ def choose(model: nn.Module, layer: str, example: torch.Tensor, *, n_images: int
         return BackendChoice("torch", f"device {example.device.type}: the runtimes here are CPU ones")
     if not isinstance(model, RegNetTrunk):
         return BackendChoice("torch", f"{type(model).__name__} is not a seer RegNetTrunk")
-    if n_images is not None and n_images < AUTO_MIN_IMAGES:
+    if n_images is None:
+        return BackendChoice("torch", "an iterable of unknown length: set-up may not pay back")
+    if n_images < AUTO_MIN_IMAGES:
         return BackendChoice("torch", f"{n_images} images < {AUTO_MIN_IMAGES}: set-up would not pay back")
     candidates = [name for name in RUNTIMES if installed(name) and not (amp is not None and name == "onnxruntime")]
     if os.environ.get("SEER_FEATURES_COMPILE_PROBE") == "1":
         candidates.append("compile")
     if not candidates:
         return BackendChoice("torch", "no other runtime installed (pip install 'seer-ssl[onnx]' or '[openvino]')")
-    key = (id(model), _fingerprint(model), layer, tuple(example.shape), amp, torch.get_num_threads(), n_images)
+    key = (id(model), _fingerprint(model), layer, tuple(example.shape), amp, torch.get_num_threads())
     if key not in _CHOICES:
         _CHOICES.clear()
-        _CHOICES[key] = _probe(model, layer, example, amp, ["torch", *candidates], n_images)
+        _CHOICES[key] = _probe(model, layer, example, amp, ["torch", *candidates])
         choice = _CHOICES[key]
         log.info("extract_features backend=auto: %s (%s; %s)", choice.name, choice.rule,
                  ", ".join(f"{k} {v['batch_s'] * 1e3:.1f} ms/batch + {v['setup_s']:.1f} s set-up"
@@ -226,10 +230,9 @@ def choose(model: nn.Module, layer: str, example: torch.Tensor, *, n_images: int
     return _CHOICES[key]
 
 
-def _probe(model: RegNetTrunk, layer: str, example: torch.Tensor, amp: torch.dtype | None, names: list[str],
-           n_images: int | None) -> BackendChoice:  # fmt: skip
-    """Time each backend on ``example`` (best of 3 after a warm-up) and estimate the run's total time."""
-    batches = math.ceil(n_images / example.shape[0]) if n_images else None
+def _probe(model: RegNetTrunk, layer: str, example: torch.Tensor, amp: torch.dtype | None,
+           names: list[str]) -> BackendChoice:  # fmt: skip
+    """Time each backend on ``example`` (best of 3 after a warm-up); the fastest per batch wins."""
     seconds: dict[str, dict] = {}
     for name in names:
         try:
@@ -247,6 +250,6 @@ def _probe(model: RegNetTrunk, layer: str, example: torch.Tensor, amp: torch.dty
                 times.append(time.perf_counter() - t0)
         # the torch path pays no set-up; the others were just set up by this probe, so only the rest of the run counts
         seconds[name] = {"batch_s": min(times), "setup_s": backend.setup_seconds}
-    best = min(seconds, key=lambda k: seconds[k]["batch_s"] * (batches or 1))
-    rule = f"fastest per batch of {example.shape[0]} measured here" + (f", {batches} batches" if batches else "")
+    best = min(seconds, key=lambda k: seconds[k]["batch_s"])
+    rule = f"fastest per batch of {example.shape[0]} measured here"
     return BackendChoice(best, rule, seconds)

@@ -39,6 +39,12 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="autocast dtype (CUDA)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "compile", "onnxruntime", "openvino"],
+        help="who runs the trunk (auto: a short probe for 5000+ images on CPU; see docs/features.md)",
+    )
     p.add_argument("--normalize", action="store_true", help="L2-normalize the features")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="stored feature dtype")
     p.add_argument("--format", default="npy", choices=["npy", "safetensors"], help="merged features file format")
@@ -66,7 +72,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size, device=args.device, normalize=args.normalize, dtype=args.dtype,
             chunk_size=args.chunk_size, num_workers=args.workers, on_error=args.on_error,
             merge=False if args.no_merge else "auto", format=args.format,
-            progress=False if args.no_progress else None, amp=args.amp, overwrite=args.overwrite,
+            progress=False if args.no_progress else None, amp=args.amp, overwrite=args.overwrite, backend=args.backend,
             **{k: v for k, v in (("resolution", args.resolution), ("crop_pct", args.crop_pct),
                                  ("interpolation", args.interpolation), ("resize_mode", args.resize_mode))
                if v is not None},

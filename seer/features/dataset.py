@@ -17,6 +17,7 @@ import numpy as np
 from seer.data.images import Preprocess, load_image
 from seer.data.shards import eval_loader
 from seer.data.sources import resolve_source
+from seer.features.backends import BackendChoice
 from seer.features.files import (
     CHUNKS,
     chunk_path,
@@ -45,7 +46,7 @@ def extract_dataset(source: Any, out_dir: str | os.PathLike, model: Any = None, 
                     normalize: bool = False, dtype: str = "float16", chunk_size: int = 4096,
                     num_workers: int | None = None, on_error: str = "skip", merge: bool | str = "auto",
                     format: str = "npy", progress: bool | None = None, amp: str | None = None,
-                    overwrite: bool = False, **preprocess: Any) -> dict:  # fmt: skip
+                    overwrite: bool = False, backend: str = "auto", **preprocess: Any) -> dict:  # fmt: skip
     """Features of a whole dataset written to ``out_dir`` in chunks: resumable, atomic, rank-sharded.
 
     Every rank runs this with its own ``rank`` (of ``world_size``, passed explicitly: nothing here talks to
@@ -59,7 +60,8 @@ def extract_dataset(source: Any, out_dir: str | os.PathLike, model: Any = None, 
             shards (a ``.tar`` path, brace pattern or list of ``.tar`` files), a Dataset of ``(image, label)``,
             or a list of images / paths.
         out_dir: output directory.
-        model, layer, batch_size, device, normalize, amp, num_workers, progress: as ``extract_features``.
+        model, layer, batch_size, device, normalize, amp, num_workers, progress, backend: as ``extract_features``
+            (``backend="auto"`` counts this call's inputs; the backend that ran, and why, is in the summary).
         dtype: "float16" (half the disk, what kNN / linear probes need) or "float32".
         on_error: "skip" (record unreadable inputs in ``skipped.json``) or "raise".
         merge: "auto" (merge when every rank is done), True (this rank merges: all must be done), False.
@@ -91,7 +93,7 @@ def extract_dataset(source: Any, out_dir: str | os.PathLike, model: Any = None, 
     src = None if shards else _resolve_items(source)
     setup = make_setup(model, layer=layer, batch_size=batch_size, device=device, normalize=normalize, amp=amp,
                         preprocess=True, n_items=None if src is None else len(src.items), num_workers=num_workers,
-                        needs_decode=True, overrides=preprocess)  # fmt: skip
+                        needs_decode=True, overrides=preprocess, backend=backend)  # fmt: skip
     settings = {
         "model": _model_name(model),
         "layer": layer,
@@ -115,7 +117,8 @@ def extract_dataset(source: Any, out_dir: str | os.PathLike, model: Any = None, 
             summary = _extract_shards(source, out, setup, rank, world_size, chunk_size, np_dtype, on_error, progress)
         else:
             summary = _extract_items(src, out, setup, rank, world_size, chunk_size, np_dtype, on_error, progress)
-    summary.update(rank=rank, world_size=world_size, seconds=round(time.time() - t0, 3))
+    choice = setup.runner.choice or BackendChoice("torch", "requested")
+    summary.update(rank=rank, world_size=world_size, seconds=round(time.time() - t0, 3), backend=choice.as_dict())
     write_json(done_path(out, rank), summary)
     all_done = all(done_path(out, r).is_file() for r in range(world_size))
     if merge is True and not all_done:

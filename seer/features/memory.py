@@ -67,7 +67,7 @@ def extract_features(images: Any, model: Any = None, *, layer: str = "avgpool", 
             384 px warp for the hub SEER models -- for HF ones; see docs/features.md).
         backend: "torch" (eager), "compile" (``torch.compile``, inductor with frozen weights), "onnxruntime" or
             "openvino" (CPU; the trunk exported to ONNX once per process; extras ``seer-ssl[onnx]`` /
-            ``[openvino]``), or "auto": eager torch for fewer than 1000 images, on GPU, for non-seer models or with
+            ``[openvino]``), or "auto": eager torch for fewer than 5000 images, on GPU, for non-seer models or with
             no runtime installed, else the fastest per batch in a short probe on this machine (logged on logger
             ``seer.features``; ``SEER_FEATURES_BACKEND`` forces one). Every backend computes in fp32 within 1e-4
             of eager torch; ``amp`` stays opt-in.
