@@ -12,6 +12,12 @@ baseline rather than a trivial one, and returns PIL images with their labels. ``
              oblique), 10 classes; test uses fonts never seen in train
     digits_on_photos  the digits over patches of scikit-learn's sample photos (china.jpg, flower.jpg), in white or
              black, whichever contrasts
+    printed_digits  the digits 0-9 rendered in matplotlib's DejaVu, STIX and Computer Modern fonts (serif, sans,
+             typewriter, italic, bold); test uses fonts never seen in train
+    textures  patches (24-128 px, any quarter-turn, random gain and contrast) of ten of scikit-image's bundled photos
+             of surfaces (brick, grass, gravel, coins, moon, Hubble deep field, immunohistochemistry, text, page,
+             cells), in gray: which surface is it? Train patches come from the left 60% of each photo, test patches
+             from the right 40%. Needs scikit-image.
 """
 
 from __future__ import annotations
