@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from seer.models.pooling import pooled_features
 from seer.models.regnet import ConvBN, RegNetTrunk
 
 __all__ = ["BACKENDS", "AUTO_MIN_IMAGES", "Backend", "BackendChoice", "make_backend", "choose", "installed"]
@@ -99,8 +100,6 @@ def make_backend(name: str, model: nn.Module, layer: str, example: torch.Tensor,
         ValueError: a backend that cannot run this model, device or precision.
         ImportError: its package is not installed (the message names the extra).
     """
-    from seer.features.runner import pooled_features
-
     if name not in BACKENDS or name == "auto":
         raise ValueError(f"backend must be one of {BACKENDS[1:]} here, got {name!r}")
     if name == "torch":
@@ -132,8 +131,6 @@ class _Layer(nn.Module):
         self.trunk, self.layer = trunk, layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from seer.features.runner import pooled_features
-
         return pooled_features(self.trunk, x, (self.layer,))[self.layer]
 
 

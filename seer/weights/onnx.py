@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from seer.models.classifier import RegNetClassifier
+from seer.models.pooling import pool
 from seer.models.regnet import RegNetTrunk
 
 __all__ = ["export_onnx", "ONNX_MAX_PROTO_BYTES"]
@@ -42,8 +43,6 @@ class _Exported(nn.Module):
         self.model, self.layers, self.pool = model, tuple(layers), pool
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from seer.features.runner import pool
-
         trunk = self.model.trunk if isinstance(self.model, RegNetClassifier) else self.model
         last = trunk.stage_names[-1]
         stages = [last if layer == "avgpool" else layer for layer in self.layers]
