@@ -385,3 +385,16 @@ def test_cuda_matches_cpu(backend):
     assert gpu["settings"]["device"].startswith("cuda")
     for k in cpu["settings"]["ks"]:
         np.testing.assert_array_equal(gpu["predictions"][k], cpu["predictions"][k])
+
+
+def test_small_search_does_not_start_a_probe_but_uses_a_paid_one(backend_probe, monkeypatch):
+    pytest.importorskip("faiss")
+    xtr, ytr, xte, yte = _data(seed=12)
+    monkeypatch.setattr(knn, "_probe_seconds", _no_probe)
+    res = eval_knn(xtr, ytr, xte, yte, ks=(5,), device="cpu")
+    assert res["settings"]["backend"] == "torch"
+    assert res["settings"]["backend_choice"]["rule"].startswith(f"small search ({len(xtr) * len(xte)} pairs")
+    assert backend_probe == {"torch": 1, "faiss": 0}
+    paid = ("faiss", {"rule": "probe", "seconds": {"faiss": 0.1, "torch": 0.2}})
+    monkeypatch.setitem(knn._BACKEND_CACHE, ("cpu", torch.get_num_threads()), paid)
+    assert eval_knn(xtr, ytr, xte, yte, ks=(5,), device="cpu")["settings"]["backend"] == "faiss"

@@ -62,6 +62,9 @@ MERGE_THREADS: int | None = None  # torch threads of the top-k bookkeeping (None
 BACKEND_ENV = "SEER_KNN_BACKEND"  # "torch" or "faiss": what backend="auto" uses, without probing
 # The probe of backend="auto": the DINO protocol's largest default k on a small random bank, best of a few runs.
 PROBE_TRAIN, PROBE_TEST, PROBE_MAX_DIM, PROBE_K, PROBE_REPEATS = 8192, 256, 512, 200, 2
+# Searches with fewer train x test pairs than this take under ~2 s: a 0.6 s probe costs more than the faster backend
+# (at most 1.7x) could save, so they run torch unless a probe has already been paid for in this process.
+PROBE_MIN_PAIRS = 10**8
 _BACKEND_CACHE: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}  # (device type, torch threads) -> choice
 
 
@@ -376,7 +379,8 @@ def _probe_seconds(dim: int) -> dict[str, float]:
     return best
 
 
-def pick_backend(device: str | torch.device | None = "cpu", dim: int = PROBE_MAX_DIM) -> tuple[str, dict[str, Any]]:
+def pick_backend(device: str | torch.device | None = "cpu", dim: int = PROBE_MAX_DIM,
+                 pairs: int | None = None) -> tuple[str, dict[str, Any]]:  # fmt: skip
     """The exact-search backend that ``backend="auto"`` uses on ``device`` -> ``(name, {"rule", "seconds"})``.
 
     In order: ``SEER_KNN_BACKEND=torch|faiss`` forces the answer; a non-CPU device gets "torch" (its GEMM path;
@@ -384,7 +388,8 @@ def pick_backend(device: str | torch.device | None = "cpu", dim: int = PROBE_MAX
     two on a random ``PROBE_TRAIN`` x ``PROBE_TEST`` problem of width ``min(dim, PROBE_MAX_DIM)``, k=``PROBE_K``
     (best of ``PROBE_REPEATS`` each: ~0.6 s on 2 busy cores). Which wins depends on the CPU (faiss 1.7x faster on an
     AMD EPYC without AVX-512, torch on Intel AMX), so the probe runs once per process and per (device type, torch
-    threads); the first call's ``dim`` sizes it. ``clear_backend_cache()`` forgets it.
+    threads); the first call's ``dim`` sizes it. ``clear_backend_cache()`` forgets it. A search of fewer than
+    ``PROBE_MIN_PAIRS`` train x test ``pairs`` does not start a probe (it gets "torch", or an answer already cached).
     """
     dev = _resolve_device(device)
     forced = os.environ.get(BACKEND_ENV, "").strip().lower()
@@ -398,6 +403,8 @@ def pick_backend(device: str | torch.device | None = "cpu", dim: int = PROBE_MAX
     if not _faiss_installed():
         return "torch", {"rule": "faiss not installed", "seconds": {}}
     key = (dev.type, torch.get_num_threads())
+    if key not in _BACKEND_CACHE and pairs is not None and pairs < PROBE_MIN_PAIRS:
+        return "torch", {"rule": f"small search ({pairs} pairs < {PROBE_MIN_PAIRS}): torch, not probed", "seconds": {}}
     if key not in _BACKEND_CACHE:
         seconds = _probe_seconds(max(1, min(int(dim), PROBE_MAX_DIM)))
         name = min(seconds, key=seconds.__getitem__)
@@ -449,7 +456,7 @@ def knn_search(
     test = _prepare(_to_tensor32(test_bank.take(np.arange(test_bank.n)), dev), normalize, "test_features", 0)
     if test.shape[1] != bank.dim:
         raise ValueError(f"feature dims differ: train_features has {bank.dim}, test_features has {test.shape[1]}")
-    if (pick_backend(dev, bank.dim)[0] if backend == "auto" else backend) == "faiss":
+    if (pick_backend(dev, bank.dim, bank.n * test.shape[0])[0] if backend == "auto" else backend) == "faiss":
         use_gpu = dev.type == "cuda" and _faiss_gpus() > 0
         return _search_faiss(bank, test, k, normalize, train_chunk_size, use_gpu, progress)
     return _search_torch(bank, test, k, normalize, train_chunk_size, test_chunk_size, dev, progress)
@@ -571,7 +578,7 @@ def eval_knn(
     classes = np.unique(np.concatenate([y_train, y_test]))
     dev = _resolve_device(device)
     if backend == "auto":
-        chosen, choice = pick_backend(dev, bank.dim)
+        chosen, choice = pick_backend(dev, bank.dim, bank.n * test_bank.n)
     else:
         chosen, choice = backend, {"rule": "requested", "seconds": {}}
     settings: dict[str, Any] = {
