@@ -175,14 +175,21 @@ def test_extract_features_compile_backend_matches_torch():
     assert _rel(got, want) < RTOL
 
 
-def test_backend_errors_name_the_problem():
+def test_backend_errors_name_the_problem(monkeypatch):
     import seer
 
     trunk = _trunk()
     with pytest.raises(ValueError, match=r"backend must be one of .*'tensorrt'"):
         seer.extract_features(_images(2), trunk, backend="tensorrt", resolution=32)
-    with pytest.raises(ValueError, match=r"onnxruntime.*fp32.*amp"):
+    from seer import hardware
+
+    with hardware.force("cpu_bf16", True), pytest.raises(ValueError, match=r"onnxruntime.*fp32.*amp"):
         seer.extract_features(_images(2), trunk, backend="onnxruntime", resolution=32, amp="bf16")
+    # without oneDNN bf16 kernels (AVX2-only CPUs) amp="bf16" is fp32 on CPU, with a warning: nothing to refuse
+    monkeypatch.setattr(hardware, "_WARNED", set())  # the warning is once per process
+    with hardware.force("cpu_bf16", False), pytest.warns(RuntimeWarning, match="bf16"):
+        got = seer.extract_features(_images(2), trunk, backend="onnxruntime", resolution=32, amp="bf16")
+    assert _rel(got, seer.extract_features(_images(2), trunk, backend="torch", resolution=32)) < RTOL
     with pytest.raises(ValueError, match=r"RegNetTrunk only.*Sequential"):
         net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
         seer.extract_features(torch.rand(2, 3, 32, 32), net, backend="onnxruntime", preprocess=False, batch_size=2)
