@@ -40,7 +40,7 @@ LABELS = {"torch": "seer eager", "compile": "torch.compile (inductor, freezing)"
 
 def _inference(preset: str, batch: int, resolution: int, repeat: int, peak: float) -> dict:
     from seer import hardware
-    from seer.features.backends import Backend, installed, make_backend
+    from seer.features.backends import installed, make_backend
     from seer.models.regnet import build_trunk, complexity, get_preset
 
     torch.manual_seed(0)
@@ -58,14 +58,6 @@ def _inference(preset: str, batch: int, resolution: int, repeat: int, peak: floa
             continue
         try:
             backend = make_backend(kind, trunk, "avgpool", x, amp=amp)
-            if kind == "torch" and amp is not None:
-                eager = backend
-
-                def run(x: torch.Tensor, eager=eager) -> torch.Tensor:
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
-                        return eager(x).float()
-
-                backend = Backend("torch", run)
         except Exception as exc:  # a runtime that fails on this model is reported, the others still run
             out[name] = {"status": f"failed: {type(exc).__name__}: {str(exc)[:200]}"}
             continue

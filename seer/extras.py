@@ -4,6 +4,8 @@ pip install "seer-ssl[faiss]"        faiss-cpu: the faiss kNN backend on CPU
 pip install "seer-ssl[gpu]"          faiss-gpu instead (the same ``faiss`` module: never both)
 pip install "seer-ssl[plots]"        matplotlib: accuracy plots of the demo and eval suites
 pip install "seer-ssl[tensorboard]"  TensorBoard logs of pretraining
+pip install "seer-ssl[onnx]"         onnx, onnxscript, onnxruntime: ONNX export, extract_features(backend="onnxruntime")
+pip install "seer-ssl[openvino]"     openvino (+ the ONNX exporter): extract_features(backend="openvino")
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "matplotlib": ("plots", "plots"),
     "torch.utils.tensorboard": ("tensorboard", "TensorBoard logs"),
     "tensorboard": ("tensorboard", "TensorBoard logs"),
+    "onnxscript": ("onnx", "ONNX export"),
+    "onnxruntime": ("onnx", 'extract_features(backend="onnxruntime")'),
+    "openvino": ("openvino", 'extract_features(backend="openvino")'),
 }
 _SAID: set[str] = set()
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from seer.extras import install_hint, require
 from seer.models.pooling import pooled_features
 from seer.models.regnet import ConvBN, RegNetTrunk
 
@@ -45,7 +46,7 @@ RUNTIMES = ("onnxruntime", "openvino")  # need the ONNX graph, run on CPU only
 # cores, measured by benchmarks/runtimes.py), which the fastest one, 1.5x eager there, pays back after about 5000
 # images; below that eager torch is faster overall.
 AUTO_MIN_IMAGES = 5000
-_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "onnx": "onnxscript"}
+_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}  # both also need the exporter, onnxscript
 
 log = logging.getLogger("seer.features")
 
@@ -78,7 +79,7 @@ def installed(name: str) -> bool:
     """Whether backend ``name`` can run here (its package is importable)."""
     if name in ("torch", "compile"):
         return True
-    return importlib.util.find_spec(_MODULES[name]) is not None and importlib.util.find_spec("onnxscript") is not None
+    return all(importlib.util.find_spec(m) is not None for m in (_MODULES[name], "onnxscript"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,9 +93,10 @@ def _fingerprint(model: nn.Module) -> tuple:
     return tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
 
 
-def make_backend(name: str, model: nn.Module, layer: str, example: torch.Tensor, *, amp: torch.dtype | None = None,
-                 threads: int | None = None) -> Backend:  # fmt: skip
-    """Backend ``name`` for ``model``'s ``layer`` features at ``example``'s image size (cached per process).
+def make_backend(name: str, model: nn.Module, layer: str, example: torch.Tensor | None, *,
+                 amp: torch.dtype | None = None, threads: int | None = None) -> Backend:  # fmt: skip
+    """Backend ``name`` for ``model``'s ``layer`` features at ``example``'s image size (a full batch; the other
+    backends are set up for it and cached per process; "torch" needs none). ``amp``: the autocast / precision dtype.
 
     Raises:
         ValueError: a backend that cannot run this model, device or precision.
@@ -103,7 +105,7 @@ def make_backend(name: str, model: nn.Module, layer: str, example: torch.Tensor,
     if name not in BACKENDS or name == "auto":
         raise ValueError(f"backend must be one of {BACKENDS[1:]} here, got {name!r}")
     if name == "torch":
-        return Backend("torch", lambda x: pooled_features(model, x, (layer,))[layer])
+        return Backend("torch", lambda x: _eager(model, layer, x, amp))
     if not isinstance(model, RegNetTrunk):
         raise ValueError(f"backend={name!r} runs seer's RegNetTrunk only, got {type(model).__name__}; use 'torch'")
     if name in RUNTIMES and example.device.type != "cpu":
@@ -111,8 +113,8 @@ def make_backend(name: str, model: nn.Module, layer: str, example: torch.Tensor,
     if name in RUNTIMES and amp is not None and not (name == "openvino" and amp == torch.bfloat16):
         raise ValueError(f"backend={name!r} computes in fp32 (openvino also takes amp='bf16'), got amp={amp}")
     if not installed(name):
-        extra = "onnx" if name == "onnxruntime" else name
-        raise ImportError(f"backend={name!r} needs its package: pip install 'seer-ssl[{extra}]'")
+        for module in (_MODULES[name], "onnxscript"):
+            require(module, f"backend={name!r}")  # raises, naming the extra
     threads = threads or torch.get_num_threads()
     key = (name, id(model), _fingerprint(model), layer, tuple(example.shape[1:]), example.device, amp, threads)
     if key not in _CACHE:
@@ -123,6 +125,13 @@ def make_backend(name: str, model: nn.Module, layer: str, example: torch.Tensor,
                                                                                       amp, threads)  # fmt: skip
         _CACHE[key] = Backend(name, run, time.perf_counter() - t0)
     return _CACHE[key]
+
+
+def _eager(model: nn.Module, layer: str, x: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
+    """The eager forward: ``model``'s pooled ``layer`` features, under autocast when ``amp`` is set."""
+    ctx = torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    with ctx:
+        return pooled_features(model, x, (layer,))[layer]
 
 
 class _Layer(nn.Module):
@@ -148,7 +157,7 @@ def _compiled(model: RegNetTrunk, layer: str, example: torch.Tensor, amp: torch.
     def run(x: torch.Tensor) -> torch.Tensor:
         ctx = torch.autocast(x.device.type, dtype=amp) if amp is not None else torch.autocast("cpu", enabled=False)
         with torch.no_grad(), ctx, inductor_config.patch(freezing=True):
-            return fn(x).float()
+            return fn(x.contiguous()).float()  # one memory format: another would recompile
 
     run(example)  # compile now: the set-up time is measured, and the first batch is not slow
     return run
@@ -158,11 +167,11 @@ def _runtime(name: str, model: RegNetTrunk, layer: str, example: torch.Tensor, a
              threads: int) -> Callable:  # fmt: skip
     from seer.weights.onnx import export_onnx
 
+    if example.shape[-2] != example.shape[-1]:
+        raise ValueError(f"backend={name!r} exports square inputs; got {tuple(example.shape[-2:])}")
     with tempfile.TemporaryDirectory(prefix="seer-onnx-") as tmp:
         path = export_onnx(model, Path(tmp) / "trunk.onnx", layers=(layer,), resolution=example.shape[-1],
                            check=False)  # fmt: skip
-        if example.shape[-2] != example.shape[-1]:
-            raise ValueError(f"backend={name!r} exports square inputs; got {tuple(example.shape[-2:])}")
         if name == "onnxruntime":
             import onnxruntime as ort
 
@@ -215,7 +224,8 @@ def choose(model: nn.Module, layer: str, example: torch.Tensor, *, n_images: int
     if os.environ.get("SEER_FEATURES_COMPILE_PROBE") == "1":
         candidates.append("compile")
     if not candidates:
-        return BackendChoice("torch", "no other runtime installed (pip install 'seer-ssl[onnx]' or '[openvino]')")
+        hints = " or ".join(install_hint(m) for m in RUNTIMES)
+        return BackendChoice("torch", f"no other runtime installed ({hints})")
     key = (id(model), _fingerprint(model), layer, tuple(example.shape), amp, torch.get_num_threads())
     if key not in _CHOICES:
         _CHOICES.clear()
@@ -237,8 +247,7 @@ def _probe(model: RegNetTrunk, layer: str, example: torch.Tensor, amp: torch.dty
         except (ImportError, ValueError, RuntimeError) as exc:  # a runtime that cannot take this model is skipped
             log.warning("extract_features backend=auto: %s unavailable (%s)", name, exc)
             continue
-        ctx = torch.autocast("cpu", dtype=amp) if (amp is not None and name == "torch") else contextlib.nullcontext()
-        with torch.inference_mode(), ctx:
+        with torch.inference_mode():
             backend(example)
             times = []
             for _ in range(3):

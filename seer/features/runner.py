@@ -97,27 +97,26 @@ class _Runner:
         per_image = 4 * max([self.model.cfg.stem_width * area(1)] + [m * area(i + 1) for i, m in enumerate(mids)])
         return max(1, min(images.shape[0], (30 << 20) // max(per_image, 1)))
 
-    def _resolve(self, images: torch.Tensor) -> backends.Backend | None:
-        """The backend for these images (``None``: the eager torch path), chosen and set up once."""
-        if self.backend_name == "torch":
-            return None
-        if self.backend is None and self.choice is None:
-            h, w = (images.shape[1], images.shape[2]) if images.dtype == torch.uint8 else images.shape[2:]
-            example = torch.zeros(self.batch_size, 3, h, w, device=self.device)
+    def _resolve(self, images: torch.Tensor) -> backends.Backend:
+        """The backend for these images, chosen and set up once (at the first batch: the image size is known)."""
+        if self.backend is None:
             name = self.backend_name
+            self.choice = backends.BackendChoice(name, "requested")
+            example = None
+            if name != "torch":
+                h, w = (images.shape[1], images.shape[2]) if images.dtype == torch.uint8 else images.shape[2:]
+                example = torch.zeros(self.batch_size, 3, h, w, device=self.device)
             if name == "auto":
                 self.choice = backends.choose(self.model, self.layer, example, n_images=self.n_items, amp=self.amp)
                 name = self.choice.name
-            else:
-                self.choice = backends.BackendChoice(name, "requested")
-            if name != "torch":
-                self.backend = backends.make_backend(name, self.model, self.layer, example, amp=self.amp)
+            self.backend = backends.make_backend(name, self.model, self.layer, example, amp=self.amp)
         return self.backend
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         backend = self._resolve(images)
-        micro = self.micro_batch(images) if backend is None else images.shape[0]
+        # the eager trunk runs CPU micro-batches; the runtimes manage their own memory
+        micro = self.micro_batch(images) if backend.name == "torch" else images.shape[0]
         if micro < images.shape[0]:
             return torch.cat([self(chunk) for chunk in images.split(micro)])
         if images.dtype == torch.uint8:  # [B, H, W, 3]: permute gives a channels_last view, no copy
@@ -125,13 +124,7 @@ class _Runner:
             x = torch.addcmul(self.shift, x, self.scale)  # (x / 255 - mean) / std in one pass
         else:
             x = images.to(self.device, non_blocking=True).float()
-        if backend is not None:
-            feats = backend(x.contiguous())
-        else:
-            ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else contextlib.nullcontext()
-            with ctx:
-                feats = pooled_features(self.model, x, (self.layer,))[self.layer]
-        feats = feats.float()
+        feats = backend(x).float()
         if self.normalize:
             feats = torch.nn.functional.normalize(feats, dim=1)
         return feats

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from seer.extras import require
 from seer.models.classifier import RegNetClassifier
 from seer.models.pooling import pool
 from seer.models.regnet import RegNetTrunk
@@ -99,10 +100,7 @@ def export_onnx(model: RegNetTrunk | RegNetClassifier, path: str | os.PathLike, 
             raise ValueError(f"layer {layer!r}: choose 'avgpool', 'stages' or one of this trunk's {trunk.stage_names}")
     if not layers:
         raise ValueError("layers is empty: name at least one output")
-    try:
-        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it; a clear message beats its ImportError)
-    except ImportError as exc:
-        raise ImportError("ONNX export needs onnx and onnxscript: pip install 'seer-ssl[onnx]'") from exc
+    require("onnxscript", "ONNX export")  # torch.onnx's exporter needs it: a message naming the extra beats its own
     pre = dict(preprocess or getattr(model, "pretrained_cfg", None) or {})
     side = int(resolution or (pre.get("input_size") or (3, 224, 224))[-1])
     names = list(layers) + (["logits"] if isinstance(model, RegNetClassifier) else [])
