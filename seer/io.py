@@ -1,13 +1,20 @@
-"""Small file and argument helpers every part of seer shares: atomic writes and ``key=value`` parsing.
+"""Small file and argument helpers every part of seer shares: atomic writes, output directories, ``key=value``.
 
 An interrupted write never leaves a half-written file under the final name: data goes to a temporary file in the
 same directory (same filesystem, so the rename is atomic), which replaces the target only once it is complete.
-``atomic_dir`` does the same for a directory of files.
+``atomic_dir`` does the same for a directory of files. Both honour the umask, as ``open()`` and ``mkdir()`` do
+(``tempfile`` alone would leave 0600 files and 0700 directories that a user's group cannot read).
+
+``prepare_output_dir`` is the one rule for every command that writes into a directory the user names: seer writes
+into a new or empty directory, or one that holds a previous seer output of the same kind (marked by
+``.seer-output.json``); anything else is refused unless the user says ``overwrite``, and a directory that contains
+the command's own source is never replaced or cleared.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -15,7 +22,36 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_path", "atomic_dir", "parse_key_values"]
+__all__ = [
+    "OUTPUT_MARKER",
+    "OutputDirError",
+    "atomic_write",
+    "atomic_path",
+    "atomic_dir",
+    "current_umask",
+    "honour_umask",
+    "mark_output_dir",
+    "prepare_output_dir",
+    "parse_key_values",
+]
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``), else set and restored."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike, *, directory: bool | None = None) -> None:
+    """Give a file made by ``tempfile`` (0600 / 0700) the mode ``open()`` / ``mkdir()`` would have given it."""
+    directory = os.path.isdir(path) if directory is None else directory
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
 @contextlib.contextmanager
@@ -27,6 +63,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Pa
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     try:
+        honour_umask(tmp, directory=False)
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -61,6 +98,7 @@ def atomic_dir(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix))
     try:
+        honour_umask(tmp, directory=True)
         yield tmp
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
@@ -72,6 +110,87 @@ def atomic_dir(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ====================================================================================================================
+# Output directories
+
+OUTPUT_MARKER = ".seer-output.json"
+
+
+class OutputDirError(FileExistsError):
+    """seer refused to write into (or replace, or clear) a directory the user named; nothing was changed."""
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    try:
+        child.relative_to(parent)
+        return True
+    except ValueError:
+        return False
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        marker = json.loads((path / OUTPUT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("kind"), str) else None
+
+
+def prepare_output_dir(
+    path: str | os.PathLike,
+    *,
+    kind: str,
+    overwrite: bool = False,
+    sources: Iterable[str | os.PathLike] = (),
+    what: str = "output directory",
+    flag: str = "--overwrite",
+) -> str:
+    """Check that seer may write output of ``kind`` into the directory ``path``, before any work starts.
+
+    Returns the directory's state: ``"new"`` (absent), ``"empty"``, ``"own"`` (a previous seer output of the same
+    ``kind`` holding only the files its marker lists, or any files when the marker lists none: the caller may
+    replace or clear it) or ``"foreign"`` (other files, accepted only with ``overwrite``: the caller writes its own
+    files into it and must not delete anything else). Raises ``OutputDirError`` naming the directory and what it
+    holds otherwise, and always when the directory is, or contains, one of ``sources`` (the files the command reads).
+    Creates nothing.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"{what} {str(path)!r} exists and is not a directory")
+    resolved = path.resolve()
+    for src in sources:
+        src_path = Path(src).expanduser().resolve()
+        if _inside(src_path, resolved):
+            raise OutputDirError(
+                f"{what} {str(path)!r} contains the source {str(src)!r}: writing there would replace or clear what "
+                f"is being read; choose another directory"
+            )
+    if not path.exists():
+        return "new"
+    names = sorted(p.name for p in path.iterdir())
+    if not names:
+        return "empty"
+    marker = _read_marker(path)
+    if marker is not None and marker["kind"] == kind:
+        listed = marker.get("files")
+        if listed is None or set(names) <= {OUTPUT_MARKER, *map(str, listed)}:
+            return "own"
+    if overwrite:
+        return "foreign"
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    held = f"a seer {marker['kind']} output" if marker is not None else "files seer did not write"
+    raise OutputDirError(
+        f"{what} {str(path)!r} is not empty and holds {held} ({shown}); choose a new or empty directory, or pass "
+        f"{flag} to write this {kind} output into it (other files are left alone)"
+    )
+
+
+def mark_output_dir(path: str | os.PathLike, kind: str, files: Iterable[str] | None = None, **extra: Any) -> Path:
+    """Write the marker that makes ``path`` a seer output of ``kind`` (``files``: the names it owns; ``None``: all)."""
+    marker = {"kind": kind, "files": None if files is None else sorted(set(files) - {OUTPUT_MARKER}), **extra}
+    return atomic_write(Path(path) / OUTPUT_MARKER, json.dumps(marker, indent=1) + "\n")
 
 
 def parse_key_values(items: Iterable[str], *, what: str, example: str = "key=value") -> list[tuple[str, str]]:
