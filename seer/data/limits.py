@@ -41,7 +41,11 @@ class ReadLimits:
 
 
 DEFAULT_LIMITS = ReadLimits()
-_ENV = {"max_file_bytes": "SEER_MAX_FILE_MB", "max_member_bytes": "SEER_MAX_MEMBER_MB", "max_image_bytes": "SEER_MAX_IMAGE_MB"}
+_ENV = {
+    "max_file_bytes": "SEER_MAX_FILE_MB",
+    "max_member_bytes": "SEER_MAX_MEMBER_MB",
+    "max_image_bytes": "SEER_MAX_IMAGE_MB",
+}
 _override: list[ReadLimits] = []
 
 
