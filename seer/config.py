@@ -4,8 +4,8 @@
 
 A yaml file holds only the keys it changes (``yaml.safe_load``: configs are data, never code). Unknown keys and
 values of the wrong type are rejected with the full dotted key and a close-match suggestion; impossible values
-(negative learning rate, crops larger than the synthetic images, ...) are rejected by ``validate``. The resolved
-config is written next to the run's outputs with ``dump_config``.
+(negative learning rate, a NaN or infinite number anywhere, crops larger than the synthetic images, ...) are
+rejected by ``validate``. The resolved config is written next to the run's outputs with ``dump_config``.
 
 This file assembles the tree; a component's own knobs live with it: the method's section (``swav``:
 ``seer.ssl.swav.SwAVConfig``, chosen by ``method``, see ``seer.train.methods``) validates itself, and the multi-crop
@@ -31,6 +31,7 @@ from seer.catalog import looks_like_path, resolve
 from seer.io import atomic_write, parse_key_values
 from seer.ssl.swav import SwAVConfig
 from seer.train.supervised import SupervisedConfig
+from seer.validation import check_numbers as _check_numbers
 
 __all__ = [
     "ModelConfig",
@@ -47,6 +48,7 @@ __all__ = [
     "config_to_dict",
     "config_from_dict",
     "validate",
+    "check_numbers",
     "crop_shapes",
     "crop_scales",
     "batch_per_gpu",
@@ -151,6 +153,9 @@ class TrainConfig:
     # Collective timeout: a rank that waits this long on a peer (hung, or gone without closing its sockets) raises
     # instead of blocking the job until its time limit. Raise it when a checkpoint save takes longer.
     dist_timeout_minutes: float = 10.0
+    # A second run on this run_dir (double submission, a requeue while the old job still dies) waits this long for
+    # the holder of run_dir/.lock to end, then fails naming it (seer.train.rundir_lock); 0: fail at once.
+    lock_wait_minutes: float = 5.0
     crash_at_step: int = 0  # testing: hard-exit right after this step, as a kill would; 0 disables
     # testing: a step takes at least this long (a sleep), so a run outlasts a short time limit on any machine
     min_step_seconds: float = 0.0
@@ -191,6 +196,7 @@ def _type_name(tp: Any) -> str:
 
 
 _FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_NONFINITE = re.compile(r"[-+]?(nan|inf|infinity)", re.IGNORECASE)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -215,9 +221,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 (PyYAML) reads 1e-6 (no dot) as a string; it is the float every user means
-        if isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond any float (10**400) is the infinity 1e400 reads as
+                return math.inf if value > 0 else -math.inf
+        # YAML 1.1 (PyYAML) reads 1e-6 (no dot) as a string; it is the float every user means. "nan" / "inf" are
+        # read as the floats they spell, so that validate() rejects them as non-finite, as it does YAML's .nan / .inf.
+        if isinstance(value, str) and (_FLOAT_LITERAL.fullmatch(value.strip()) or _NONFINITE.fullmatch(value.strip())):
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -383,14 +393,21 @@ def _bad(key: str, value: Any, why: str) -> ConfigError:
     return ConfigError(f"{key}: {why}, got {value!r}")
 
 
+def check_numbers(node: Any, prefix: str = "") -> None:
+    """``seer.validation.check_numbers`` raising ``ConfigError``: no NaN / inf float, no integer beyond 64 bits."""
+    _check_numbers(node, prefix, error=ConfigError)
+
+
 def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
     """Reject impossible values, naming the dotted key. ``world_size`` adds the checks that depend on it."""
     from seer.data.transforms import PRESETS
+    from seer.distributed.env import collective_timeout
     from seer.distributed.parallel import SHARD_UNITS
     from seer.models.regnet import checkpoint_segments
     from seer.train.methods import get_method, method_config
 
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    check_numbers(cfg)  # first: every range check below lets a NaN through
     try:
         get_method(cfg.method)
     except ValueError as exc:
@@ -477,10 +494,15 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
         raise _bad("train.val_every", t.val_every, "must be >= 0 (0: every epoch)")
     if t.min_step_seconds < 0:
         raise _bad("train.min_step_seconds", t.min_step_seconds, "must be >= 0")
-    if t.ckpt_every_steps < 0 or t.ckpt_every_minutes < 0 or t.crash_at_step < 0:
-        raise _bad("train.ckpt_every_steps", t.ckpt_every_steps, "step/minute intervals must be >= 0")
-    if not t.dist_timeout_minutes > 0:
-        raise _bad("train.dist_timeout_minutes", t.dist_timeout_minutes, "must be > 0")
+    if not (math.isfinite(t.lock_wait_minutes) and t.lock_wait_minutes >= 0):
+        raise _bad("train.lock_wait_minutes", t.lock_wait_minutes, "must be a finite number >= 0 (0: fail at once)")
+    for key in ("ckpt_every_steps", "ckpt_every_minutes", "crash_at_step"):
+        if getattr(t, key) < 0:
+            raise _bad(f"train.{key}", getattr(t, key), "must be >= 0 (0 disables)")
+    try:
+        collective_timeout(t.dist_timeout_minutes)
+    except ValueError as exc:
+        raise ConfigError(f"train.dist_timeout_minutes: {exc}") from None
     if t.precision not in ("fp32", "bf16"):
         raise _bad("train.precision", t.precision, "must be 'fp32' or 'bf16'")
     if t.device not in ("auto", "cpu", "cuda"):

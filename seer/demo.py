@@ -15,7 +15,8 @@
 7. report    DIR/report.md (settings, mean ± std table, the three learning criteria, timings), accuracy.png,
              loss.png, results.json.
 
-Everything is seeded; `--out DIR` (default runs/demo) is wiped and rewritten.
+Everything is seeded. `--out DIR` (default runs/demo) must be new, empty, or the output of an earlier demo (marked by
+its .seer-output.json file), which is replaced; any other non-empty directory is refused and left as it is.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -35,8 +35,10 @@ import numpy as np
 import yaml
 
 from seer.extras import optional
+from seer.io import OutputDirError, clear_output_dir, mark_output_dir, prepare_output_dir
 
 RECIPE = "tiny_cpu"
+OUTPUT_KIND = "demo"  # the output marker's kind: a directory holding only a demo's output is replaced by the next
 ROWS = ("SwAV pretrained", "random init", "raw pixels", "supervised")
 METRICS = ("kNN top-1 (k=20)", "linear top-1")
 # What "the features learn" means, on the kNN top-1 means: the margin over random init, raw pixels, and the
@@ -181,6 +183,11 @@ def _criteria(table: dict) -> dict:
     return out
 
 
+def _output_names(seeds: Sequence[int]) -> list[str]:
+    """What a demo writes in its output directory (the marker's list: the next demo removes these, nothing else)."""
+    return ["data", "shards", *(f"seed{s}" for s in seeds), "results.json", "report.md", "loss.png", "accuracy.png"]
+
+
 def run_demo(out: str | Path = "runs/demo", *, task: str = "digits", n_train: int = 2000, n_test: int = 500,
              steps: int | None = None, seeds: Sequence[int] = (0, 1, 2), world_size: int = 1,
              image_size: int = 32, supervised: bool = True) -> dict:  # fmt: skip
@@ -189,7 +196,23 @@ def run_demo(out: str | Path = "runs/demo", *, task: str = "digits", n_train: in
     ``task`` is one of ``seer.data.tasks.TASKS``; ``steps`` defaults to the recipe's; each seed pretrains (and, with
     ``supervised``, trains the ceiling) once, on the same data; ``world_size > 1`` trains under FSDP over that many
     processes (slower on 2 cores: it shows the distributed path, not speed).
+
+    ``out`` must be new, empty, or an earlier demo's output (its ``.seer-output.json`` marker lists what it wrote),
+    which is replaced; any other non-empty directory raises ``seer.io.OutputDirError`` before anything is written.
     """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("run_demo: seeds is empty; give at least one")
+    if n_train < 20 or n_test < 1:  # kNN at k=20 needs 20 train images
+        raise ValueError(f"run_demo: needs n_train >= 20 and n_test >= 1, got n_train={n_train}, n_test={n_test}")
+    out = Path(out).expanduser()
+    # Checked before any work: never a directory of the user's; an earlier demo's output only loses what it wrote.
+    if prepare_output_dir(out, kind=OUTPUT_KIND, what="demo output directory", flag=None) == "own":
+        clear_output_dir(out, OUTPUT_KIND)
+    out.mkdir(parents=True, exist_ok=True)
+    # Marked before the first file: a demo killed half-way is still recognised (and replaced) by the next one.
+    mark_output_dir(out, OUTPUT_KIND, _output_names(seeds))
+
     import torch
 
     import seer
@@ -199,15 +222,6 @@ def run_demo(out: str | Path = "runs/demo", *, task: str = "digits", n_train: in
     from seer.data.tasks import write_task
     from seer.weights.cli import cli_export
 
-    seeds = [int(s) for s in seeds]
-    if not seeds:
-        raise ValueError("run_demo: seeds is empty; give at least one")
-    if n_train < 20 or n_test < 1:  # kNN at k=20 needs 20 train images
-        raise ValueError(f"run_demo: needs n_train >= 20 and n_test >= 1, got n_train={n_train}, n_test={n_test}")
-    out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
@@ -469,7 +483,12 @@ def cli_main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="seer demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--out", default="runs/demo")
+    parser.add_argument(
+        "--out",
+        default="runs/demo",
+        help="output directory (default: runs/demo): new, empty, or an earlier demo's output, which is replaced; "
+        "any other non-empty directory is refused and left untouched",
+    )
     parser.add_argument("--task", default="digits", choices=sorted(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=None, help="default: the tiny_cpu recipe's")
@@ -478,6 +497,10 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--test", type=int, default=500, help="test images")
     parser.add_argument("--no-supervised", action="store_true", help="skip the supervised ceiling")
     args = parser.parse_args(argv)
-    run_demo(args.out, task=args.task, n_train=args.train, n_test=args.test, steps=args.steps, seeds=args.seeds,
-             world_size=args.world_size, supervised=not args.no_supervised)  # fmt: skip
+    try:
+        run_demo(args.out, task=args.task, n_train=args.train, n_test=args.test, steps=args.steps, seeds=args.seeds,
+                 world_size=args.world_size, supervised=not args.no_supervised)  # fmt: skip
+    except OutputDirError as exc:  # refused before any work: the directory is as it was
+        print(f"seer demo: {exc}", file=sys.stderr)
+        return 2
     return 0

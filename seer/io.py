@@ -28,6 +28,8 @@ __all__ = [
     "atomic_write",
     "atomic_path",
     "atomic_dir",
+    "claim_output_files",
+    "clear_output_dir",
     "current_umask",
     "honour_umask",
     "mark_output_dir",
@@ -65,6 +67,8 @@ def atomic_path(path: str | os.PathLike, *, suffix: str = ".tmp") -> Iterator[Pa
     try:
         honour_umask(tmp, directory=False)
         yield Path(tmp)
+        # Again: a library may replace the file it was given with its own (safetensors' save_file leaves 0600).
+        honour_umask(tmp, directory=False)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -145,7 +149,7 @@ def prepare_output_dir(
     overwrite: bool = False,
     sources: Iterable[str | os.PathLike] = (),
     what: str = "output directory",
-    flag: str = "--overwrite",
+    flag: str | None = "--overwrite",
 ) -> str:
     """Check that seer may write output of ``kind`` into the directory ``path``, before any work starts.
 
@@ -154,7 +158,8 @@ def prepare_output_dir(
     replace or clear it) or ``"foreign"`` (other files, accepted only with ``overwrite``: the caller writes its own
     files into it and must not delete anything else). Raises ``OutputDirError`` naming the directory and what it
     holds otherwise, and always when the directory is, or contains, one of ``sources`` (the files the command reads).
-    Creates nothing.
+    ``flag`` names the option that gives ``overwrite`` in the message (``None``: the command has none, and the message
+    only asks for another directory). Creates nothing.
     """
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
@@ -181,9 +186,9 @@ def prepare_output_dir(
         return "foreign"
     shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
     held = f"a seer {marker['kind']} output" if marker is not None else "files seer did not write"
+    fix = f", or pass {flag} to write this {kind} output into it (other files are left alone)" if flag else ""
     raise OutputDirError(
-        f"{what} {str(path)!r} is not empty and holds {held} ({shown}); choose a new or empty directory, or pass "
-        f"{flag} to write this {kind} output into it (other files are left alone)"
+        f"{what} {str(path)!r} is not empty and holds {held} ({shown}); choose a new or empty directory{fix}"
     )
 
 
@@ -191,6 +196,53 @@ def mark_output_dir(path: str | os.PathLike, kind: str, files: Iterable[str] | N
     """Write the marker that makes ``path`` a seer output of ``kind`` (``files``: the names it owns; ``None``: all)."""
     marker = {"kind": kind, "files": None if files is None else sorted(set(files) - {OUTPUT_MARKER}), **extra}
     return atomic_write(Path(path) / OUTPUT_MARKER, json.dumps(marker, indent=1) + "\n")
+
+
+def claim_output_files(path: str | os.PathLike, kind: str, files: Iterable[str]) -> Path | None:
+    """Record ``files`` as seer's output of ``kind`` in a directory that holds other files too (``"foreign"``).
+
+    The marker is created when there is none, and merged with a marker of the same ``kind``, so a later
+    ``clear_output_dir`` removes seer's files and only those. A marker of another kind is left alone (that output
+    stays recognisable; the directory is then "own" for neither command). Returns the marker's path, or ``None``
+    where it was left alone.
+    """
+    path = Path(path)
+    marker = _read_marker(path)
+    if marker is None:
+        return mark_output_dir(path, kind, files)
+    if marker["kind"] != kind:
+        return None
+    listed = marker.get("files")
+    if listed is None:  # already the whole directory
+        return path / OUTPUT_MARKER
+    extra = {k: v for k, v in marker.items() if k not in ("kind", "files")}
+    return mark_output_dir(path, kind, {*map(str, listed), *files}, **extra)
+
+
+def clear_output_dir(path: str | os.PathLike, kind: str, *, first: Iterable[str] = ()) -> list[str]:
+    """Remove what a previous seer output of ``kind`` in ``path`` owns: the names its marker lists (every entry when
+    it lists none), ``first`` of them first, the marker last (an interrupted clear still reads as seer's output).
+
+    Nothing else is touched: without a marker, or with one of another kind, nothing is removed. Returns the removed
+    names.
+    """
+    path = Path(path)
+    marker = _read_marker(path)
+    if marker is None or marker["kind"] != kind:
+        return []
+    listed = marker.get("files")
+    present = {p.name for p in path.iterdir()} - {OUTPUT_MARKER}
+    names = present if listed is None else present & set(map(str, listed))
+    first = [n for n in first if n in names]
+    order = first + sorted(names - set(first))
+    for name in order:
+        target = path / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
+    (path / OUTPUT_MARKER).unlink(missing_ok=True)
+    return order
 
 
 def parse_key_values(items: Iterable[str], *, what: str, example: str = "key=value") -> list[tuple[str, str]]:

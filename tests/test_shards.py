@@ -91,7 +91,12 @@ def test_write_folder_index_and_members(image_folder: Path, tmp_path: Path) -> N
     assert index["num_skipped"] == 1 and index["skipped"][0]["source"].endswith("broken.jpg")
     assert [s["samples"] for s in index["shards"]] == [5, 5, 5, 5, 4]
     assert index["pattern"] == "data-{000000..000004}.tar"
-    assert sorted(p.name for p in out.iterdir()) == [f"data-{i:06d}.tar" for i in range(5)] + ["index.json"]
+    # and the marker that makes the directory a seer shards output (seer.io.prepare_output_dir)
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".seer-output.json",
+        *(f"data-{i:06d}.tar" for i in range(5)),
+        "index.json",
+    ]
     assert json.loads((out / "index.json").read_text())["total"] == 24
     names = _members(out / "data-000000.tar")
     assert names[:4] == ["0000000000.cls", "0000000000.json", "0000000000.png", "0000000001.cls"]  # extra.png first
@@ -107,12 +112,16 @@ def test_write_refuses_nonempty_and_overwrite_removes_stale(image_folder: Path, 
     out = tmp_path / "shards"
     write_shards(image_folder, out, max_samples_per_shard=3, progress=False)
     assert len(list(out.glob("*.tar"))) == 8
+    # a previous write_shards output (marked) is replaced without overwrite=True; its stale shards go
+    write_shards(image_folder, out, max_samples_per_shard=6, progress=False)
+    assert len(list(out.glob("*.tar"))) == 4
+    (out / "README").write_text("keep me")  # now it also holds a file of the user's
     with pytest.raises(FileExistsError, match="not empty"):
         write_shards(image_folder, out, progress=False)
-    (out / "README").write_text("keep me")
     index = write_shards(image_folder, out, max_samples_per_shard=100, overwrite=True, progress=False)
     assert index["num_shards"] == 1
-    assert sorted(p.name for p in out.iterdir()) == ["README", "data-000000.tar", "index.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".seer-output.json", "README", "data-000000.tar", "index.json"]
+    assert (out / "README").read_text() == "keep me"
 
 
 def test_write_max_bytes_and_shuffle(image_folder: Path, tmp_path: Path) -> None:
@@ -203,8 +212,9 @@ def test_interrupted_write_leaves_no_partial_shard(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         write_shards(_Interrupting(20, stop_at=13), out, max_samples_per_shard=5, progress=False)
     # the two finished shards are complete and final; the third (3 samples in) was discarded; no index
-    assert sorted(p.name for p in out.iterdir()) == ["data-000000.tar", "data-000001.tar"]
-    for p in out.iterdir():
+    # (and the marker, which lists them: the next write_shards replaces this output without overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [".seer-output.json", "data-000000.tar", "data-000001.tar"]
+    for p in out.glob("*.tar"):
         assert len(_members(p)) == 15
     with pytest.raises(FileNotFoundError, match="no index.json"):
         expand_urls(out)
@@ -233,6 +243,9 @@ def test_cli(image_folder: Path, tmp_path: Path, capsys) -> None:
         == 0
     )
     assert "wrote 24 samples in 3 shards" in capsys.readouterr().out
+    # its own previous output is replaced; a directory that also holds a file of the user's is refused
+    assert main(["shards", str(image_folder), str(tmp_path / "o"), "--no-progress"]) == 0
+    (tmp_path / "o" / "notes.txt").write_text("mine")
     assert main(["shards", str(image_folder), str(tmp_path / "o"), "--no-progress"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert main(["shards", f"tv:ImageFolder:{image_folder}", str(tmp_path / "tv"), "--no-progress"]) == 0

@@ -8,6 +8,10 @@
   geometry, ``resize_crop``: the shorter side to ``resize``, then the centered square; or a warp to the square.
 * ``IMAGENET_MEAN`` / ``IMAGENET_STD``: every SEER checkpoint was trained with them. ``INTERPOLATIONS``: the names
   every option that takes an interpolation accepts.
+* Files from strangers: ``read_image_file`` reads regular files only (a FIFO or a ``/dev/zero`` link named ``.jpg``
+  is refused without being read) and at most ``max_file_bytes``; ``finish_decode`` refuses, from the header and
+  before any pixel is decoded, an image whose decoding would take more than ``max_image_bytes``
+  (``seer.data.limits``).
 """
 
 from __future__ import annotations
@@ -15,21 +19,26 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from seer.data.limits import read_limits
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "INTERPOLATIONS",
     "ImageDecodeError",
+    "ImageFileError",
+    "ImageTooLargeError",
     "Preprocess",
+    "check_decode_size",
     "check_image_array",
     "check_image_tensor",
     "decode_image",
@@ -38,6 +47,7 @@ __all__ = [
     "finish_decode",
     "load_image",
     "open_image",
+    "read_image_file",
     "resize_crop",
     "swaps_axes",
     "to_rgb",
@@ -60,6 +70,100 @@ _EXIF_ORIENTATION = 0x0112
 
 class ImageDecodeError(ValueError):
     """The bytes are not an image PIL can decode (unknown format, truncated, corrupt)."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """Decoding the image would take more memory than ``max_image_bytes`` (checked from its header)."""
+
+
+class ImageFileError(OSError):
+    """A path seer refuses to read as an image: not a regular file, or larger than ``max_file_bytes``."""
+
+
+_MiB = 1 << 20
+_FILE_TYPES = {
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFDIR: "a directory",
+}
+
+
+def _mib(n: int) -> str:
+    return f"{n / _MiB:.6g} MiB" if n >= _MiB else f"{n} bytes"
+
+
+def _refuse_special(path: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = _FILE_TYPES.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise ImageFileError(f"{path}: {kind}, not a regular file; seer reads images only from regular files")
+
+
+def read_image_file(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file: regular files only (symlinks followed), at most ``read_limits().max_file_bytes``.
+
+    A FIFO, a device (a ``/dev/zero`` link named ``.jpg``) or a socket is refused from its ``stat``, before it is
+    opened; it is opened non-blocking and checked again with ``fstat`` (it may have been swapped meanwhile), so
+    reading never blocks. At most ``max_file_bytes + 1`` bytes are read, whatever the file claims its size is.
+
+    Raises:
+        FileNotFoundError / OSError: the path cannot be read. ImageFileError (an OSError): not a regular file, or
+        larger than the cap (the message names the file, the cap and ``SEER_MAX_FILE_MB``).
+    """
+    name = os.fspath(path)
+    cap = read_limits().max_file_bytes
+    _refuse_special(name, os.stat(name))
+    fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb", buffering=0) as f:
+        st = os.fstat(fd)
+        _refuse_special(name, st)
+
+        def too_large(size: str) -> ImageFileError:
+            return ImageFileError(
+                f"{name}: {size} is over the {_mib(cap)} cap on one image file; raise it with the environment "
+                f"variable SEER_MAX_FILE_MB or seer.data.limits.limits(max_file_bytes=...)"
+            )
+
+        if st.st_size > cap:
+            raise too_large(f"{st.st_size} bytes")
+        chunks, total, want = [], 0, st.st_size + 1  # one read for a file that is what it claims to be
+        while total <= cap:
+            chunk = f.read(min(want, cap + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            want = _MiB  # it grew, or its size lies (/proc): go on in steps
+        if total > cap:
+            raise too_large(f"more than {cap} bytes")
+    return b"".join(chunks)
+
+
+# PIL's storage per pixel: 1 byte for 1 / L / P, 2 for the 16-bit modes, 4 for every other mode (RGB included).
+_PIXEL_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+
+
+def check_decode_size(img: Image.Image, nbytes: int | None = None, name: str | None = None) -> None:
+    """Refuse an opened, not yet decoded image whose decoding would take more than ``max_image_bytes``.
+
+    The cost is estimated from the header (size and mode, after any JPEG draft): the decoded pixels, one
+    intermediate of at most 4 bytes per pixel (an EXIF rotation, RGBA for a transparent palette) and the RGB result
+    (PIL stores RGB in 4 bytes per pixel). At the default 1 GiB that is PIL's own pixel limit for an RGB image.
+
+    Raises:
+        ImageTooLargeError: over the cap (the message names the image, the cap and ``SEER_MAX_IMAGE_MB``).
+    """
+    cap = read_limits().max_image_bytes
+    width, height = img.size
+    need = width * height * (_PIXEL_BYTES.get(img.mode, 4) + 8)
+    if need > cap:
+        what = name or (f"image ({nbytes} bytes)" if nbytes is not None else "image")
+        raise ImageTooLargeError(
+            f"{what}: a {width}x{height} {img.mode} image takes about {_mib(need)} to decode, over the "
+            f"{_mib(cap)} cap on one decoded image; raise it with the environment variable SEER_MAX_IMAGE_MB or "
+            f"seer.data.limits.limits(max_image_bytes=...)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,12 +216,14 @@ def draft_jpeg(img: Image.Image, size: int | tuple[int, int]) -> None:
         img.info["seer_extent"] = extent[::-1] if swap else extent
 
 
-def finish_decode(img: Image.Image, nbytes: int) -> Image.Image:
+def finish_decode(img: Image.Image, nbytes: int, name: str | None = None) -> Image.Image:
     """Decode an opened image: pixels read, EXIF orientation applied (in place), 8-bit RGB.
 
     Raises:
-        ImageDecodeError: truncated or corrupt pixel data (``nbytes`` is for the message).
+        ImageTooLargeError: decoding would take more than ``max_image_bytes`` (checked before it starts).
+        ImageDecodeError: truncated or corrupt pixel data (``nbytes`` and ``name`` are for the message).
     """
+    check_decode_size(img, nbytes, name)
     try:
         img.load()
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on corrupt data
@@ -125,22 +231,25 @@ def finish_decode(img: Image.Image, nbytes: int) -> Image.Image:
     return to_rgb(_upright(img, in_place=True))
 
 
-def decode_image(data: bytes, draft_size: int | tuple[int, int] | None = None) -> Image.Image:
+def decode_image(
+    data: bytes, draft_size: int | tuple[int, int] | None = None, *, name: str | None = None
+) -> Image.Image:
     """Decode image bytes to an RGB PIL image, EXIF orientation applied.
 
     Args:
         data: encoded image (JPEG, PNG, WebP, ...).
         draft_size: when given, a JPEG may be decoded at reduced size (see ``draft_jpeg``: the shorter side stays
             >= an int, or (width, height) >= a tuple). Pixel values differ slightly from a full decode + resize.
+        name: the file the bytes came from, for error messages.
 
     Raises:
         TypeError: ``data`` is not bytes.
-        ImageDecodeError: the bytes are not a decodable image.
+        ImageDecodeError: the bytes are not a decodable image (ImageTooLargeError: over ``max_image_bytes``).
     """
     img = open_image(data)
     if draft_size:
         draft_jpeg(img, draft_size)
-    return finish_decode(img, len(data))
+    return finish_decode(img, len(data), name)
 
 
 def _upright(img: Image.Image, *, in_place: bool) -> Image.Image:
@@ -162,15 +271,31 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode.startswith("I;16") or mode == "I":
-        arr = np.asarray(img).astype(np.int64)
-        arr = (np.clip(arr, 0, 65535) * 255 + 32767) // 65535  # 65535 -> 255, like a 16-bit -> 8-bit export
-        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+        return _gray8(img, _scale16).convert("RGB")
     if mode == "F":
-        arr = np.asarray(img, dtype=np.float32)
-        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")
+        return _gray8(img, lambda a: np.clip(np.rint(a.astype(np.float32, copy=False)), 0, 255)).convert("RGB")
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # a palette with transparency: resolve through RGBA, as PIL recommends
     return img.convert("RGB")
+
+
+def _scale16(a: np.ndarray) -> np.ndarray:
+    """16-bit values (clipped to 0..65535) -> 0..255, rounded: 65535 -> 255, like a 16-bit -> 8-bit export. uint32
+    holds 65535 * 255 + 32767 exactly, so the result equals the int64 arithmetic at half its memory."""
+    a = np.clip(a, 0, 65535) if a.dtype.kind == "i" else a
+    return (a.astype(np.uint32) * 255 + 32767) // 65535
+
+
+def _gray8(img: Image.Image, fn: Callable[[np.ndarray], np.ndarray]) -> Image.Image:
+    """A one-band image -> mode L through ``fn`` (values -> 0..255), a few MiB of rows at a time: the whole image
+    never exists as a wide numpy array (a small 16-bit PNG took GiBs as int64)."""
+    width, height = img.size
+    out = np.empty((height, width), np.uint8)
+    rows = max(1, (4 * _MiB) // max(1, width))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        out[top:bottom] = fn(np.asarray(img.crop((0, top, width, bottom))))
+    return Image.fromarray(out, "L")
 
 
 def load_image(item: Any, draft: int | tuple[int, int] | None = None) -> Image.Image:
@@ -182,11 +307,13 @@ def load_image(item: Any, draft: int | tuple[int, int] | None = None) -> Image.I
         draft: JPEG files and bytes may be decoded at reduced size (see ``decode_image``).
 
     Raises:
-        FileNotFoundError / OSError: an unreadable path. ImageDecodeError: undecodable bytes. TypeError /
-        ValueError: arrays and tensors of the wrong type, shape or range.
+        FileNotFoundError / OSError: an unreadable path; ImageFileError (an OSError): not a regular file or over
+        ``max_file_bytes``. ImageDecodeError: undecodable bytes; ImageTooLargeError: over ``max_image_bytes``.
+        TypeError / ValueError: arrays and tensors of the wrong type, shape or range.
     """
     if isinstance(item, (str, os.PathLike)):
-        return decode_image(Path(item).read_bytes(), draft)  # one read: PIL's own file reads go 4 KB at a time
+        # one read (PIL's own file reads go 4 KB at a time), of a regular file, capped
+        return decode_image(read_image_file(item), draft, name=os.fspath(item))
     if isinstance(item, (bytes, bytearray, memoryview)):
         return decode_image(item, draft)
     if isinstance(item, Image.Image):

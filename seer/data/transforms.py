@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
 from seer.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageDecodeError, decode_image, eval_transform
+from seer.data.images import check_decode_size as _check_decode_size
 from seer.data.images import finish_decode as _finish
 from seer.data.images import open_image as _open
 from seer.data.images import swaps_axes as _swaps_axes
@@ -340,6 +341,7 @@ class MultiCrop:
                 want = (math.ceil(width / room), math.ceil(height / room))
                 img.draft("RGB", want[::-1] if swap else want)
             else:  # full-size JPEG: libjpeg-turbo straight into a tensor (no PIL -> numpy copy)
+                _check_decode_size(img, len(data))  # before any decoder allocates the pixels
                 full = _decode_jpeg_tensor(data)
                 if full is not None and tuple(full.shape[-2:]) == (height, width):
                     return full, boxes, (1.0, 1.0)

@@ -11,6 +11,7 @@ Backend: NCCL when CUDA is available, gloo otherwise. The rendezvous address of 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -25,7 +26,11 @@ __all__ = [
     "parse_nodelist",
     "detect_launcher",
     "is_peer_failure",
+    "collective_timeout",
 ]
+
+# datetime.timedelta's own limit (999999999 days), in minutes: a longer timeout cannot even be represented
+MAX_TIMEOUT_MINUTES = datetime.timedelta.max // datetime.timedelta(minutes=1)
 
 # What a rank raises when a peer is gone or hung: gloo's transport errors (a RuntimeError naming the socket), NCCL's
 # watchdog / abort errors and the store's (torch.distributed.DistError and subclasses), and collective timeouts.
@@ -164,6 +169,16 @@ def detect_launcher(environ: dict | None = None) -> dict | None:
     return None
 
 
+def collective_timeout(minutes: float) -> datetime.timedelta:
+    """The collective timeout of ``minutes``; ValueError (not an OverflowError traceback) when it is not a finite
+    number of minutes > 0 that a ``timedelta`` holds: ``.inf`` or ``1e300`` used to fail deep in ``timedelta``."""
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)):
+        raise ValueError(f"must be a number of minutes, got {minutes!r}")
+    if not (math.isfinite(minutes) and 0 < minutes <= MAX_TIMEOUT_MINUTES):
+        raise ValueError(f"must be a finite number of minutes > 0 and <= {MAX_TIMEOUT_MINUTES}, got {minutes!r}")
+    return datetime.timedelta(minutes=minutes)
+
+
 def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0, device: str = "auto") -> DistEnv:
     """Initialize the default process group from the launcher's variables (no-op for a lone process).
 
@@ -171,7 +186,14 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0, 
         backend: force "nccl" or "gloo"; default NCCL on CUDA, gloo on CPU.
         timeout_minutes: collective timeout.
         device: "auto" (CUDA if available), "cpu" or "cuda".
+
+    Raises:
+        ValueError: ``timeout_minutes`` is not a finite number of minutes > 0 (checked first, on every launcher).
     """
+    try:
+        timeout = collective_timeout(timeout_minutes)
+    except ValueError as exc:
+        raise ValueError(f"timeout_minutes (train.dist_timeout_minutes): {exc}") from None
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but CUDA is not available")
@@ -195,7 +217,6 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0, 
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world_size))
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
-        timeout = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(
             backend=backend,
             rank=rank,

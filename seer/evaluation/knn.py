@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -71,7 +70,18 @@ _BACKEND_CACHE: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}  # (devic
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs
 # ----------------------------------------------------------------------------------------------------------------
-def _as_labels(labels: Any, name: str) -> np.ndarray:
+_UNLABELED_FIX = (
+    "drop those rows (keep = labels >= 0) or extract the features from a folder with one subfolder per class"
+)
+
+
+def _as_labels(labels: Any, name: str, fix: str = _UNLABELED_FIX) -> np.ndarray:
+    """Class labels as int64: a 1-D integer array with no negative entry.
+
+    The one check of labels for every protocol (``eval_knn``, ``eval_linear``, their CLIs and the suites). A
+    negative label is the "no label" marker (``-1``: `seer extract` of a folder without class subfolders); taken as
+    a class it would score an unlabeled test set 0.0. ``fix`` ends the message (the CLIs name their options).
+    """
     if isinstance(labels, torch.Tensor):
         labels = labels.detach().cpu().numpy()
     arr = np.asarray(labels)
@@ -81,6 +91,12 @@ def _as_labels(labels: Any, name: str) -> np.ndarray:
         raise TypeError(
             f"{name} must hold integers (class indices), got dtype {arr.dtype}"
             + (" -- convert with labels.astype(int) if they are whole numbers" if arr.dtype.kind == "f" else "")
+        )
+    unlabeled = int((arr < 0).sum()) if arr.dtype.kind == "i" else 0
+    if unlabeled:
+        raise ValueError(
+            f"{name}: {unlabeled} of {len(arr)} samples have no label (-1, or another negative value), which no "
+            f"protocol can score; {fix}"
         )
     return arr.astype(np.int64, copy=False)
 
@@ -536,9 +552,10 @@ def eval_knn(
 
     Args:
         train_features: [N, D] array / tensor / memory-mapped ``.npy`` (path or array) / list of chunks.
-        train_labels: [N] integer labels (any integers; the number of classes is inferred).
+        train_labels: [N] integer labels >= 0 (any such integers; the number of classes is inferred). The "no
+            label" marker -1 (or any negative label) raises ``ValueError``, here and in ``test_labels``.
         test_features: [M, D] (held in memory).
-        test_labels: [M] integer labels.
+        test_labels: [M] integer labels >= 0.
         ks: numbers of neighbours; all come from one search at ``max(ks)``.
         temperature: T of the vote weights ``exp(sim / T)``.
         normalize: L2-normalize features (cosine similarity). ``False`` searches raw inner products.
@@ -714,19 +731,9 @@ def _jsonable(x: Any) -> Any:
 
 def write_json(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write a result dict as JSON atomically (temp file in the same directory, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(result), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from seer.io import atomic_write  # the umask's mode (mkstemp alone leaves 0600: unreadable by the group)
+
+    return atomic_write(Path(path), json.dumps(_jsonable(result), indent=2) + "\n")
 
 
 def _load_split(path: str, labels_path: str | None, what: str) -> tuple[Any, np.ndarray, dict]:
@@ -741,13 +748,10 @@ def _load_split(path: str, labels_path: str | None, what: str) -> tuple[Any, np.
         labels = data.get("labels")
     if labels is None:
         raise ValueError(f"{path}: no labels in the file; pass --{what}-labels LABELS.npy")
-    if np.asarray(labels).dtype.kind in "iu" and (np.asarray(labels) < 0).any():
-        raise ValueError(
-            f"{path}: {(np.asarray(labels) < 0).sum()} samples have no label (-1); extract from a "
-            f"folder with class subfolders or pass --{what}-labels"
-        )
+    fix = f"extract from a folder with class subfolders or pass --{what}-labels"
+    labels = _as_labels(labels, f"{labels_path or path}: {what} labels", fix)  # the check eval_knn / eval_linear make
     meta = data.get("meta") if isinstance(data.get("meta"), Mapping) else {}
-    return data["features"], np.asarray(labels), dict(meta)
+    return data["features"], labels, dict(meta)
 
 
 def _cli_inputs(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple:

@@ -376,7 +376,8 @@ def eval_linear(
     Args:
         train_features / test_features: [N, D] arrays, tensors or feature-file paths, or a mapping
             ``{layer: array}`` to probe several layers at once (the same keys in both).
-        train_labels / test_labels: integer class labels (any integers; classes inferred).
+        train_labels / test_labels: integer class labels >= 0 (classes inferred); the "no label" marker -1 (or
+            any negative label) raises ``ValueError``.
         method: "sgd" (the head grid in one pass) or "logreg" (scikit-learn LogisticRegression over ``Cs``).
         lrs, weight_decays, head_types: the SGD grid (x layers); head types "linear" and "bn".
         epochs, batch_size, momentum, warmup_epochs: SGD with momentum, cosine schedule (per step).

@@ -31,6 +31,11 @@ Features are extracted with ``seer.features.extract_dataset`` into ``OUT/feature
 <layer>/`` (``seer.evaluation.cache``) and reused by every protocol and by a re-run; generated datasets are written
 to ``OUT/data``. Each protocol's full result (every setting) is stored in ``OUT/results.json``.
 
+``OUT`` is new, empty, or an earlier suite's output (marked by ``OUT/.seer-output.json``; its features are reused);
+any other non-empty directory is refused unless ``--overwrite`` is given, and then seer writes its own files
+(``features/``, ``data/``, ``launch/``, ``results.*``) beside the others and deletes nothing. A directory holding a
+checkpoint or a dataset of the suite is always refused.
+
 The same suite runs in one process (``run_suite``) or sliced into job arrays by ``seer launch eval``
 (``plan_tasks``, ``task_record_path``, ``collect``).
 """
@@ -53,6 +58,15 @@ from typing import Any
 
 import numpy as np
 
+from seer.io import (
+    OutputDirError,
+    atomic_write,
+    claim_output_files,
+    honour_umask,
+    mark_output_dir,
+    prepare_output_dir,
+)
+
 __all__ = [
     "PROTOCOLS",
     "SuiteError",
@@ -68,6 +82,10 @@ __all__ = [
     "run_protocol",
     "result_row",
     "run_suite",
+    "EVAL_OUTPUT_KIND",
+    "check_output_dir",
+    "mark_output",
+    "suite_sources",
     "markdown_table",
     "plot",
     "write_outputs",
@@ -217,9 +235,14 @@ def generate_dataset(spec: Mapping[str, Any], root: Path, seed: int = 0) -> tupl
         return train, test
     if kind not in ("digits", "shapes"):
         raise SuiteError(f"unknown generated dataset kind {kind!r} (expected 'digits' or 'shapes')")
+    if root.exists():
+        # Written whole and renamed into place with its .complete: a directory without one is not seer's to replace.
+        raise SuiteError(f"{root} exists but is not a generated dataset (no .complete file); move it away or choose "
+                         "another --out")  # fmt: skip
     size = int(spec.get("size", 32))
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    honour_umask(tmp, directory=True)  # renamed into place below: mkdtemp's 0700 would hide it from the group
     if kind == "digits":
         from PIL import Image
         from sklearn.datasets import load_digits
@@ -242,10 +265,6 @@ def generate_dataset(spec: Mapping[str, Any], root: Path, seed: int = 0) -> tupl
         write_image_folder(tmp / "train", int(spec.get("n_train_per_class", 40)), size, seed, n_classes)
         write_image_folder(tmp / "test", int(spec.get("n_test_per_class", 15)), size, seed + 1, n_classes)
     (tmp / ".complete").write_text("ok\n")
-    if root.exists():  # an incomplete earlier attempt
-        import shutil
-
-        shutil.rmtree(root)
     os.replace(tmp, root)
     return train, test
 
@@ -380,14 +399,55 @@ def result_row(res: dict, suite: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The output directory
+# ----------------------------------------------------------------------------------------------------------------
+EVAL_OUTPUT_KIND = "eval"  # `seer eval-suite` and `seer launch eval` share the layout (and so a directory)
+EVAL_OUTPUTS = ("features", "data", "launch", "results.json", "results.md", "results.png")
+
+
+def suite_sources(suite: Mapping[str, Any]) -> list[str]:
+    """The local paths a suite reads (checkpoints, dataset folders, the directory of a shard pattern)."""
+    paths = [str(c.get("source") or "") for c in suite.get("checkpoints", [])]
+    for ds in suite.get("datasets", []):
+        for split in ("train", "test"):
+            p = str(ds.get(split) or "")
+            # a shard pattern ("dir/train-{000..009}.tar", "dir/*.tar"): the directory before the first pattern
+            cut = min((p.index(c) for c in "{*[?" if c in p), default=len(p))
+            paths.append(p if cut == len(p) else os.path.dirname(p[:cut]))
+    # Only paths that exist here: a hub id ("facebook/regnet-y-10b-seer") is not one, whatever the current directory.
+    return [p for p in paths if p and "://" not in p and Path(p).expanduser().exists()]
+
+
+def check_output_dir(suite: Mapping[str, Any], out: str | os.PathLike, *, overwrite: bool = False) -> str:
+    """Check, before any work, that the suite may write into ``out`` (``seer.io.prepare_output_dir``): returns its
+    state, raises ``OutputDirError`` (nothing changed) when it may not."""
+    return prepare_output_dir(out, kind=EVAL_OUTPUT_KIND, overwrite=overwrite, sources=suite_sources(suite),
+                              flag="--overwrite")  # fmt: skip
+
+
+def mark_output(out: str | os.PathLike, state: str) -> None:
+    """Create ``out`` and mark it as a suite's output (in a directory of the user's: claim only seer's names)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if state == "foreign":
+        claim_output_files(out, EVAL_OUTPUT_KIND, EVAL_OUTPUTS)
+    else:  # new, empty, or an earlier suite's output: its features are reused, nothing is removed
+        mark_output_dir(out, EVAL_OUTPUT_KIND, EVAL_OUTPUTS)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The whole suite in one process
 # ----------------------------------------------------------------------------------------------------------------
-def run_suite(suite: dict, out: str | os.PathLike, *, progress: bool = True) -> dict:
-    """Run every (checkpoint, dataset, protocol); write results.json, results.md and results.png under ``out``."""
+def run_suite(suite: dict, out: str | os.PathLike, *, progress: bool = True, overwrite: bool = False) -> dict:
+    """Run every (checkpoint, dataset, protocol); write results.json, results.md and results.png under ``out``.
+
+    ``out``: new, empty, or an earlier suite's output (its cached features are reused); another non-empty directory
+    only with ``overwrite`` (seer's files are added, nothing is removed). Refused: ``seer.io.OutputDirError``.
+    """
     from seer.evaluation.cache import build_model, split_features
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, check_output_dir(suite, out, overwrite=overwrite))
     device = suite_device(suite)
     results, rows = [], []
     t0 = time.perf_counter()
@@ -436,10 +496,7 @@ def markdown_table(rows: list[dict], suite: dict) -> str:
 
 
 def _atomic_write(path: Path, data: str | bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    atomic_write(path, data.encode() if isinstance(data, str) else data)  # the umask's mode, not mkstemp's 0600
 
 
 def _series(r: dict) -> str:
@@ -568,7 +625,16 @@ def add_suite_args(p: argparse.ArgumentParser) -> None:
     from seer.catalog import available
 
     p.add_argument("--suite", required=True, help=f"suite name ({', '.join(available('eval'))}) or yaml file")
-    p.add_argument("--out", required=True, help="output directory (features cache, results.{json,md,png})")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output directory (features cache, results.{json,md,png}): new, empty, or an earlier suite's output",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out that is not a suite's output (seer's files are added, nothing removed)",
+    )
     p.add_argument("--set", action="append", default=[], metavar="VAR=VALUE", help="value of a ${VAR} placeholder")
     p.add_argument(
         "--checkpoint", action="append", default=[], metavar="NAME=PATH", help="add (or replace) a checkpoint; repeat"
@@ -594,7 +660,11 @@ def main(argv: list[str] | None = None, *, prog: str = "seer eval-suite") -> int
     except SuiteError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    payload = run_suite(suite, args.out, progress=not args.quiet)
+    try:
+        payload = run_suite(suite, args.out, progress=not args.quiet, overwrite=args.overwrite)
+    except (OutputDirError, SuiteError) as exc:  # refused output directory, or a dataset folder in the way
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     print(markdown_table(payload["rows"], suite))
     print(f"wrote {', '.join(payload['outputs'])} to {args.out} in {payload['seconds']:.1f}s")
     return 0
@@ -630,7 +700,8 @@ def add_single_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="feature-extraction batch size")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output directory: new, empty, or an earlier run's output")
+    p.add_argument("--overwrite", action="store_true", help="write into another non-empty --out (nothing removed)")
 
 
 def run_single(args: argparse.Namespace, proto: dict, kind: str) -> int:
@@ -645,6 +716,10 @@ def run_single(args: argparse.Namespace, proto: dict, kind: str) -> int:
                "crop_pct": args.crop_pct}  # fmt: skip
     suite = {"name": f"{kind}-{args.name}", "features": features, "checkpoints": [ckpt], "datasets": [dataset],
              "protocols": [proto]}  # fmt: skip
-    payload = run_suite(suite, args.out)
+    try:
+        payload = run_suite(suite, args.out, overwrite=args.overwrite)
+    except (OutputDirError, SuiteError) as exc:
+        print(f"eval/{kind}.py: error: {exc}", file=sys.stderr)
+        return 2
     print(markdown_table(payload["rows"], suite))
     return 0

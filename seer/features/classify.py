@@ -11,14 +11,13 @@ import argparse
 import json
 import os
 import sys
-import tarfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from seer.data.sources import IMAGE_EXTENSIONS, resolve_source
+from seer.data.sources import IMAGE_MEMBER_KEYS, resolve_source
 from seer.features.inputs import ImageError, as_items, unpack
 from seer.features.memory import extract_features
 from seer.models.classifier import RegNetClassifier
@@ -58,10 +57,21 @@ def classify(images: Any, model: Any, *, top_k: int = 5, batch_size: int | None 
     items, iterable = as_items(images)
     if items is None:
         items = list(iterable)
-    logits = extract_features(items, clf, batch_size=batch_size, device=device, on_error=on_error,
-                              progress=progress, amp=amp)  # fmt: skip
+    # shard samples already found bad (a member over the size cap) are never decoded: they fail like an unreadable
+    # image, with their own reason
+    bad = {i: it.error for i, it in enumerate(items) if isinstance(it, _Named) and it.error is not None}
+    if bad and on_error == "raise":
+        i = min(bad)
+        raise ImageError(f"{_name(items, i)}: {bad[i]}")
+    good = [i for i in range(len(items)) if i not in bad]
+    sub = [items[i] for i in good] if bad else items
+    if good:
+        logits = extract_features(sub, clf, batch_size=batch_size, device=device, on_error=on_error,
+                                  progress=progress, amp=amp)  # fmt: skip
+    else:
+        logits = np.zeros((0, clf.n_classes), dtype=np.float32)
     kept = getattr(logits, "indices", None)
-    kept = list(range(len(items))) if kept is None else [int(i) for i in kept]
+    kept = [good[i] for i in (range(len(logits)) if kept is None else kept)]
     probs = torch.from_numpy(np.asarray(logits, dtype=np.float32)).softmax(-1)
     k = min(top_k, clf.n_classes)
     top = probs.topk(k, dim=-1) if len(kept) else None
@@ -71,8 +81,10 @@ def classify(images: Any, model: Any, *, top_k: int = 5, batch_size: int | None 
         out[pos] = {"index": pos, "input": _name(items, pos), "labels": [clf.id2label[i] for i in ids],
                     "probs": [float(p) for p in top.values[row]], "class_ids": ids}  # fmt: skip
     for skip in getattr(logits, "skipped", []):
-        pos = skip["index"]
+        pos = good[skip["index"]]
         out[pos] = {"index": pos, "input": _name(items, pos), "error": skip["error"]}
+    for pos, error in bad.items():
+        out[pos] = {"index": pos, "input": _name(items, pos), "error": error}
     return out
 
 
@@ -86,31 +98,43 @@ def _name(items: Sequence, pos: int) -> str:
 
 
 class _Named(bytes):
-    """Encoded image bytes that remember where they came from (``shard.tar:key``)."""
+    """Encoded image bytes that remember where they came from (``shard.tar:key``); ``error`` (no bytes) marks a
+    sample that was not read, such as one with a member over the size cap."""
 
     name: str
+    error: str | None
 
-    def __new__(cls, data: bytes, name: str = "") -> _Named:
+    def __new__(cls, data: bytes, name: str = "", error: str | None = None) -> _Named:
         obj = super().__new__(cls, data)
-        obj.name = name
+        obj.name, obj.error = name, error
         return obj
 
     def __reduce__(self) -> tuple:  # into DataLoader workers with the name
-        return (_Named, (bytes(self), self.name))
+        return (_Named, (bytes(self), self.name, self.error))
 
 
 def _shard_images(url: str) -> list[_Named]:
-    """The image of each sample of a local tar shard, in shard order (``key.jpg`` / ``.png`` / ... members)."""
+    """The image of each sample of a tar shard, in shard order (``key.jpg`` / ``.png`` / ... members), read like the
+    shard loaders read it: through ``open_shard`` (a listed file is never run as a ``pipe:`` command; only regular
+    files are read) and within the member cap (``seer.data.limits``)."""
+    from seer.data.shards.read import OversizedMember, SkipLog, shard_samples
+
+    skips = SkipLog(warn_first=0, warn_every_s=float("inf"))  # problems are reported below, not as warnings
     out: list[_Named] = []
-    with tarfile.open(url) as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _, ext = member.name.partition(".")
-            if f".{ext.lower()}" in IMAGE_EXTENSIONS:
-                out.append(_Named(tar.extractfile(member).read(), f"{url}:{key}"))
+    for sample in shard_samples(url, skips):
+        name = f"{url}:{sample['__key__']}"
+        oversized = next((v for v in sample.values() if isinstance(v, OversizedMember)), None)
+        image_key = next((k for k in IMAGE_MEMBER_KEYS if k in sample), None)
+        if oversized is not None:
+            out.append(_Named(b"", name, f"oversized_member: {oversized}"))
+        elif image_key is not None:
+            out.append(_Named(bytes(sample[image_key]), name))
+    problems = skips.drain()
+    if problems:  # an unreadable, truncated or empty shard: an error, rather than a silently shorter output
+        p = problems[0]
+        raise ValueError(f"{url}: {p['kind']}: {p['error']}")
     if not out:
-        raise ValueError(f"{url}: no image members ({', '.join(IMAGE_EXTENSIONS)}) in this shard")
+        raise ValueError(f"{url}: no image members ({', '.join(IMAGE_MEMBER_KEYS)}) in this shard")
     return out
 
 

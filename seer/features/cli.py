@@ -28,9 +28,11 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         prog="seer extract",
         description="Extract features of an image folder (class subfolders -> labels), a CSV/TXT file list "
         "(path[,label]) or webdataset shards into OUT_DIR: features.npy (or .safetensors), labels.npy, indices.npy, "
-        "inputs.txt. Resumable: rerun the same command after an interruption. Multi-process: run one command per "
-        "rank with --rank/--world-size (defaults from RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS); the last rank "
-        "to finish merges.",
+        "inputs.txt. OUT_DIR must be new, empty or a previous extraction (a directory holding other files needs "
+        "--overwrite, which replaces only the files extract writes there). Resumable: rerun the same command after "
+        "an interruption (refused if the settings or the model's weights changed). Multi-process: run one command "
+        "per rank with --rank/--world-size (defaults from RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS); the last "
+        "rank to finish merges.",
     )
     p.add_argument("source", help="image folder, .csv/.txt file list, or shards (.tar, brace pattern)")
     p.add_argument("out_dir", help="output directory")
@@ -55,7 +57,12 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-merge", action="store_true", help="do not merge (run `--merge-only` later)")
     p.add_argument("--merge-only", action="store_true", help="only merge the chunks already written")
     p.add_argument("--on-error", default="skip", choices=["skip", "raise"], help="unreadable images")
-    p.add_argument("--overwrite", action="store_true", help="start over in OUT_DIR")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in OUT_DIR (also: write into a directory holding other files; only the files extract "
+        "writes are removed or replaced, nothing else)",
+    )
     p.add_argument("--resolution", type=int, default=None)
     p.add_argument("--crop-pct", type=float, default=None)
     p.add_argument("--interpolation", default=None, choices=sorted(INTERPOLATIONS))

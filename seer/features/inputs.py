@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from seer.data.images import Preprocess, check_image_array, check_image_tensor, load_image
-from seer.data.sources import IMAGE_EXTENSIONS
+from seer.data.sources import IMAGE_EXTENSIONS, list_image_files
 
 __all__ = ["ImageError", "as_items", "unpack", "is_image_data", "batches"]
 
@@ -29,7 +29,8 @@ def _describe(item: Any, index: int) -> str:
 
 
 def _list_images(folder: Path) -> list[str]:
-    files = [str(p) for p in sorted(folder.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    """Every image under ``folder``, recursively, in path order; links followed, each folder and file once."""
+    files = sorted(list_image_files(folder), key=Path)  # the order of the sorted rglob this listing used to be
     if not files:
         raise ValueError(f"{folder}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
     return files

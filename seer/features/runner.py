@@ -8,6 +8,7 @@ micro-batches that keep activations allocator-friendly.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import os
 import sys
@@ -27,7 +28,8 @@ from seer.models.pooling import pool, pooled_features
 from seer.models.regnet import RegNetTrunk
 from seer.weights import DEFAULT_HUB_MODEL, load_trunk
 
-__all__ = ["DEFAULT_MODEL", "LAYERS", "pool", "pooled_features", "Setup", "make_setup", "eval_mode", "progress_bar"]
+__all__ = ["DEFAULT_MODEL", "LAYERS", "pool", "pooled_features", "Setup", "make_setup", "eval_mode", "progress_bar",
+           "weights_identity", "parameter_digest"]  # fmt: skip
 
 DEFAULT_MODEL = DEFAULT_HUB_MODEL
 LAYERS = ("avgpool", "res2", "res3", "res4", "res5")
@@ -38,19 +40,73 @@ LAYERS = ("avgpool", "res2", "res3", "res4", "res5")
 _MODEL_CACHE: dict[tuple, nn.Module] = {}
 
 
-def _resolve_model(model: Any) -> tuple[nn.Module, bool]:
-    """(model, owned): ``owned`` models were loaded here and may be moved freely."""
+def _file_stats(folder: Path) -> dict[str, list[int]]:
+    """``{name: [size, mtime_ns]}`` of the regular files directly in ``folder``."""
+    stats: dict[str, list[int]] = {}
+    with contextlib.suppress(OSError):  # a checkpoint rotated away meanwhile: loading it will say so
+        for p in sorted(folder.iterdir()):
+            st = p.stat()
+            if p.is_file():
+                stats[p.name] = [st.st_size, st.st_mtime_ns]
+    return stats
+
+
+def weights_identity(path: str | os.PathLike) -> dict | None:
+    """What identifies the weights at a local checkpoint path, cheaply (no weight is read, even for a 37 GB file):
+    a file's size and modification time; for a pretraining run, its latest checkpoint (name, step) and that
+    checkpoint directory's files; for another directory (an HF model), its files. ``None`` if nothing is there
+    (a hub id). A resumed extraction compares it (``extract_dataset``), and the model cache is keyed by it."""
+    path = Path(path).expanduser()
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if not path.is_dir():
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if (path / "checkpoints").is_dir() or (path / ".metadata").is_file():  # a run, or one of its checkpoints
+        # imported here: torch.distributed.checkpoint is loaded only for a run directory
+        from seer.train.checkpoint import read_meta, resolve_checkpoint
+
+        try:
+            ckpt = resolve_checkpoint(path)
+        except FileNotFoundError:
+            return {"checkpoint": None}  # no complete checkpoint yet: loading it fails with the reason
+        step = None
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            step = read_meta(ckpt).get("step")
+        return {"checkpoint": ckpt.name, "step": step, "files": _file_stats(ckpt)}
+    return {"files": _file_stats(path)}
+
+
+def parameter_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state (parameters and persistent buffers: names, dtypes, shapes and values), for an
+    in-memory model or one from the hub (about 0.3 s per GB of weights)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.is_meta or not t.numel():
+            continue
+        data = t.reshape(-1).contiguous().cpu().view(torch.uint8).numpy()  # the raw bytes, whatever the dtype
+        h.update(memoryview(data))
+    return h.hexdigest()
+
+
+def _resolve_model(model: Any) -> tuple[nn.Module, bool, dict | None]:
+    """(model, owned, identity): ``owned`` models were loaded here and may be moved freely; ``identity`` is the
+    ``weights_identity`` of a local path, taken before it was read."""
     if model is None:
         model = DEFAULT_MODEL
     if isinstance(model, nn.Module):
-        return model, False
+        return model, False, None
     if isinstance(model, (str, os.PathLike)):
-        path = Path(model)
-        key = (os.fspath(model), path.stat().st_mtime if path.exists() else None)
+        identity = weights_identity(model)
+        # Keyed by what the weights are, not only the path: a run's new checkpoint is a new model.
+        key = (os.fspath(model), repr(identity))
         if key not in _MODEL_CACHE:
             _MODEL_CACHE.clear()  # one model at a time: SEER trunks are large
             _MODEL_CACHE[key] = load_trunk(model)
-        return _MODEL_CACHE[key], True
+        return _MODEL_CACHE[key], True, identity
     raise TypeError(f"model must be None, a checkpoint path / hub id, or an nn.Module, got {type(model).__name__}")
 
 
@@ -158,6 +214,7 @@ class Setup:
     preprocess: Preprocess | None
     batch_size: int
     num_workers: int
+    weights: dict | None = None  # ``weights_identity`` of a model read from a local path, as it was read
 
     def batches(self, items: Sequence, positions: Sequence[int]) -> Iterator[tuple]:
         """Decoded batches of ``items`` at ``positions`` (see ``seer.features.inputs.batches``)."""
@@ -175,7 +232,7 @@ def make_setup(model: Any, *, layer: str, batch_size: int | None, device: Any, n
         raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
     if amp not in (None, "bf16", "fp16", "bfloat16", "float16"):
         raise ValueError(f"amp must be None, 'bf16' or 'fp16', got {amp!r}")
-    net, owned = _resolve_model(model)
+    net, owned, identity = _resolve_model(model)
     if isinstance(net, RegNetTrunk) and layer != "avgpool" and layer not in net.stage_names:
         raise ValueError(f"layer {layer!r}: this trunk has stages {net.stage_names}")
     dev = _pick_device(device, net, owned)
@@ -198,7 +255,7 @@ def make_setup(model: Any, *, layer: str, batch_size: int | None, device: Any, n
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         num_workers = min(8, cores // 2) if (big and needs_decode and cores >= 4) else 0
     runner = _Runner(net, dev, pp, layer, normalize, amp, backend=backend, batch_size=batch_size, n_items=n_items)
-    return Setup(net, runner, pp, batch_size, num_workers)
+    return Setup(net, runner, pp, batch_size, num_workers, identity)
 
 
 def progress_bar(total: int | None, progress: bool | None, desc: str):

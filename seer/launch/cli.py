@@ -321,7 +321,7 @@ def run_checkpoints(run_dir: str) -> list[dict]:
 
 def prepare_eval(argv: list[str], prog: str = PROG) -> tuple[argparse.Namespace, dict, Path]:
     """Parse and check everything; returns ``(args, suite, out)``. Writes nothing."""
-    from seer.evaluation.suites import load_suite, parse_variables, plan_tasks, select
+    from seer.evaluation.suites import check_output_dir, load_suite, parse_variables, plan_tasks, select
 
     args = _eval_parser(prog).parse_args(argv)
     check_resources(args, single_task=True, slurm_gpus=1)
@@ -351,12 +351,17 @@ def prepare_eval(argv: list[str], prog: str = PROG) -> tuple[argparse.Namespace,
         plan_tasks(suite)
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
-    return args, suite, Path(args.out).expanduser().resolve()
+    out = Path(args.out).expanduser().resolve()
+    try:  # the rule of `seer eval-suite --out`: a new, empty or earlier suite's directory, else --overwrite
+        args.output_state = check_output_dir(suite, out, overwrite=args.overwrite)
+    except OSError as exc:  # OutputDirError
+        raise LaunchError(str(exc)) from None
+    return args, suite, out
 
 
 def eval_main(argv: list[str], prog: str = PROG) -> int:
     """`launch eval ...`: check, generate the suite's generated datasets, submit the arrays (or --dry-run)."""
-    from seer.evaluation.suites import generate_dataset, plan_tasks, slug
+    from seer.evaluation.suites import generate_dataset, mark_output, plan_tasks, slug
 
     argv = list(argv)
     try:
@@ -387,6 +392,7 @@ def eval_main(argv: list[str], prog: str = PROG) -> int:
             check_submission(render_array_sbatch(ex, len(plan_tasks(suite)["features"])), args)
         except LaunchError as exc:
             return _error(prog, "eval", exc)
+    mark_output(out, args.output_state)  # the first write into --out
     # Generated datasets are written once, here, so array tasks never race to create them.
     seed = int(suite.get("seed", 0))
     for ds in suite["datasets"]:

@@ -47,6 +47,31 @@ FOLD_CACHE_MAX_BYTES = 2 << 30  # trunks larger than this fold BN at every infer
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------------------------
+# Sanity bounds of every RegNetCfg, far above any published RegNet (SEER 10B: depth 27, widths below 2**13): a config
+# read from a file cannot make numpy overflow or ask for a trunk that would take hours to build, even on meta.
+MAX_DEPTH = 1024
+MAX_WIDTH = 1 << 20
+MAX_BOTTLENECK = 64.0
+
+
+def describe_value(value: object) -> str:
+    """A value as an error message names it, its type first: ``the string '32'``, ``the integer 0``, ``null``."""
+    try:
+        text = repr(value if not isinstance(value, tuple) else list(value))
+    except ValueError:  # an integer beyond Python's 4300-digit conversion limit
+        text = "with more than 4300 digits"
+    text = text if len(text) <= 60 else text[:57] + "..."
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    for kinds, name in ((int, "the integer"), (float, "the number"), (str, "the string"), ((list, tuple), "a list"),
+                        (dict, "an object")):  # fmt: skip
+        if isinstance(value, kinds):
+            return f"{name} {text}"
+    return f"a {type(value).__name__} {text}"
+
+
 @dataclass(frozen=True)
 class RegNetCfg:
     """Parameters of one RegNetY design (pycls notation).
@@ -103,27 +128,74 @@ class RegNetCfg:
                    stage_group_widths=tuple(int(g) for g in group_widths))  # fmt: skip
 
     def __post_init__(self) -> None:
+        # Configs come from users and from files (checkpoint metadata): each field is checked for its type first, so
+        # that the string "32" is reported as a string, not as a wrong number, and nothing fails later inside numpy.
         def bad(field: str, why: str) -> ValueError:
-            return ValueError(f"RegNetCfg.{field} {why}, got {getattr(self, field)!r}")
+            return ValueError(f"RegNetCfg.{field} {why}, got {describe_value(getattr(self, field))}")
 
-        if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 1:
-            raise bad("depth", "must be an integer >= 1")
-        if not isinstance(self.w0, int) or isinstance(self.w0, bool) or self.w0 <= 0 or self.w0 % 8:
+        for name in ("depth", "w0", "group_w", "stem_width"):
+            value, most = getattr(self, name), MAX_DEPTH if name == "depth" else MAX_WIDTH
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise bad(name, "must be an integer")
+            if not 1 <= value <= most:
+                raise bad(name, f"must be in [1, {most}]")
+        floats = ("wa", "wm", "se_ratio", "bottleneck")
+        for name in floats:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise bad(name, "must be a number")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise bad(name, "must be a finite number")
+        if self.w0 % 8:
             raise bad("w0", "must be a positive multiple of 8")
-        if not math.isfinite(self.wa) or self.wa < 0:
-            raise bad("wa", "must be >= 0")
-        if not math.isfinite(self.wm) or self.wm <= 1:
-            raise bad("wm", "must be > 1")
-        if not isinstance(self.group_w, int) or isinstance(self.group_w, bool) or self.group_w < 1:
-            raise bad("group_w", "must be an integer >= 1")
+        if not 0 <= self.wa <= MAX_WIDTH:
+            raise bad("wa", f"must be in [0, {MAX_WIDTH}]")
+        if not 1 < self.wm <= MAX_WIDTH:
+            raise bad("wm", f"must be > 1 and <= {MAX_WIDTH}")
         if not 0 <= self.se_ratio < 1:
             raise bad("se_ratio", "must be in [0, 1)")
-        if self.bottleneck <= 0:
-            raise bad("bottleneck", "must be > 0")
-        if not isinstance(self.stem_width, int) or self.stem_width < 1:
-            raise bad("stem_width", "must be an integer >= 1")
+        if not 0 < self.bottleneck <= MAX_BOTTLENECK:
+            raise bad("bottleneck", f"must be in (0, {MAX_BOTTLENECK}]")
         if not isinstance(self.image_norm, bool):
             raise bad("image_norm", "must be true or false")
+        for name in floats:  # an int from JSON / YAML, now known to be small: numpy's width rule wants floats
+            object.__setattr__(self, name, float(getattr(self, name)))
+        self._check_stages()
+
+    def _check_stages(self) -> None:
+        """The explicit per-stage layout: all three fields or none, one entry per stage, blocks that can be built."""
+        names = ("stage_widths", "stage_depths", "stage_group_widths")
+        given = [n for n in names if getattr(self, n) is not None]
+        if not given:
+            return
+        if len(given) != 3:
+            absent = [n for n in names if n not in given]
+            raise ValueError(f"RegNetCfg: {', '.join(given)} given without {', '.join(absent)}")
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not value:
+                raise ValueError(f"RegNetCfg.{name} must be a non-empty list of integers, got {describe_value(value)}")
+            for v in value:
+                if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_WIDTH:
+                    raise ValueError(
+                        f"RegNetCfg.{name} must hold integers in [1, {MAX_WIDTH}], got {describe_value(v)}"
+                    )
+            object.__setattr__(self, name, tuple(value))
+        widths, depths, group_ws = self.stage_widths, self.stage_depths, self.stage_group_widths
+        if not len(widths) == len(depths) == len(group_ws):
+            raise ValueError(
+                f"RegNetCfg: stage_widths, stage_depths and stage_group_widths differ in length: {list(widths)}, "
+                f"{list(depths)}, {list(group_ws)}"
+            )
+        if sum(depths) != self.depth:
+            raise ValueError(f"RegNetCfg.depth is {self.depth} but stage_depths {list(depths)} sum to {sum(depths)}")
+        for w, g in zip(widths, group_ws):
+            mid = int(round(w * self.bottleneck))
+            if mid < g or mid % g:
+                raise ValueError(
+                    f"RegNetCfg.stage_group_widths: group width {g} does not divide the bottleneck width {mid} of "
+                    f"stage width {w}"
+                )
 
     @property
     def widths(self) -> list[int]:
@@ -236,6 +308,10 @@ def resolve_cfg(preset_or_cfg: str | RegNetCfg | dict) -> RegNetCfg:
         unknown = sorted(set(preset_or_cfg) - known)
         if unknown:
             raise ValueError(f"unknown RegNetCfg field(s) {unknown}; known fields: {sorted(known)}")
+        required = [f.name for f in dataclasses.fields(RegNetCfg) if f.default is dataclasses.MISSING]
+        missing = [k for k in required if k not in preset_or_cfg]
+        if missing:
+            raise ValueError(f"RegNetCfg: missing field(s) {missing} (a preset name, or all of {required})")
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in preset_or_cfg.items()}
         return RegNetCfg(**fields)
     raise TypeError(f"expected a preset name, RegNetCfg or dict, got {type(preset_or_cfg).__name__}")

@@ -30,6 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from seer.validation import check_numbers
+
 __all__ = [
     "SwAVConfig",
     "SwAV",
@@ -85,6 +87,7 @@ class SwAVConfig:
         def bad(key: str, value, why: str) -> ValueError:
             return ValueError(f"{key}: {why}, got {value!r}")
 
+        check_numbers(self, section)  # first: range checks take inf as valid (temperature=.inf), and `nan < 0` is false
         if not self.head_dims or any(not isinstance(v, int) or v < 1 for v in self.head_dims):
             raise bad(f"{section}.head_dims", self.head_dims, "must be a non-empty list of positive integers")
         for key in ("n_prototypes", "sinkhorn_iters"):

@@ -218,17 +218,75 @@ def peak_memory_bytes(device: torch.device) -> int:
 def pretrain(cfg: PretrainConfig) -> dict:
     """Train (or resume) the run ``cfg`` describes; returns ``{"step", "loss", "run_dir", "checkpoint", ...}``.
 
+    Rank 0 holds ``run_dir/.lock`` from before the run directory is first written until the end (see
+    ``seer.train.rundir_lock``): a second run on the same directory waits ``train.lock_wait_minutes``, then fails.
+
     Raises:
-        FloatingPointError: the loss became NaN/inf (on every rank); the last checkpoint is left as it was.
+        FloatingPointError: the loss became NaN/inf (on every rank), or the weights did at a checkpoint save
+            (``save_checkpoint`` checks them first): the newest checkpoint is left as it was, nothing is saved.
+        RunDirBusy: another process holds the run directory (on every rank, before anything is written).
     """
     from seer.distributed.env import init_distributed
+
+    # -- setup: process group, config checks, the run directory's lock -------------------------------------------
+    env = init_distributed(device=cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes)
+    validate(cfg, env.world_size)
+    lock = _lock_run_dir(cfg, env)
+    try:
+        return _train(cfg, env)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# What rank 0 tells the other ranks while it takes the run directory's lock.
+_LOCK_WAITING, _LOCK_HELD, _LOCK_FAILED = 0, 1, 2
+
+
+def _lock_run_dir(cfg: PretrainConfig, env):
+    """Rank 0 takes ``run_dir/.lock`` (waiting up to ``train.lock_wait_minutes``); every rank learns the outcome.
+
+    Only rank 0 locks: the lock is the job's, and its other ranks (on other nodes too) share the run. While rank 0
+    waits it tells the others at every poll, so each collective is short however long the wait (no collective
+    timeout fires); when it fails, every rank raises before anything is written.
+    """
+    from seer.train.rundir_lock import RunDirBusy, lock_run_dir
+
+    def tell(state: int) -> int:
+        if not env.distributed:
+            return state
+        flag = torch.tensor([state], dtype=torch.int32, device=env.device)
+        dist.broadcast(flag, src=0)
+        return int(flag.item())
+
+    if not env.is_main:
+        while (state := tell(_LOCK_WAITING)) == _LOCK_WAITING:
+            pass
+        if state != _LOCK_HELD:
+            raise RunDirBusy(f"rank 0 could not lock the run directory {cfg.run_dir} (its own error says why)")
+        return None
+    try:
+        lock = lock_run_dir(cfg.run_dir, cfg.train.lock_wait_minutes, log=lambda m: print(m, flush=True),
+                            on_wait=lambda: tell(_LOCK_WAITING))  # fmt: skip
+    except BaseException:
+        with contextlib.suppress(Exception):  # a peer already gone: rank 0's own error is the one to report
+            tell(_LOCK_FAILED)
+        raise
+    try:
+        tell(_LOCK_HELD)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _train(cfg: PretrainConfig, env) -> dict:
+    """``pretrain`` once the process group is up, the config checked and the run directory locked."""
     from seer.distributed.parallel import parallelize
     from seer.train.checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint
     from seer.train.optim import build_optimizer, clip_grad_norm, cosine_schedule, scaled_lr, set_lr
 
-    # -- setup: process group, config checks, run directory ----------------------------------------------------
-    env = init_distributed(device=cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes)
-    validate(cfg, env.world_size)
+    # -- setup: batch, run directory --------------------------------------------------------------------------------
     per_gpu = batch_per_gpu(cfg, env.world_size)
     global_batch = per_gpu * env.world_size
     total = cfg.total_steps
@@ -374,10 +432,17 @@ def pretrain(cfg: PretrainConfig) -> dict:
             stats[0] /= env.world_size
         loss_val, save_by_time = float(stats[0]), bool(stats[1] > 0)
         if not math.isfinite(loss_val):
-            raise FloatingPointError(
-                f"loss is {loss_val} at step {step + 1} (lr {lrs[step]:.4g}); stopping. The last good checkpoint "
-                f"({last_ckpt or 'none'}) is untouched: lower optim.base_lr or raise optim.warmup_iters and resume."
+            # Named as what it is: the newest checkpoint, whose weights were checked finite when it was saved (or
+            # resumed from), taken before this step. Not "the last good one": the weights may go bad before the loss.
+            newest = (
+                f"The newest checkpoint, {last_ckpt} (step {int(last_ckpt.name.rsplit('_', 1)[-1])}), was saved "
+                f"before step {step + 1} with finite weights and is untouched: lower optim.base_lr or raise "
+                f"optim.warmup_iters and resume."
+                if last_ckpt is not None
+                else f"No checkpoint was saved before step {step + 1}: lower optim.base_lr or raise "
+                f"optim.warmup_iters and start again."
             )
+            raise FloatingPointError(f"loss is {loss_val} at step {step + 1} (lr {lrs[step]:.4g}); stopping. {newest}")
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seer.ssl.swav import multicrop_forward
+from seer.validation import check_numbers
 
 __all__ = ["SupervisedConfig", "SupervisedModel", "build_model"]
 
@@ -39,6 +40,7 @@ class SupervisedConfig:
 
     def validate(self, n_crops: int, section: str = "supervised") -> None:
         """ValueError naming the dotted key of an impossible value, for a run of ``n_crops`` crops per image."""
+        check_numbers(self, section)  # a NaN or infinite float, as in every section
         if self.n_classes < 2:
             raise ValueError(
                 f"{section}.n_classes: must be >= 2 (the number of classes of the data), got {self.n_classes}"

@@ -11,11 +11,12 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from seer.data.images import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
-from seer.models.regnet import PRESETS, RegNetCfg, resolve_cfg
+from seer.models.regnet import PRESETS, RegNetCfg, describe_value, resolve_cfg
 
 __all__ = [
     "CheckpointError",
@@ -28,7 +29,9 @@ __all__ = [
     "convert_state_dict",
     "infer_cfg",
     "cfg_from_dict",
+    "check_cfg_fits",
     "check_hf_config",
+    "check_preprocess",
     "classifier_head",
     "head_labels",
     "HEAD_KEYS",
@@ -40,6 +43,91 @@ __all__ = [
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not match the trunk (the message names the file and keys)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Typed fields of JSON files (config.json, preprocessor_config.json, our metadata)
+# ----------------------------------------------------------------------------------------------------------------
+# A file from a stranger may hold any JSON value under any key. Each field is checked for its type before it is
+# used, and the error names the file, the key and what was found: the string "32" is a type error, not a mismatch.
+
+# A resolution a file may ask for (SEER's checkpoints use 224 to 512): a stranger's config cannot make every image be
+# resized to gigapixels. Larger inputs are still possible, asked for by the caller (``resolution=`` / --resolution).
+MAX_FILE_RESOLUTION = 4096
+
+
+def _expected(where: str, what: str, value: Any) -> CheckpointError:
+    return CheckpointError(f"{where}: expected {what}, got {describe_value(value)}")
+
+
+def _json_object(value: Any, where: str) -> Mapping:
+    if not isinstance(value, Mapping):
+        raise _expected(where, "a JSON object", value)
+    return value
+
+
+def _json_int(value: Any, where: str, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _expected(where, "an integer", value)
+    if value < minimum:
+        raise _expected(where, f"an integer >= {minimum}", value)
+    return value
+
+
+def _json_ints(value: Any, where: str) -> list[int]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _expected(where, "a non-empty list of integers", value)
+    return [_json_int(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+
+def _json_number(value: Any, where: str, low: float, high: float, low_open: bool = False) -> float:
+    """A finite number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _expected(where, "a number", value)
+    if not (low < value if low_open else low <= value) or not value <= high:  # NaN fails both comparisons
+        raise _expected(where, f"a number in {'(' if low_open else '['}{low}, {high}]", value)
+    return float(value)
+
+
+def _json_str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise _expected(where, "a string", value)
+    return value
+
+
+def _json_resolution(value: Any, where: str) -> int:
+    """An input resolution a file asks for: an integer in [8, MAX_FILE_RESOLUTION]."""
+    value = _json_int(value, where, minimum=8)
+    if value > MAX_FILE_RESOLUTION:
+        raise _expected(where, f"at most {MAX_FILE_RESOLUTION} pixels", value)
+    return value
+
+
+def _json_rgb(value: Any, where: str, positive: bool) -> tuple[float, float, float]:
+    """Three per-channel numbers (mean, or std with ``positive``)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 3:
+        raise _expected(where, "a list of 3 numbers (R, G, B)", value)
+    return tuple(_json_number(v, f"{where}[{i}]", 0.0, 1e6, low_open=positive) for i, v in enumerate(value))
+
+
+def check_preprocess(pre: Any, where: str) -> dict:
+    """A preprocessing dict read from a file (our metadata, a run's ``meta.json``), its fields type-checked.
+
+    Returns the dict with ``mean`` / ``std`` as tuples; unknown keys are kept. Raises ``CheckpointError`` naming
+    ``where`` and the key.
+    """
+    out = dict(_json_object(pre, where))
+    if "resolution" in out:
+        out["resolution"] = _json_resolution(out["resolution"], f"{where}: resolution")
+    if "crop_pct" in out:
+        out["crop_pct"] = _json_number(out["crop_pct"], f"{where}: crop_pct", 0.0, 1.0, low_open=True)
+    for key, names in (("interpolation", sorted(INTERPOLATIONS)), ("resize_mode", ["shorter", "warp"])):
+        if key in out and (not isinstance(out[key], str) or out[key] not in names):  # a list is not even hashable
+            raise _expected(f"{where}: {key}", f"one of {names}", out[key])
+    for key in ("mean", "std"):
+        if key in out:
+            out[key] = _json_rgb(out[key], f"{where}: {key}", positive=key == "std")
+    return out
 
 
 # Preprocessing each format's checkpoints expect when the checkpoint itself does not say (``trunk.pretrained_cfg``).
@@ -367,35 +455,114 @@ def infer_cfg(sd: Mapping[str, torch.Tensor], origin: str = "<state dict>") -> R
                         "stage_depths": tuple(depths), "stage_group_widths": tuple(group_ws)})  # fmt: skip
 
 
+def check_cfg_fits(cfg: RegNetCfg, sd: Mapping[str, torch.Tensor], where: str) -> None:
+    """The architecture a file states (our metadata, a run's checkpoint) must be its tensors' before a trunk is built
+    from it: a stated depth of 10**7 would otherwise build blocks for hours, a huge width overflow inside torch, and
+    a stated SE ratio or bottleneck that the tensors contradict is named as the file's field, not as tensors.
+
+    The first block of each stage is compared as ``Bottleneck`` builds it, each tensor only where the file has it;
+    missing and unexpected tensors are left to ``load_trunk``'s strict check, which names them.
+    """
+
+    def dims(key: str) -> tuple[int, ...]:
+        return tuple(sd[key].shape) if key in sd else ()
+
+    blocks: dict[int, int] = {}
+    for key in sd:
+        m = _OUR_BLOCK.match(key)
+        if m:
+            blocks[int(m["s"])] = max(blocks.get(int(m["s"]), 0), int(m["b"]))
+    n_blocks = sum(blocks.values())
+    if cfg.depth != n_blocks:  # before ``cfg.stages()``, whose cost grows with the depth
+        raise CheckpointError(f"{where}: depth={cfg.depth} but the weights have {n_blocks} blocks")
+    widths, depths, group_ws = cfg.stages()
+    rule = "stage_widths, stage_depths" if cfg.stage_widths is not None else "w0, wa, wm, depth"  # what set them
+    their_depths = [blocks.get(s, 0) for s in range(1, max(blocks, default=0) + 1)]
+    if depths != their_depths:
+        raise CheckpointError(f"{where}: stage depths {depths} (from {rule}) but the weights have {their_depths}")
+    stem = dims("stem.conv.weight")
+    if stem and stem[0] != cfg.stem_width:
+        raise CheckpointError(f"{where}: stem_width={cfg.stem_width} but the weights have {stem[0]}")
+    in_chs = cfg.stem_width
+    for s, (w, g) in enumerate(zip(widths, group_ws), 1):
+        mid = int(round(w * cfg.bottleneck))
+        se = int(round(in_chs * cfg.se_ratio))
+        ours = {"conv3": w, "conv1": mid, "conv2": mid // max(1, mid // g), "se": se}
+        theirs = {
+            "conv3": dims(f"s{s}.b1.conv3.conv.weight")[:1],
+            "conv1": dims(f"s{s}.b1.conv1.conv.weight")[:1],
+            "conv2": dims(f"s{s}.b1.conv2.conv.weight")[1:2],
+            "se": dims(f"s{s}.b1.se.fc1.weight")[:1] or ((0,) if f"s{s}.b1.conv1.conv.weight" in sd else ()),
+        }
+        what = {
+            "conv3": f"stage width {w} (from {rule})",
+            "conv1": f"bottleneck width {mid} (bottleneck={cfg.bottleneck})",
+            "conv2": f"group width {ours['conv2']} (group_w / stage_group_widths)",
+            "se": f"SE width {se} (se_ratio={cfg.se_ratio})",
+        }
+        for part, value in ours.items():
+            if theirs[part] and theirs[part][0] != value:
+                raise CheckpointError(f"{where}: stage {s} has {what[part]} but the weights have {theirs[part][0]}")
+        in_chs = w
+
+
 def cfg_from_dict(d: Mapping) -> RegNetCfg:
-    """A ``RegNetCfg`` from its ``to_dict()`` form (json lists back to tuples)."""
+    """A ``RegNetCfg`` from its ``to_dict()`` form (json lists back to tuples); ``ValueError`` names a bad field."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"expected a JSON object of RegNetCfg fields, got {describe_value(d)}")
     d = dict(d)
     for key in ("stage_widths", "stage_depths", "stage_group_widths"):
-        if d.get(key) is not None:
+        if isinstance(d.get(key), list):  # anything else is left for RegNetCfg to name
             d[key] = tuple(d[key])
     return resolve_cfg(d)
 
 
-def check_hf_config(hf: dict, cfg: RegNetCfg, origin: str) -> None:
-    """HF's config.json must describe the tensors we found (else the file set is inconsistent)."""
+def check_hf_config(hf: Any, cfg: RegNetCfg, origin: str) -> None:
+    """HF's config.json must describe the tensors we found (else the file set is inconsistent).
+
+    Every key is type-checked first: a field of the wrong type (``"32"``, ``null``, ``[1]``) or out of range
+    (``groups_width: 0``) is reported as such, naming the file and the key; a well-typed value that disagrees with
+    the weights is reported as a mismatch.
+    """
+    file = f"{origin}/config.json"
+    hf = _json_object(hf, file)
     widths, depths, group_ws = cfg.stages()
-    if hf.get("model_type", "regnet") != "regnet":
-        raise CheckpointError(f"{origin}/config.json: model_type is {hf.get('model_type')!r}, expected 'regnet'")
-    if not hf.get("downsample_in_first_stage", True):
-        raise CheckpointError(f"{origin}/config.json: downsample_in_first_stage=false is not a SEER/pycls RegNet")
-    checks = {
-        "hidden_sizes": (list(hf.get("hidden_sizes", widths)), widths),
-        "depths": (list(hf.get("depths", depths)), depths),
-        "embedding_size": (hf.get("embedding_size", cfg.stem_width), cfg.stem_width),
-    }
-    if "groups_width" in hf:
-        gw = int(hf["groups_width"])
-        checks["groups_width"] = ([w // max(1, w // gw) for w in widths], group_ws)
+    model_type = _json_str(hf.get("model_type", "regnet"), f"{file}: model_type")
+    if model_type != "regnet":
+        raise CheckpointError(f"{file}: model_type is {model_type!r}, expected 'regnet'")
+    if "downsample_in_first_stage" in hf:
+        first = hf["downsample_in_first_stage"]
+        if not isinstance(first, bool):
+            raise _expected(f"{file}: downsample_in_first_stage", "true or false", first)
+        if not first:
+            raise CheckpointError(f"{file}: downsample_in_first_stage=false is not a SEER/pycls RegNet")
+    if "num_channels" in hf and _json_int(hf["num_channels"], f"{file}: num_channels") != 3:
+        raise CheckpointError(f"{file}: num_channels={hf['num_channels']} but the weights take 3 (RGB) input channels")
+    if "hidden_act" in hf and _json_str(hf["hidden_act"], f"{file}: hidden_act") != "relu":
+        raise CheckpointError(f"{file}: hidden_act={hf['hidden_act']!r}, but a SEER/pycls RegNet uses 'relu'")
+    checks: dict[str, tuple[Any, Any]] = {}
+    if "hidden_sizes" in hf:
+        checks["hidden_sizes"] = (_json_ints(hf["hidden_sizes"], f"{file}: hidden_sizes"), widths)
+    if "depths" in hf:
+        checks["depths"] = (_json_ints(hf["depths"], f"{file}: depths"), depths)
+    if "embedding_size" in hf:
+        checks["embedding_size"] = (_json_int(hf["embedding_size"], f"{file}: embedding_size"), cfg.stem_width)
     if "layer_type" in hf:
-        checks["layer_type"] = (hf["layer_type"], "y" if cfg.se_ratio else "x")
+        layer_type = _json_str(hf["layer_type"], f"{file}: layer_type")
+        if layer_type not in ("x", "y"):
+            raise _expected(f"{file}: layer_type", "'x' or 'y'", layer_type)
+        checks["layer_type"] = (layer_type, "y" if cfg.se_ratio else "x")
     for name, (theirs, ours) in checks.items():
         if theirs != ours:
-            raise CheckpointError(f"{origin}/config.json: {name}={theirs} but the weights have {ours}")
+            raise CheckpointError(f"{file}: {name}={theirs!r} but the weights have {ours!r}")
+    if "groups_width" in hf:
+        # HF gives every stage groups = width // groups_width (at least 1): the group widths that makes must be ours
+        gw = _json_int(hf["groups_width"], f"{file}: groups_width")
+        theirs = [w // max(1, w // gw) for w in widths]
+        if theirs != group_ws:
+            raise CheckpointError(
+                f"{file}: groups_width={gw} gives group widths {theirs} but the weights have {group_ws}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -411,39 +578,58 @@ FINETUNED_PREPROCESS = {"resolution": 384, "crop_pct": 1.0, "interpolation": "bi
 _PIL_NUMBER = {name: int(mode) for name, mode in INTERPOLATIONS.items()}
 
 
-def timm_preprocess(pretrained_cfg: Mapping) -> dict:
+def timm_preprocess(pretrained_cfg: Mapping, where: str = "pretrained_cfg") -> dict:
     """Our preprocessing from a timm ``pretrained_cfg``: the ``.seer`` feature weights use 224 px / crop 0.965,
-    the ``.seer_ft_in1k`` classifiers 384 px / crop 1.0 (timm resizes the short side, then center-crops)."""
+    the ``.seer_ft_in1k`` classifiers 384 px / crop 1.0 (timm resizes the short side, then center-crops).
+
+    ``where`` names the file in errors: a field of the wrong type raises ``CheckpointError``.
+    """
+    pretrained_cfg = _json_object(pretrained_cfg, where)
     pre = dict(DEFAULT_PREPROCESS["timm"])
-    size = pretrained_cfg.get("test_input_size") or pretrained_cfg.get("input_size")
-    if isinstance(size, (list, tuple)) and size:
-        pre["resolution"] = int(size[-1])
-    if pretrained_cfg.get("test_crop_pct") or pretrained_cfg.get("crop_pct"):
-        pre["crop_pct"] = float(pretrained_cfg.get("test_crop_pct") or pretrained_cfg["crop_pct"])
-    if pretrained_cfg.get("interpolation") in INTERPOLATIONS:
-        pre["interpolation"] = pretrained_cfg["interpolation"]
+    size_key = "test_input_size" if pretrained_cfg.get("test_input_size") else "input_size"
+    if pretrained_cfg.get(size_key) is not None:  # timm: (channels, height, width)
+        size = _json_ints(pretrained_cfg[size_key], f"{where}: {size_key}")
+        pre["resolution"] = _json_resolution(size[-1], f"{where}: {size_key}[{len(size) - 1}]")
+    crop_key = "test_crop_pct" if pretrained_cfg.get("test_crop_pct") else "crop_pct"
+    if pretrained_cfg.get(crop_key) is not None:
+        pre["crop_pct"] = _json_number(pretrained_cfg[crop_key], f"{where}: {crop_key}", 0.0, 1.0, low_open=True)
+    if "interpolation" in pretrained_cfg:
+        # timm names a few modes seer does not resize with ("random" is for training): those keep the default
+        if _json_str(pretrained_cfg["interpolation"], f"{where}: interpolation") in INTERPOLATIONS:
+            pre["interpolation"] = pretrained_cfg["interpolation"]
     for key in ("mean", "std"):
-        if isinstance(pretrained_cfg.get(key), (list, tuple)) and len(pretrained_cfg[key]) == 3:
-            pre[key] = tuple(float(v) for v in pretrained_cfg[key])
-    return pre
+        if pretrained_cfg.get(key) is not None:
+            pre[key] = _json_rgb(pretrained_cfg[key], f"{where}: {key}", positive=key == "std")
+    return check_preprocess(pre, where)
 
 
-def hf_preprocess(processor: Mapping) -> dict:
+def hf_preprocess(processor: Mapping, where: str = "preprocessor_config.json") -> dict:
     """Our preprocessing from an HF ``preprocessor_config.json`` (ConvNextImageProcessor semantics: < 384 resize +
-    center crop, >= 384 warp)."""
-    size = processor.get("size", 224)
+    center crop, >= 384 warp). ``where`` names the file in errors: a field of the wrong type raises
+    ``CheckpointError``."""
+    processor = _json_object(processor, where)
+
+    def get(key: str, default: Any) -> Any:  # HF's processors read null as "the default", as a missing key
+        return default if processor.get(key) is None else processor[key]
+
+    size, key = get("size", 224), "size"
     if isinstance(size, Mapping):
-        size = size.get("shortest_edge") or size.get("height") or 224
-    crop_pct = processor.get("crop_pct") or 0.875
+        sub = "shortest_edge" if "shortest_edge" in size else "height"
+        size, key = size.get(sub, 224), f"size.{sub}"
+    size = _json_resolution(size, f"{where}: {key}")
     by_number = {n: name for name, n in _PIL_NUMBER.items()}
-    return {
-        "resolution": int(size),
-        "crop_pct": float(crop_pct),
-        "interpolation": by_number.get(processor.get("resample", 3), "bicubic"),
-        "resize_mode": "warp" if int(size) >= 384 else "shorter",
-        "mean": tuple(processor.get("image_mean", IMAGENET_MEAN)),
-        "std": tuple(processor.get("image_std", IMAGENET_STD)),
-    }
+    resample = _json_int(get("resample", 3), f"{where}: resample", minimum=0)
+    return check_preprocess(
+        {
+            "resolution": size,
+            "crop_pct": _json_number(get("crop_pct", 0.875), f"{where}: crop_pct", 0.0, 1.0, low_open=True),
+            "interpolation": by_number.get(resample, "bicubic"),
+            "resize_mode": "warp" if size >= 384 else "shorter",
+            "mean": _json_rgb(get("image_mean", IMAGENET_MEAN), f"{where}: image_mean", positive=False),
+            "std": _json_rgb(get("image_std", IMAGENET_STD), f"{where}: image_std", positive=True),
+        },
+        where,
+    )
 
 
 def hf_processor(pre: Mapping) -> dict:

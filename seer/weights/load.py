@@ -9,11 +9,15 @@ Loading works in three steps:
 3. build the trunk on the meta device and *assign* the checkpoint tensors to it: the weights exist once in memory
    (the file's pages), whatever the model size.
 
-Loading is strict: a missing or unexpected tensor, or a shape mismatch, raises ``CheckpointError`` naming the keys.
+Loading is strict: a missing or unexpected tensor, or a shape mismatch, raises ``CheckpointError`` naming the keys;
+so does a tensor holding a NaN or an infinity (its features would be NaN, or all zeros through a fused conv + ReLU).
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,6 +70,41 @@ def _strict_check(trunk: nn.Module, ckpt: Checkpoint) -> None:
         raise CheckpointError(f"{ckpt.origin} ({ckpt.format} layout) does not match the trunk: " + "; ".join(parts))
 
 
+_FINITE_CHUNK = 1 << 24  # elements checked at a time: bounds the temporary mask of a huge (memory-mapped) tensor
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    if not t.is_floating_point():
+        return True
+    if not t.is_contiguous():
+        return bool(torch.isfinite(t).all())
+    flat = t.view(-1)
+    return all(bool(torch.isfinite(flat[i : i + _FINITE_CHUNK]).all()) for i in range(0, flat.numel(), _FINITE_CHUNK))
+
+
+def _check_finite(origin: str, tensors: dict[str, torch.Tensor], name: Callable[[str], str] = str) -> None:
+    """CheckpointError naming the file and the first tensor holding a NaN or an infinity."""
+    for key, value in tensors.items():
+        if not _all_finite(value):
+            raise CheckpointError(
+                f"{origin}: tensor {name(key)} holds NaN or infinite values; refusing to load weights that compute "
+                f"NaN (or, through a fused conv + ReLU, all-zero) features (a training run that diverged saves "
+                f"such weights: use an earlier checkpoint)."
+            )
+
+
+def _read(source: Any, format: str | None) -> Checkpoint:
+    """``read_checkpoint``; a pretraining run is pinned to one checkpoint (trunk, head and metadata from the same
+    step), read again from the run's newest when a job still training rotates it away meanwhile."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if path.is_dir() and not (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+            from seer.train.checkpoint import read_newest
+
+            return read_newest(path, lambda ckpt: read_checkpoint(ckpt, format=format))
+    return read_checkpoint(source, format=format)
+
+
 def load_trunk(source: Any, *, preset: str | RegNetCfg | dict | None = None, device: torch.device | str | None = None,
                format: str | None = None, dtype: torch.dtype | None = None) -> RegNetTrunk:  # fmt: skip
     """Load a RegNetY trunk from any supported checkpoint, the architecture inferred from it.
@@ -86,10 +125,10 @@ def load_trunk(source: Any, *, preset: str | RegNetCfg | dict | None = None, dev
         not loaded: ``read_checkpoint(source).heads`` has them.
 
     Raises:
-        CheckpointError: unreadable file, unknown layout, pickled code, or any missing / unexpected tensor or
-            shape mismatch (the message names the keys).
+        CheckpointError: unreadable file, unknown layout, pickled code, any missing / unexpected tensor or shape
+            mismatch, or a tensor holding NaN or infinite values (the message names the file and the keys).
     """
-    trunk = _build(read_checkpoint(source, format=format), preset, dtype)
+    trunk = _build(_read(source, format), preset, dtype)
     if device is not None:
         trunk.to(device)
     return trunk
@@ -145,9 +184,10 @@ def load_classifier(source: Any, *, device: torch.device | str | None = None, fo
         CheckpointError: as ``load_trunk``; and a checkpoint without a classifier head (use ``load_trunk``), a
             head whose shape does not fit the trunk, or labels that disagree with the head.
     """
-    ckpt = read_checkpoint(source, format=format)
+    ckpt = _read(source, format)
     trunk = _build(ckpt, preset, dtype)
     weight, bias = classifier_head(ckpt, trunk.num_features)
+    _check_finite(ckpt.origin, {"weight": weight, "bias": bias}, lambda k: f"{k} of the classifier head")
     labels = head_labels(ckpt, weight.shape[0])
     model = RegNetClassifier(trunk, weight.shape[0], id2label=labels)
     float_dtype = dtype or torch.float32
@@ -160,6 +200,10 @@ def load_classifier(source: Any, *, device: torch.device | str | None = None, fo
 
 def _check_and_assign(trunk: RegNetTrunk, ckpt: Checkpoint, dtype: torch.dtype) -> None:
     _strict_check(trunk, ckpt)
+    # the stored values, before any dtype conversion: the message names the checkpoint's own key
+    _check_finite(
+        ckpt.origin, ckpt.state_dict, lambda k: k if ckpt.renamed.get(k, k) == k else f"{k} ({ckpt.renamed[k]})"
+    )
     state = {}
     for key, ref in trunk.state_dict().items():
         value = ckpt.state_dict.get(key)

@@ -26,9 +26,11 @@ import torch
 from torch import nn
 
 from seer.extras import require
+from seer.io import OutputDirError, honour_umask
 from seer.models.classifier import RegNetClassifier
 from seer.models.pooling import pool
 from seer.models.regnet import RegNetTrunk
+from seer.weights.targets import check_export_target
 
 __all__ = ["export_onnx", "ONNX_MAX_PROTO_BYTES"]
 
@@ -109,6 +111,7 @@ def export_onnx(model: RegNetTrunk | RegNetClassifier, path: str | os.PathLike, 
     path = Path(path).expanduser()
     if path.suffix != ".onnx":
         raise ValueError(f"an ONNX file is written as <name>.onnx, got {path.name!r}")
+    check_export_target(path, "onnx")  # an existing file is replaced; a directory in the way is refused, untouched
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     device = next(model.parameters()).device
@@ -139,9 +142,12 @@ def export_onnx(model: RegNetTrunk | RegNetClassifier, path: str | os.PathLike, 
 
             onnx.checker.check_model(str(out), full_check=True)
         data = [p for p in tmp.iterdir() if p.name != path.name]
-        for p in data:  # external data first: the .onnx appears last, complete
-            os.replace(p, path.parent / p.name)
-        os.replace(out, path)
+        for p in data:
+            if (path.parent / p.name).is_dir():
+                raise OutputDirError(f"{path.parent / p.name} is a directory: the external data file cannot go there")
+        for p in [*data, out]:  # external data first: the .onnx appears last, complete
+            honour_umask(p, directory=False)  # the umask's mode, whatever the exporter created the file with
+            os.replace(p, path.parent / p.name if p != out else path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         model.train(was_training)

@@ -19,12 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from seer.models.regnet import RegNetCfg, describe_value
 from seer.weights.formats import (
     FINETUNED_NAME,
     FINETUNED_PREPROCESS,
     Checkpoint,
     CheckpointError,
     cfg_from_dict,
+    check_cfg_fits,
+    check_preprocess,
     convert_state_dict,
     hf_preprocess,
     timm_preprocess,
@@ -190,19 +193,19 @@ def read_checkpoint(source: Any, *, format: str | None = None) -> Checkpoint:
         )
     tensors, metadata, heads = _read_file_tensors(path)
     if metadata.get("format") == "seer":
-        try:
-            cfg = cfg_from_dict(json.loads(metadata["regnet_cfg"]))
-        except (KeyError, json.JSONDecodeError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: bad 'regnet_cfg' metadata ({exc})") from exc
+        if "regnet_cfg" not in metadata:
+            raise CheckpointError(f"{path}: seer safetensors without its 'regnet_cfg' metadata")
         ckpt = convert_state_dict(tensors, "seer", origin=str(path))
-        ckpt.cfg = cfg
+        where = f"{path}: 'regnet_cfg' metadata"
+        ckpt.cfg = _file_cfg(_parse_json(metadata["regnet_cfg"], where), ckpt.state_dict, where)
         if "preprocess" in metadata:
-            with contextlib.suppress(json.JSONDecodeError):
-                ckpt.preprocess = json.loads(metadata["preprocess"])
+            where = f"{path}: 'preprocess' metadata"
+            ckpt.preprocess = check_preprocess(_parse_json(metadata["preprocess"], where), where)
         if "id2label" in metadata:
+            id2label = _parse_json(metadata["id2label"], f"{path}: 'id2label' metadata")
             try:
-                ckpt.labels = {int(k): str(v) for k, v in json.loads(metadata["id2label"]).items()}
-            except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as exc:
+                ckpt.labels = {int(k): str(v) for k, v in id2label.items()}
+            except (AttributeError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{path}: bad 'id2label' metadata ({exc})") from exc
         return ckpt
     ckpt = convert_state_dict(tensors, format, origin=str(path))
@@ -215,14 +218,21 @@ def read_checkpoint(source: Any, *, format: str | None = None) -> Checkpoint:
 def _read_run_dir(path: Path) -> Checkpoint:
     """A pretraining run (its latest checkpoint) or one checkpoint directory, read by the checkpoint format's owner."""
     # Imported here: torch.distributed.checkpoint is loaded only when a run directory is read.
-    from seer.train.checkpoint import read_classifier_state, read_meta, read_trunk_state, resolve_checkpoint
+    from seer.train.checkpoint import (
+        META_NAME,
+        read_classifier_state,
+        read_meta,
+        read_trunk_state,
+        resolve_checkpoint,
+    )
 
     state, cfg_dict = read_trunk_state(path)
     ckpt = convert_state_dict(state, "seer", origin=str(path))
-    ckpt.cfg = cfg_from_dict(cfg_dict)
-    pre = read_meta(resolve_checkpoint(path)).get("preprocess")
-    if isinstance(pre, dict):  # the run's own eval preprocessing (older runs: the format's default)
-        ckpt.preprocess = pre
+    ckpt_dir = resolve_checkpoint(path)
+    ckpt.cfg = _file_cfg(cfg_dict, ckpt.state_dict, f"{ckpt_dir / META_NAME}: regnet_cfg")
+    pre = read_meta(ckpt_dir).get("preprocess")
+    if pre is not None:  # the run's own eval preprocessing (older runs: the format's default)
+        ckpt.preprocess = check_preprocess(pre, f"{ckpt_dir / META_NAME}: preprocess")
     # A supervised / fine-tune run's linear classifier is ``model.head`` (weight + bias); SwAV's head is not one.
     head, labels = read_classifier_state(path)
     if head:
@@ -268,21 +278,53 @@ def _hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
     return path
 
 
-def _read_hf_dir(path: Path) -> Checkpoint:
+def _parse_json(text: str | bytes, where: str) -> Any:
+    """JSON text from a file (or a file's metadata) -> its value; any failure is a ``CheckpointError`` naming it."""
     try:
-        hf = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}/config.json: cannot read ({exc})") from exc
-    if isinstance(hf, Mapping) and "model_type" not in hf and "pretrained_cfg" in hf:
+        return json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{where}: not UTF-8 text ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, an integer of > 4300 digits, deep nesting
+        raise CheckpointError(f"{where}: not valid JSON ({type(exc).__name__}: {exc})") from None
+
+
+def _read_json_file(file: Path) -> Any:
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{file}: cannot read ({exc})") from exc
+    return _parse_json(data, str(file))
+
+
+def _file_cfg(cfg_dict: Any, sd: Mapping[str, torch.Tensor], where: str) -> RegNetCfg:
+    """The ``RegNetCfg`` a file states, type-checked and checked against its tensors before anything is built."""
+    try:
+        cfg = cfg_from_dict(cfg_dict)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    check_cfg_fits(cfg, sd, where)
+    return cfg
+
+
+def _read_hf_dir(path: Path) -> Checkpoint:
+    hf = _read_json_file(path / "config.json")
+    if not isinstance(hf, Mapping):
+        raise CheckpointError(
+            f"{path}/config.json: expected a JSON object (HF's model config), got {describe_value(hf)}"
+        )
+    if "model_type" not in hf and "pretrained_cfg" in hf:
         return _read_timm_dir(path, hf)
     tensors: dict[str, torch.Tensor] = {}
     index = next((path / n for n in _WEIGHT_INDEXES if (path / n).is_file()), None)
     if index is not None:  # sharded weights (large models)
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index}: cannot read the shard index ({exc})") from exc
+        index_json = _read_json_file(index)
+        weight_map = index_json.get("weight_map") if isinstance(index_json, Mapping) else None
+        if not isinstance(weight_map, Mapping) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map: expected an object of tensor name -> shard file name")
         for shard in sorted(set(weight_map.values())):
+            # a shard is a file beside the index: never an absolute path or one that climbs out of the directory
+            if not shard or Path(shard).is_absolute() or ".." in Path(shard).parts:
+                raise CheckpointError(f"{index}: weight_map: shard {shard!r} is not a file name in {path}")
             tensors.update(_read_file_tensors(path / shard)[0])
     else:
         weights = next((path / n for n in _WEIGHT_FILES if (path / n).is_file()), None)
@@ -303,19 +345,26 @@ def _read_timm_dir(path: Path, config: Mapping) -> Checkpoint:
     tensors, _, heads = _read_file_tensors(weights)
     ckpt = convert_state_dict(tensors, "timm", origin=str(path))
     ckpt.heads.update(heads)
-    ckpt.preprocess = timm_preprocess(config.get("pretrained_cfg") or {})
-    if isinstance(config.get("label_names"), list):
-        ckpt.labels = [str(n) for n in config["label_names"]]
+    pretrained_cfg = config["pretrained_cfg"]
+    ckpt.preprocess = timm_preprocess(
+        {} if pretrained_cfg is None else pretrained_cfg, where=f"{path}/config.json: pretrained_cfg"
+    )
+    if config.get("label_names") is not None:
+        names = config["label_names"]
+        if not isinstance(names, list) or not all(isinstance(n, (str, int)) for n in names):
+            raise CheckpointError(
+                f"{path}/config.json: label_names: expected a list of class names, got {describe_value(names)}"
+            )
+        ckpt.labels = [str(n) for n in names]
     return ckpt
 
 
 def _hf_preprocess(path: Path) -> dict | None:
-    """The preprocessing of an HF directory's ``preprocessor_config.json`` (None without a readable one)."""
+    """The preprocessing of an HF directory's ``preprocessor_config.json`` (None without one).
+
+    A file that is there but unreadable or malformed is an error, not a silent fallback to other preprocessing.
+    """
     file = path / "preprocessor_config.json"
     if not file.is_file():
         return None
-    try:
-        processor = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return hf_preprocess(processor)
+    return hf_preprocess(_read_json_file(file), where=str(file))

@@ -5,21 +5,34 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from seer.io import atomic_dir, atomic_path
+from seer.io import (
+    atomic_dir,
+    atomic_path,
+    claim_output_files,
+    clear_output_dir,
+    honour_umask,
+    mark_output_dir,
+)
 from seer.models.classifier import RegNetClassifier
 from seer.models.regnet import RegNetCfg, RegNetTrunk
 from seer.weights.formats import LAYOUTS, hf_processor
+from seer.weights.targets import HF_EXPORT_FILES, HF_EXPORT_KIND, check_export_target
 
-__all__ = ["save_trunk"]
+__all__ = ["save_trunk", "check_export_target", "HF_EXPORT_KIND", "HF_EXPORT_FILES"]
+
+# Weight files of the HF layout that seer does not write but would read instead of (or with) model.safetensors: an
+# index is preferred by seer.load_trunk (and lists shards), so a stale one beside a new export would load old weights.
+_HF_STALE = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5}\.(safetensors|bin)|\.(safetensors|bin)\.index\.json)")
 
 
 def save_trunk(trunk: RegNetTrunk | RegNetClassifier, path: str | os.PathLike, *, format: str = "seer",
-               preprocess: dict | None = None) -> Path:  # fmt: skip
+               preprocess: dict | None = None, overwrite: bool = False) -> Path:  # fmt: skip
     """Save a trunk, or a classifier with its head, atomically (a temporary name, renamed when complete).
 
     Args:
@@ -32,6 +45,10 @@ def save_trunk(trunk: RegNetTrunk | RegNetClassifier, path: str | os.PathLike, *
             directory ``transformers.RegNetModel.from_pretrained`` loads, with a ``preprocessor_config.json``),
             "timm" (a state dict timm's ``regnety_*`` with ``num_classes=0`` loads) or "torchvision".
         preprocess: preprocessing to record (default: the trunk's ``pretrained_cfg``).
+        overwrite: "hf" only: write into a non-empty directory that is not a previous seer HF export (its other
+            files are left alone). Without it such a directory is refused (``OutputDirError``) and nothing changes;
+            a previous seer HF export (marked by ``.seer-output.json``) is replaced. A file output replaces an
+            existing file of that name, never a directory.
 
     Returns:
         The written path.
@@ -43,6 +60,9 @@ def save_trunk(trunk: RegNetTrunk | RegNetClassifier, path: str | os.PathLike, *
         raise TypeError(f"save_trunk expects a RegNetTrunk or RegNetClassifier, got {type(trunk).__name__}")
     path = Path(path).expanduser()
     cfg: RegNetCfg = trunk.cfg
+    if format not in ("seer", "hf", "timm", "torchvision", "onnx"):
+        raise ValueError(f"unknown format {format!r}; choose 'seer', 'hf', 'timm', 'torchvision' or 'onnx'")
+    state = check_export_target(path, format, overwrite=overwrite)
     if format == "onnx":  # the graph computes image_norm itself, so every trunk exports
         from seer.weights.onnx import export_onnx
 
@@ -79,9 +99,7 @@ def save_trunk(trunk: RegNetTrunk | RegNetClassifier, path: str | os.PathLike, *
             with atomic_path(path) as tmp:
                 torch.save(out, tmp)
         return path
-    if format == "hf":
-        return _save_hf(tensors, cfg, path, pre, head, classifier.id2label if classifier is not None else None)
-    raise ValueError(f"unknown format {format!r}; choose 'seer', 'hf', 'timm', 'torchvision' or 'onnx'")
+    return _save_hf(tensors, cfg, path, pre, head, classifier.id2label if classifier is not None else None, state)
 
 
 def _head_tensors(classifier: RegNetClassifier) -> dict[str, torch.Tensor]:
@@ -105,7 +123,8 @@ def _hf_groups_width(cfg: RegNetCfg) -> int:
 
 
 def _save_hf(tensors: dict[str, torch.Tensor], cfg: RegNetCfg, path: Path, pre: dict,
-             head: dict[str, torch.Tensor] | None = None, id2label: dict[int, str] | None = None) -> Path:  # fmt: skip
+             head: dict[str, torch.Tensor] | None = None, id2label: dict[int, str] | None = None,
+             state: str = "new") -> Path:  # fmt: skip
     from safetensors.torch import save_file
 
     if cfg.bottleneck != 1.0 or cfg.se_ratio not in (0.0, 0.25):
@@ -139,8 +158,31 @@ def _save_hf(tensors: dict[str, torch.Tensor], cfg: RegNetCfg, path: Path, pre: 
         config["architectures"] = ["RegNetForImageClassification"]
         config["id2label"] = {str(k): v for k, v in labels.items()}
         config["label2id"] = {v: int(k) for k, v in labels.items()}
-    with atomic_dir(path) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "preprocessor_config.json").write_text(json.dumps(hf_processor(pre), indent=2))
-        save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    texts = {"config.json": json.dumps(config, indent=2), "preprocessor_config.json": json.dumps(hf_processor(pre),
+             indent=2)}  # fmt: skip
+    if state in ("new", "own"):
+        # All of it seer's: the directory is built beside and replaces the old one whole, atomically.
+        with atomic_dir(path) as tmp:
+            for name, text in texts.items():
+                (tmp / name).write_text(text)
+            save_file(out, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            honour_umask(tmp / "model.safetensors", directory=False)  # safetensors writes 0600
+            mark_output_dir(tmp, HF_EXPORT_KIND, HF_EXPORT_FILES)
+        return path
+    # An empty directory (kept: it may be a mount point or hold ACLs), or the user's files beside ours (overwrite):
+    # each file replaced atomically, weights first, config.json last. Only seer's own earlier files and stale HF
+    # weight indexes / shards (which would be loaded instead of the new weights) are removed; nothing else.
+    clear_output_dir(path, HF_EXPORT_KIND)
+    for p in path.iterdir():
+        if _HF_STALE.fullmatch(p.name) and not p.is_dir():
+            p.unlink()
+    with atomic_path(path / "model.safetensors") as tmp:
+        save_file(out, str(tmp), metadata={"format": "pt"})
+    for name in ("preprocessor_config.json", "config.json"):
+        with atomic_path(path / name) as tmp:
+            tmp.write_text(texts[name])
+    if state == "empty":
+        mark_output_dir(path, HF_EXPORT_KIND, HF_EXPORT_FILES)
+    else:
+        claim_output_files(path, HF_EXPORT_KIND, HF_EXPORT_FILES)
     return path

@@ -46,7 +46,8 @@ def _cli_verify(argv: Sequence[str]) -> int:
         prog="seer shards verify",
         description="Read shards to the end and report bad shards and samples (and counts that differ from the index).",
     )
-    parser.add_argument("shards", help="shard directory (with index.json), index.json, or a shard pattern")
+    parser.add_argument("shards", help="shard directory (with index.json), index.json, or a shard pattern; files "
+                        "found by a glob or an index are read as local files, never run as pipe: commands")  # fmt: skip
     parser.add_argument("--decode", action="store_true", help="also decode every image")
     parser.add_argument("--labels", action="store_true", help="a sample without a .cls label is a problem (eval data)")
     parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)))
@@ -55,6 +56,8 @@ def _cli_verify(argv: Sequence[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="images per rank per step (default: 32)")
     parser.add_argument("--streams", type=int, default=1, help="streams per rank: data.streams or data.workers")
     args = parser.parse_args(argv)
+    # INFO: the log names each shell command run for a pipe: pattern (per-sample warnings are off in verify)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = verify_shards(args.shards, decode=args.decode, workers=args.workers, progress=not args.no_progress,
                                require_label=args.labels)  # fmt: skip
@@ -96,7 +99,9 @@ def _cli_index(argv: Sequence[str]) -> int:
         "webdataset's ShardWriter, so training needs not count them at every start.",
     )
     parser.add_argument("shards", help="a shard pattern, e.g. 'data/train-{000000..000099}.tar' or 'data/*.tar'")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing index.json")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing index.json (the only file this command writes)"
+    )
     args = parser.parse_args(argv)
     from seer.data.shards.train import index_shards
 
@@ -128,14 +133,21 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         "written by other tools.",
     )
     parser.add_argument("source", help="image folder, .csv/.tsv/.txt file list, or tv:NAME:ROOT[:SPLIT]")
-    parser.add_argument("out_dir", help="output directory (must be empty unless --overwrite)")
+    parser.add_argument(
+        "out_dir", help="output directory: new, empty, or a previous `seer shards` output (replaced); see --overwrite"
+    )
     parser.add_argument("--prefix", default="data", help="shard file prefix (default: data)")
     parser.add_argument("--max-samples", type=int, default=1000, help="samples per shard (default: 1000)")
     parser.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard (default: 1e9)")
     parser.add_argument("--shuffle", action="store_true", help="write samples in a seeded random order")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="reader processes")
-    parser.add_argument("--overwrite", action="store_true", help="replace shards and index already in OUT_DIR")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty OUT_DIR that is not a previous `seer shards` output: seer's earlier shards "
+        "(<prefix>-NNNNNN.tar) and index.json there are replaced, every other file is left alone",
+    )
     parser.add_argument("--max-image-side", type=int, default=None, help="downscale + re-encode larger images")
     parser.add_argument("--jpeg-quality", type=int, default=90)
     parser.add_argument("--no-progress", action="store_true")

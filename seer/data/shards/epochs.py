@@ -35,15 +35,25 @@ __all__ = ["Layout", "count_tar_samples", "epoch_plan"]
 _SKIP_META_PREFIX = "__"  # webdataset skips members such as __meta__ / __index__
 
 
-def count_tar_samples(path: str | os.PathLike) -> tuple[int, str | None]:
+def count_tar_samples(path: str | os.PathLike, max_member_bytes: int | None = None) -> tuple[int, str | None]:
     """Samples in a local tar shard, as webdataset groups them (consecutive members sharing a key), and the problem
-    that stopped the count early (a truncated or empty file), if any.
+    that stopped the count early (a truncated or empty file, or ``unreadable_shard``: not a regular file), if any.
 
-    Reads member headers only (seeking over the data), so it is fast enough to run on every shard at start.
+    Reads member headers only (seeking over the data), so it is fast enough to run on every shard at start. A member
+    over the member cap counts: reading it later skips its sample in its place. Extended headers over
+    `max_member_bytes` (default: ``seer.data.limits``' cap) stop the count as ``bad_tar``.
     """
+    from seer.data.limits import read_limits
+    from seer.data.shards.read import capped_tarinfo, open_regular_file
+
+    cap = max_member_bytes or read_limits().max_member_bytes
+    try:
+        f = open_regular_file(path)  # a FIFO would block here, a device never end
+    except OSError:
+        return 0, "unreadable_shard"
     n, last = 0, None
     try:
-        with tarfile.open(os.fspath(path), mode="r:*") as tar:
+        with f, tarfile.open(fileobj=f, mode="r:*", tarinfo=capped_tarinfo(cap)) as tar:
             for info in tar:
                 if not info.isreg() or info.name.startswith(_SKIP_META_PREFIX):
                     continue

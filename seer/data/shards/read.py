@@ -1,26 +1,38 @@
-"""Reading webdataset shards: URL expansion, skip accounting, the train and eval streams, verification."""
+"""Reading webdataset shards: URL expansion, skip accounting, the train and eval streams, verification.
+
+Hostile shard directories: a name found by a glob, a directory listing or an ``index.json`` is always a local file,
+returned as an absolute path and opened by ``open_shard`` as a regular file; only a pattern the caller gives may be a
+``pipe:`` command or a remote URL (webdataset's ``gopen`` runs any name starting with ``pipe:`` in a shell). Tar
+members are read only up to ``seer.data.limits``' member cap (their declared, expanded size, checked before reading).
+"""
 
 from __future__ import annotations
 
+import errno
+import functools
 import glob
 import json
 import logging
 import os
+import re
+import stat
+import tarfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlparse
 
 import braceexpand
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from seer.data.images import ImageDecodeError, decode_image
+from seer.data.limits import DEFAULT_LIMITS, read_limits
 from seer.data.shards.write import INDEX_NAME
 from seer.data.sources import IMAGE_MEMBER_KEYS
 
@@ -47,30 +59,56 @@ def read_index(path: str | os.PathLike) -> dict:
         names = [s["name"] for s in index["shards"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{str(file)!r} is not a valid shard index: {exc}") from exc
-    index["urls"] = [str(file.parent / n) for n in names]
+    # An index may come from a stranger: its names must stay inside its own directory and can never be commands or
+    # URLs. The absolute path keeps a name such as "pipe:..." from reaching any URL opener as a scheme.
+    base = os.path.dirname(os.path.abspath(file))
+    for entry, name in zip(index["shards"], names):
+        _check_index_entry(file, entry, name)
+    index["urls"] = [os.path.join(base, n) for n in names]
     return index
 
 
+def _check_index_entry(file: Path, entry: Any, name: Any) -> None:
+    """A shard entry of an index: a plain file name in the index's directory and, if given, a sample count."""
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name or os.path.isabs(name):
+        raise ValueError(
+            f"{str(file)!r}: shard entry {name!r} is not a plain file name (an index may name only files in its own "
+            "directory: no '/', no '..', nothing absolute)"
+        )
+    samples = entry.get("samples", 0) if isinstance(entry, dict) else 0
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+        raise ValueError(f"{str(file)!r}: shard entry {name!r} has samples={samples!r}, not a count")
+
+
 def _expand_local(pattern: str, original: str) -> list[str]:
+    """Local files of a pattern, as absolute paths (see `expand_urls`)."""
     path = os.path.expanduser(pattern[len("file://") :] if pattern.startswith("file://") else pattern)
     if os.path.isdir(path) or (path.endswith(".json") and os.path.isfile(path)):
         urls = read_index(path)["urls"]
-        missing = [u for u in urls if not os.path.isfile(u)]
+        missing = [u for u in urls if not os.path.exists(u)]
         if missing:
             raise FileNotFoundError(f"{original!r}: the index lists missing shard(s): {', '.join(missing[:3])}")
         return urls
+    if os.path.exists(path):  # a name that exists is that file, whatever it holds ('{', '*', '[', '::', ':')
+        return [os.path.abspath(path)]
     result, missing = [], []
     for p in braceexpand.braceexpand(path):
         if glob.has_magic(p):
             result += sorted(glob.glob(p))
-        elif os.path.isfile(p):
+        elif os.path.exists(p):  # a FIFO or a directory too: reading reports it (only regular files are read)
             result.append(p)
         else:
             missing.append(p)
     if missing and result:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise FileNotFoundError(f"shard pattern {original!r}: {len(missing)} file(s) do not exist: {shown}")
-    return result
+    # Absolute: a listed name such as "pipe:cmd #.tar" or "s3:x.tar" must never be taken for a command or a URL.
+    return [os.path.abspath(p) for p in result]
+
+
+def is_local_url(url: str) -> bool:
+    """Whether `open_shard` reads `url` as a local file (anything but a `pipe:` command or a remote URL)."""
+    return not (url.startswith("pipe:") or urlparse(url).scheme in _REMOTE_SCHEMES)
 
 
 def expand_urls(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
@@ -79,6 +117,10 @@ def expand_urls(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
     Accepts brace patterns (`data-{000000..000127}.tar`), globs, `::`-separated or list-of patterns, a shard
     directory or its `index.json`, `file://` URLs, `pipe:` commands and remote URLs (http(s), gs, s3, ...; not
     checked). Local files must exist: a pattern matching no file raises `FileNotFoundError` naming the pattern.
+
+    Only the pattern itself may be a command or a URL. Every file found by a glob or listed by an index is returned
+    as an absolute local path, so a file named `pipe:...` is read as a file and never run; a pattern that names an
+    existing file (or an `os.PathLike`) is that file, taken literally.
     """
     if isinstance(pattern, (list, tuple)):
         urls = [u for p in pattern for u in expand_urls(p)]
@@ -87,6 +129,10 @@ def expand_urls(pattern: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
         return urls
     if not isinstance(pattern, (str, os.PathLike)) or not os.fspath(pattern).strip():
         raise ValueError(f"a shard pattern must be a non-empty string, got {pattern!r}")
+    if not isinstance(pattern, str) or os.path.exists(pattern):
+        # a path object, or a name that exists (e.g. one from a directory listing): a local file or directory, never
+        # split at '::', brace-expanded, globbed or run
+        return _expand_local(os.fspath(pattern), os.fspath(pattern))
     text = os.fspath(pattern).strip()
     urls: list[str] = []
     for part in text.split("::"):
@@ -120,6 +166,8 @@ SKIP_KINDS = (
     "missing_sample",  # a sample the shard's count promises, but the shard ended first (truncated, stale index)
     "missing_label",  # no .cls member (when labels are required)
     "bad_label",  # a .cls member that is not an integer
+    "oversized_member",  # a tar member larger than the member cap (seer.data.limits; never read)
+    "oversized_file",  # an image file larger than the file cap (seer.data.limits; read no further than the cap)
     "corrupt_image",  # image bytes that do not decode
     "transform_error",  # the transform raised on a decoded image
     "bad_sample",  # anything else raised while grouping or preparing a sample
@@ -218,24 +266,132 @@ class _ShardList(IterableDataset):
             yield {"url": url}
 
 
+# ====================================================================================================================
+# Opening shards and reading their members within the caps
+
+
+def open_regular_file(path: str | os.PathLike) -> IO[bytes]:
+    """Open a local file for reading, refusing anything but a regular file (symlinks to one are fine): a FIFO
+    would block forever and a device such as ``/dev/zero`` never ends. Raises ``OSError`` naming the file."""
+    # O_NONBLOCK: opening a FIFO without a writer returns at once instead of blocking, so it can be refused
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            what = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise OSError(errno.EINVAL, f"not a regular file ({what}); only regular files are read", os.fspath(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_shard(url: str) -> IO[bytes]:
+    """Open one shard URL from `expand_urls`: a `pipe:` command (logged, then run by webdataset's ``gopen``), a
+    remote URL (``gopen``), or else a local regular file (`open_regular_file`), never through ``gopen``.
+
+    `expand_urls` returns every listed or indexed file as an absolute path, so only a pattern given by the caller
+    can start with ``pipe:``."""
+    if url.startswith("pipe:"):
+        log.info("running the shell command of shard pattern %r: %s", url, url[len("pipe:") :])
+        return wds.gopen(url)
+    if not is_local_url(url):
+        return wds.gopen(url)
+    return open_regular_file(url[len("file://") :] if url.startswith("file://") else url)
+
+
+class OversizedMember:
+    """Stands for the data of a tar member whose declared size is over the member cap; the data is never read,
+    and the sample it belongs to is skipped as ``oversized_member``."""
+
+    __slots__ = ("name", "size", "cap")
+
+    def __init__(self, name: str, size: int, cap: int):
+        self.name, self.size, self.cap = name, size, cap
+
+    def __reduce__(self) -> tuple:
+        return (OversizedMember, (self.name, self.size, self.cap))
+
+    def __str__(self) -> str:
+        return (
+            f"member {self.name!r} is {self.size} bytes, over the cap of {self.cap} bytes per tar member "
+            "(SEER_MAX_MEMBER_MB or seer.data.limits.limits(max_member_bytes=...) raise it)"
+        )
+
+
+_EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                     tarfile.SOLARIS_XHDTYPE)  # fmt: skip
+
+
+class _CappedTarInfo(tarfile.TarInfo):
+    """TarInfo that refuses a pax or GNU long-name header larger than the member cap: tarfile reads those into
+    memory whole, before any member is seen."""
+
+    max_header_bytes = DEFAULT_LIMITS.max_member_bytes
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXTENDED_HEADERS and self.size > self.max_header_bytes:
+            raise tarfile.ReadError(
+                f"an extended tar header declares {self.size} bytes, over the cap of {self.max_header_bytes} bytes "
+                "per tar member"
+            )
+        return super()._proc_member(tarfile_)
+
+
+@functools.lru_cache(maxsize=8)
+def capped_tarinfo(max_member_bytes: int) -> type[tarfile.TarInfo]:
+    """A ``tarinfo=`` class for ``tarfile.open`` that caps extended headers at `max_member_bytes`."""
+    return type("CappedTarInfo", (_CappedTarInfo,), {"max_header_bytes": max_member_bytes})
+
+
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (__meta__, __index__): skipped
+_SKIP_CHUNK = 8 << 20
+
+
+def tar_members(fileobj: IO[bytes], max_member_bytes: int) -> Iterator[dict]:
+    """``{"fname", "data"}`` of each regular member of a tar stream (plain or compressed), like webdataset's
+    ``tar_file_iterator`` but never reading more than `max_member_bytes` for one member: a member whose declared
+    size (for a sparse member, its expanded size) is over the cap gets an `OversizedMember` as its data, and its
+    bytes are skipped in chunks."""
+    tar = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=capped_tarinfo(max_member_bytes))
+    for info in tar:
+        if not info.isreg() or _META_MEMBER.match(info.name):
+            continue
+        if info.size > max_member_bytes:
+            data: Any = OversizedMember(info.name, info.size, max_member_bytes)
+            # Move to the next header in bounded reads: tarfile's own skip of a compressed stream is quadratic,
+            # and reading the member (a sparse one expands its holes) would allocate its full size.
+            stream = tar.fileobj
+            while stream.tell() < tar.offset:
+                if not stream.read(min(_SKIP_CHUNK, tar.offset - stream.tell())):
+                    break
+        else:
+            data = tar.extractfile(info).read()
+        yield {"fname": info.name, "data": data}
+        tar.members = []  # a stream of any length: keep no TarInfo
+
+
 class _TarMembers:
     """dict(url) -> tar members, recording unreadable, truncated and empty shards; an end-of-shard marker `{}`
-    keeps a truncated shard's partial sample from merging with the next shard's first one."""
+    keeps a truncated shard's partial sample from merging with the next shard's first one. Shards are opened by
+    `open_shard`, members read by `tar_members` under `max_member_bytes` (default: the cap in force now)."""
 
-    def __init__(self, skips: SkipLog):
+    def __init__(self, skips: SkipLog, max_member_bytes: int | None = None):
         self.skips = skips
+        self.max_member_bytes = max_member_bytes or read_limits().max_member_bytes
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         for item in src:
             url = item["url"]
             try:
-                stream = wds.gopen(url)
+                stream = open_shard(url)
             except Exception as exc:  # noqa: BLE001
                 self.skips.record("unreadable_shard", None, url, f"{type(exc).__name__}: {exc}")
                 continue
             n, problem = 0, None
             try:
-                for member in tar_file_iterator(stream):
+                for member in tar_members(stream, self.max_member_bytes):
                     member["__url__"] = url
                     n += 1
                     yield member
@@ -262,6 +418,13 @@ class _GroupByKeys:
 
     def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
         return group_by_keys(src, handler=self.skips.handler)
+
+
+def shard_samples(url: str, skips: SkipLog, max_member_bytes: int | None = None) -> Iterator[dict]:
+    """The samples of one shard (members grouped by key, webdataset style), read through `open_shard` and
+    `tar_members`; shard-level problems are recorded in `skips`. A sample with an `OversizedMember` value is yielded
+    as it is: `_Prepare` turns it into an ``oversized_member`` skip, so it still takes its position."""
+    return _GroupByKeys(skips)(_TarMembers(skips, max_member_bytes)([{"url": url}]))
 
 
 # Exceptions a transform that decodes bytes itself raises on bad image data.
@@ -298,6 +461,9 @@ class _Prepare:
 
     def __call__(self, sample: dict) -> tuple:
         key, url = sample.get("__key__"), sample.get("__url__")
+        oversized = next((v for v in sample.values() if isinstance(v, OversizedMember)), None)
+        if oversized is not None:
+            raise SampleError("oversized_member", key, url, str(oversized))
         image_key = next((k for k in IMAGE_MEMBER_KEYS if k in sample), None)
         if image_key is None:
             members = sorted(k for k in sample if not k.startswith("__"))
@@ -469,6 +635,7 @@ class EvalLoader(_LoaderBase):
         self.decode, self.require_label = decode, require_label
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.multiprocessing_context = multiprocessing_context
+        self.max_member_bytes = read_limits().max_member_bytes  # the cap in force now, also in spawned workers
         _Prepare(transform, decode, require_label, True)
         self._reset_stats()
 
@@ -478,7 +645,7 @@ class EvalLoader(_LoaderBase):
         prepare.skips = skips
         return wds.DataPipeline(
             _ShardList(self.urls, self.rank, self.world_size),
-            _TarMembers(skips),
+            _TarMembers(skips, self.max_member_bytes),
             _GroupByKeys(skips),
             wds.map(prepare, handler=skips.handler),
             _Batcher(self.batch_size, self.collate_fn, skips),
@@ -521,29 +688,26 @@ def eval_loader(
 # Verification
 
 
-def _verify_one(args: tuple[str, int | None, bool, bool]) -> dict:
+def _verify_one(args: tuple[str, int | None, bool, bool, int]) -> dict:
     """Read one shard completely: count samples, find problems, optionally decode every image."""
-    url, expected, decode, require_label = args
-    skips = SkipLog()
+    url, expected, decode, require_label, max_member_bytes = args
+    # the report lists every problem: no per-sample warnings (but the log still says which commands run)
+    skips = SkipLog(warn_first=0, warn_every_s=float("inf"))
     prepare = _Prepare(None, "bytes", require_label=require_label, with_meta=False)
     samples = unlabeled = 0
-    logging.getLogger("seer.data").disabled = True  # the report lists every problem; no per-sample warnings here
-    try:
-        for sample in _GroupByKeys(skips)(_TarMembers(skips)([{"url": url}])):
-            try:
-                data, label = prepare(sample)
-                unlabeled += "cls" not in sample
-                if decode:
-                    try:
-                        decode_image(data)
-                    except Exception as exc:  # noqa: BLE001
-                        key = sample.get("__key__")
-                        raise SampleError("corrupt_image", key, url, f"{type(exc).__name__}: {exc}") from exc
-                samples += 1
-            except SampleError as exc:
-                skips.handler(exc)
-    finally:
-        logging.getLogger("seer.data").disabled = False
+    for sample in shard_samples(url, skips, max_member_bytes):
+        try:
+            data, label = prepare(sample)
+            unlabeled += "cls" not in sample
+            if decode:
+                try:
+                    decode_image(data)
+                except Exception as exc:  # noqa: BLE001
+                    key = sample.get("__key__")
+                    raise SampleError("corrupt_image", key, url, f"{type(exc).__name__}: {exc}") from exc
+            samples += 1
+        except SampleError as exc:
+            skips.handler(exc)
     problems = skips.drain()
     if expected is not None and samples + sum(1 for p in problems if p["key"] is not None) != expected:
         problems.append({"kind": "count_mismatch", "key": None, "url": url, "error": f"index says {expected} samples"})
@@ -554,9 +718,9 @@ def verify_shards(
     urls: Any, *, decode: bool = False, workers: int = 1, progress: bool = True, require_label: bool = True
 ) -> dict:
     """Read every shard to the end and report problems: unreadable / truncated / empty shards, samples without an
-    image (or, with `require_label`, without a label: pretraining needs none), undecodable images (with
-    `decode=True`), and sample counts that differ from `index.json` (the only way to notice a tar truncated exactly
-    between two members).
+    image (or, with `require_label`, without a label: pretraining needs none), members over the member cap
+    (``seer.data.limits``), undecodable images (with `decode=True`), and sample counts that differ from `index.json`
+    (the only way to notice a tar truncated exactly between two members).
 
     Returns `{"shards": [{"url", "samples", "unlabeled", "expected", "problems"}], "total", "unlabeled",
     "problems": [...], "ok": bool}`.
@@ -570,7 +734,8 @@ def verify_shards(
             expected = {u: s["samples"] for u, s in zip(index["urls"], index["shards"])}
     from tqdm.auto import tqdm
 
-    jobs = [(u, expected.get(u), decode, require_label) for u in expanded]
+    cap = read_limits().max_member_bytes
+    jobs = [(u, expected.get(u), decode, require_label, cap) for u in expanded]
     results = []
     with tqdm(total=len(jobs), unit="shard", desc="verify", disable=not progress) as bar:
         if workers > 1 and len(jobs) > 1:

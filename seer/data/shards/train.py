@@ -27,18 +27,20 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.utils import make_seed
 
+from seer.data.limits import read_limits
 from seer.data.shards.epochs import Layout, count_tar_samples, epoch_plan
 from seer.data.shards.read import (
     SampleError,
     SkipLog,
     _check_rank,
-    _GroupByKeys,
     _identity,
     _LoaderBase,
     _Prepare,
-    _TarMembers,
     expand_urls,
+    is_local_url,
+    open_regular_file,
     read_index,
+    shard_samples,
 )
 from seer.data.shards.write import INDEX_NAME
 from seer.data.sources import IMAGE_MEMBER_KEYS
@@ -75,12 +77,12 @@ def shard_counts(urls: Any, problems: list | None = None) -> tuple[list[str], li
     from the tar headers of local shards (a truncated shard counts the samples before the cut, and is appended to
     ``problems`` as ``(kind, url)``). Remote shards need an index (``seer shards index`` writes one)."""
     expanded = expand_urls(urls)
-    local = all(os.path.isfile(_local(u)) for u in expanded)
+    local = all(is_local_url(u) for u in expanded)
     counts = _index_counts(expanded) if local else None
     if counts is not None:
         return expanded, [counts[u] for u in expanded]
     if not local:
-        remote = next(u for u in expanded if not os.path.isfile(_local(u)))
+        remote = next(u for u in expanded if not is_local_url(u))
         raise ValueError(
             f"{remote!r}: the training stream needs every shard's sample count to give each sample once per epoch; "
             f"shards that are not local files need an {INDEX_NAME} (write one with `seer shards index PATTERN`)"
@@ -107,8 +109,11 @@ def index_shards(urls: Any, *, overwrite: bool = False) -> dict:
     of counting at every start, and remote copies of the shards can use it. Returns the index."""
     paths = [u[len("file://") :] if u.startswith("file://") else u for u in expand_urls(urls)]
     dirs = {os.path.dirname(os.path.abspath(p)) for p in paths}
-    if len(dirs) != 1 or not all(os.path.isfile(p) for p in paths):
+    if len(dirs) != 1 or not all(is_local_url(p) for p in paths):
         raise ValueError(f"{urls!r}: an index covers local shards in one directory (found {len(dirs)} directories)")
+    odd = [p for p in paths if not os.path.isfile(p)]
+    if odd:
+        raise ValueError(f"{odd[0]!r}: not a regular file (an index lists only regular shard files)")
     out = Path(dirs.pop())
     if (out / INDEX_NAME).exists() and not overwrite:
         raise FileExistsError(f"{out / INDEX_NAME} exists (pass overwrite=True / --overwrite to replace it)")
@@ -145,10 +150,10 @@ def image_units(path: str | os.PathLike) -> list[tuple[str, int]]:
 
 class _TarUnits:
     """Reads ``[start, stop)`` of a shard's samples; a shard that ends early yields ``missing_sample`` errors, so
-    positions never shift."""
+    positions never shift. Members over ``max_member_bytes`` are skipped as ``oversized_member`` samples."""
 
-    def __init__(self, urls: list[str]):
-        self.urls = urls
+    def __init__(self, urls: list[str], max_member_bytes: int):
+        self.urls, self.max_member_bytes = urls, max_member_bytes
 
     def name(self, unit: int) -> str:
         return self.urls[unit]
@@ -156,7 +161,7 @@ class _TarUnits:
     def read(self, unit: int, start: int, stop: int, skips: SkipLog) -> Iterator[dict | SampleError]:
         url = self.urls[unit]
         i = 0
-        for sample in _GroupByKeys(skips)(_TarMembers(skips)([{"url": url}])):
+        for sample in shard_samples(url, skips, self.max_member_bytes):
             if i >= start:
                 yield sample
             i += 1
@@ -167,10 +172,11 @@ class _TarUnits:
 
 
 class _FileUnits:
-    """Each image file is a unit of one sample: ``{"__key__": path, <ext>: bytes[, "cls": label]}``."""
+    """Each image file is a unit of one sample: ``{"__key__": path, <ext>: bytes[, "cls": label]}``. Only regular
+    files of at most ``max_file_bytes`` are read; others are skipped (``unreadable_shard``, ``oversized_file``)."""
 
-    def __init__(self, items: list[tuple[str, int]], root: str):
-        self.items, self.root = items, root
+    def __init__(self, items: list[tuple[str, int]], root: str, max_file_bytes: int):
+        self.items, self.root, self.max_file_bytes = items, root, max_file_bytes
 
     def name(self, unit: int) -> str:
         return self.items[unit][0]
@@ -179,10 +185,15 @@ class _FileUnits:
         path, label = self.items[unit]
         key = os.path.relpath(path, self.root) if self.root else path
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            with open_regular_file(path) as f:  # a FIFO named .jpg would block, /dev/zero never end
+                data = f.read(self.max_file_bytes + 1)
         except OSError as exc:
             yield SampleError("unreadable_shard", key, path, f"{type(exc).__name__}: {exc}")
+            return
+        if len(data) > self.max_file_bytes:
+            why = (f"the file is over the cap of {self.max_file_bytes} bytes per image file (SEER_MAX_FILE_MB or "
+                   "seer.data.limits.limits(max_file_bytes=...) raise it)")  # fmt: skip
+            yield SampleError("oversized_file", key, path, why)
             return
         ext = os.path.splitext(path)[1].lower().lstrip(".")
         sample: dict[str, Any] = {"__key__": key, "__url__": path, ext if ext in IMAGE_MEMBER_KEYS else "img": data}
@@ -355,6 +366,7 @@ class TrainLoader(_LoaderBase):
         self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
         self.multiprocessing_context = multiprocessing_context
         self.max_consecutive_skips = max_consecutive_skips
+        self.limits = read_limits()  # the caps in force now, also in spawned workers
         _Prepare(transform, decode, require_label, False)  # validate arguments early
         if sum(counts) == 0:
             found = ", ".join(f"{k}: {u}" for k, u in problems[:3]) if images is None else ""
@@ -452,7 +464,9 @@ class TrainLoader(_LoaderBase):
 
     # -- reading -------------------------------------------------------------------------------------------------
     def _units(self) -> Any:
-        return _FileUnits(self.items, self.root) if self.items is not None else _TarUnits(self.urls)
+        if self.items is not None:
+            return _FileUnits(self.items, self.root, self.limits.max_file_bytes)
+        return _TarUnits(self.urls, self.limits.max_member_bytes)
 
     def _stream_iter(self) -> Iterator:
         bundles = _Bundles(self, list(self.offsets))

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
@@ -15,11 +16,19 @@ from typing import Any
 import webdataset as wds
 
 from seer.data.sources import Source, encode_item, item_description, resolve_source
-from seer.io import atomic_write
+from seer.io import (
+    OUTPUT_MARKER,
+    atomic_write,
+    claim_output_files,
+    clear_output_dir,
+    mark_output_dir,
+    prepare_output_dir,
+)
 
 log = logging.getLogger("seer.data")
 
 INDEX_NAME = "index.json"  # written next to the shards; read by seer.data.shards.read
+OUTPUT_KIND = "shards"  # the output marker's kind (seer.io.prepare_output_dir)
 
 
 # ====================================================================================================================
@@ -49,20 +58,27 @@ def _windowed_imap(pool: Any, order: list[int], workers: int) -> Iterator[tuple[
         yield from pool.imap(_pool_encode, order[start : start + window], chunksize=chunk)
 
 
-def _prepare_output_dir(out: Path, prefix: str, overwrite: bool) -> None:
+def _check_output_dir(out: Path, source: Any, overwrite: bool) -> str:
+    """``prepare_output_dir``'s state of ``out`` (refused: ``OutputDirError``, nothing changed); the source (a local
+    folder or file list) is never inside it."""
+    sources = [source] if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().exists() else []
+    return prepare_output_dir(out, kind=OUTPUT_KIND, overwrite=overwrite, sources=sources,
+                              flag="overwrite=True (--overwrite)")  # fmt: skip
+
+
+def _clear_output_dir(out: Path, prefix: str, state: str) -> None:
+    """Remove a previous shards output's files (listed in its marker), the index first, so an interrupted rewrite
+    never looks like a complete old run. In a directory of the user's (``overwrite``), also shard-named files that
+    an unmarked earlier ``write_shards`` left (``<prefix>-NNNNNN.tar``, its temporaries): a `*.tar` glob or a stale
+    index would read them with the new shards. Nothing else is removed."""
     out.mkdir(parents=True, exist_ok=True)
-    existing = sorted(p.name for p in out.iterdir())
-    if not existing:
+    clear_output_dir(out, OUTPUT_KIND, first=(INDEX_NAME,))
+    if state != "foreign":
         return
-    if not overwrite:
-        shown = ", ".join(existing[:5]) + (" ..." if len(existing) > 5 else "")
-        raise FileExistsError(
-            f"output directory {str(out)!r} is not empty ({shown}); pass overwrite=True (--overwrite)"
-        )
-    # Remove the completion marker first, so an interrupted overwrite never looks like a complete old run.
-    (out / INDEX_NAME).unlink(missing_ok=True)
-    for pattern in (f"{prefix}-*.tar", f".{prefix}-*.tar.tmp", f".{INDEX_NAME}.*.tmp"):
-        for p in out.glob(pattern):
+    (out / INDEX_NAME).unlink(missing_ok=True)  # replaced at the end: until then the directory reads as incomplete
+    stale = re.compile(rf"\.?{re.escape(prefix)}-\d{{6}}\.tar(\.tmp)?|\.{re.escape(INDEX_NAME)}\..*\.tmp")
+    for p in out.iterdir():
+        if stale.fullmatch(p.name) and p.is_file():
             p.unlink()
 
 
@@ -88,8 +104,11 @@ def write_shards(
         source: an image folder (class subfolders -> labels 0..C-1 in sorted order; a flat folder is unlabeled),
             a CSV/TSV/TXT file list (`path[,label]`, labels may be integers or class names), or a torchvision-style
             dataset (`ds[i] -> (image, label)`; folder datasets without a transform are read from their files).
-        out_dir: output directory; must be empty unless `overwrite=True` (which removes `<prefix>-*.tar` and the
-            index there, nothing else).
+        out_dir: output directory: new, empty, or a previous `write_shards` output (marked by `.seer-output.json`),
+            whose shards and index are replaced. Any other non-empty directory needs `overwrite=True`, which writes
+            the shards and index beside the files there and removes only seer's earlier shards (`<prefix>-NNNNNN.tar`)
+            and index; without it, `seer.io.OutputDirError` (a FileExistsError) is raised and nothing changes. A
+            directory holding the source folder or file list is always refused.
         max_samples_per_shard, max_bytes_per_shard: a new shard starts when either limit is reached.
         shuffle, seed: write the samples in a seeded random order (keys stay the source indices).
         workers: processes reading (and optionally re-encoding) images; the parent only writes tar files.
@@ -108,9 +127,20 @@ def write_shards(
         raise ValueError("max_samples_per_shard and max_bytes_per_shard must be positive")
     if max_image_side is not None and max_image_side < 8:
         raise ValueError(f"max_image_side={max_image_side} is too small")
-    src = resolve_source(source)
     out = Path(out_dir).expanduser()
-    _prepare_output_dir(out, prefix, overwrite)
+    state = _check_output_dir(out, source, overwrite)  # before the source is listed: a refusal costs nothing
+    src = resolve_source(source)
+    _clear_output_dir(out, prefix, state)
+
+    def mark(names: list[str]) -> None:
+        # The marker lists every file seer has (or is about to have) in the directory, the shard being written
+        # included: a run killed half-way is recognised, and replaced, by the next one.
+        if state == "foreign":
+            claim_output_files(out, OUTPUT_KIND, [*names, INDEX_NAME])
+        else:
+            mark_output_dir(out, OUTPUT_KIND, [*names, INDEX_NAME])
+
+    mark([f".{prefix}-000000.tar.tmp"])
 
     order = list(range(len(src)))
     if shuffle:
@@ -124,6 +154,7 @@ def write_shards(
         final = out / Path(tmp_name).name[1 : -len(".tmp")]
         os.replace(tmp_name, final)  # atomic: a shard under its final name is always complete
         shards.append({"name": final.name, "samples": writer.count, "bytes": final.stat().st_size})
+        mark([s["name"] for s in shards] + [f".{prefix}-{len(shards):06d}.tar.tmp"])
 
     from tqdm.auto import tqdm
 
@@ -179,6 +210,8 @@ def write_shards(
             pool.join()
 
     if not shards:
+        if state != "foreign":  # nothing written: the directory is left empty, as it was found (or created)
+            (out / OUTPUT_MARKER).unlink(missing_ok=True)
         first = "; ".join(f"{s['source']}: {s['error']}" for s in skipped[:3])
         raise ValueError(f"no readable image in {src.description!r} ({len(skipped)} items failed: {first})")
     if skipped:
@@ -207,4 +240,6 @@ def write_shards(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     atomic_write(out / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+    if state != "foreign":  # (a foreign directory's marker may also list a shard temporary: harmless, never there)
+        mark([s["name"] for s in shards])
     return index
