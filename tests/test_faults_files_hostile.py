@@ -430,3 +430,24 @@ def test_16bit_conversion_is_exact_and_unchanged():
     tall = np.tile(np.arange(0, 65536, 257, dtype=np.uint16), (3000, 7))  # several row blocks
     out = np.asarray(images.to_rgb(Image.fromarray(tall)))[..., 1]
     assert np.array_equal(out, ((tall.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8))
+
+
+def test_the_training_monitor_refuses_a_fifo_among_its_validation_images(tmp_path):
+    """The monitor's labelled validation images are a user's files too: a FIFO among them must not hang training."""
+    fifo = _special_files(tmp_path)["fifo"]
+    good = _png(tmp_path / "good.png")
+    out = _child(
+        f"""
+        from seer.train.monitor import _load_images
+        x, y = _load_images([({str(good)!r}, 0)], 16)
+        result = {{"shape": list(x.shape)}}
+        try:
+            _load_images([({str(good)!r}, 0), ({str(fifo)!r}, 1)], 16)
+        except OSError as exc:
+            result["error"] = str(exc)
+        print(json.dumps(result))
+        """,
+        timeout=60,
+    )
+    assert out["shape"] == [1, 3, 16, 16], out
+    assert str(fifo) in out["error"] and "not a regular file" in out["error"], out

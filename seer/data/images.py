@@ -22,7 +22,7 @@ import os
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -100,6 +100,28 @@ def _refuse_special(path: str, st: os.stat_result) -> None:
         raise ImageFileError(f"{path}: {kind}, not a regular file; seer reads images only from regular files")
 
 
+def open_regular_file(path: str | os.PathLike) -> IO[bytes]:
+    """Open a local file for reading: the one opener of every file seer reads from a user's folder or shard.
+
+    Anything but a regular file (symlinks to one are fine) is refused from its ``stat``, before it is opened: a FIFO
+    would block forever, a device such as ``/dev/zero`` never ends. It is opened non-blocking (a FIFO swapped in
+    meanwhile cannot block the open) and checked again with ``fstat``.
+
+    Raises:
+        FileNotFoundError / OSError: the path cannot be opened. ImageFileError (an OSError): not a regular file.
+    """
+    name = os.fspath(path)
+    _refuse_special(name, os.stat(name))
+    fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        _refuse_special(name, os.fstat(fd))
+        os.set_blocking(fd, True)
+        return open(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_image_file(path: str | os.PathLike) -> bytes:
     """The bytes of an image file: regular files only (symlinks followed), at most ``read_limits().max_file_bytes``.
 
@@ -113,11 +135,8 @@ def read_image_file(path: str | os.PathLike) -> bytes:
     """
     name = os.fspath(path)
     cap = read_limits().max_file_bytes
-    _refuse_special(name, os.stat(name))
-    fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    with open(fd, "rb", buffering=0) as f:
-        st = os.fstat(fd)
-        _refuse_special(name, st)
+    with open_regular_file(name) as f:
+        st = os.fstat(f.fileno())
 
         def too_large(size: str) -> ImageFileError:
             return ImageFileError(

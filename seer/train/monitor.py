@@ -44,13 +44,12 @@ def format_val_line(step: int, result: dict, epoch: float | None = None) -> str:
 
 def _load_images(part: list, resolution: int) -> tuple[torch.Tensor, np.ndarray]:
     """``[(path, label), ...]`` -> (model-ready images at ``resolution`` px, labels)."""
-    from seer.data.images import eval_transform
+    from seer.data.images import eval_transform, read_image_file
 
     transform = eval_transform(resolution, crop_pct=1.0)  # the features' own eval preprocessing
     images = []
-    for path, _ in part:
-        with open(path, "rb") as f:
-            images.append(transform(f.read()))
+    for path, _ in part:  # regular files only, capped: a FIFO named .jpg among the user's images would hang training
+        images.append(transform(read_image_file(path)))
     return torch.stack(images), np.array([y for _, y in part])
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from seer.train.checkpoint import read_classifier_state, resolve_checkpoint
+from seer.train.checkpoint import read_classifier_state, read_newest, resolve_checkpoint
 from seer.weights.load import load_classifier, load_trunk
 from seer.weights.save import check_export_target, save_trunk
 
@@ -40,8 +40,12 @@ def cli_export(argv: list[str] | None = None) -> int:
         # hold the run; a file may go into the run directory (runs/x/trunk.safetensors), not into the checkpoint.
         sources = (args.run_dir, ckpt) if args.format == "hf" else (ckpt,)
         check_export_target(args.out, args.format, overwrite=args.overwrite, sources=sources, flag="--overwrite")
-        classifier = not args.trunk_only and bool(read_classifier_state(ckpt)[0])
-        model = load_classifier(ckpt) if classifier else load_trunk(ckpt)
+
+        def read(ckpt):  # the head check and the weights from one checkpoint, even while keep_last rotates them
+            classifier = not args.trunk_only and bool(read_classifier_state(ckpt)[0])
+            return ckpt, classifier, load_classifier(ckpt) if classifier else load_trunk(ckpt)
+
+        ckpt, classifier, model = read_newest(args.run_dir, read)
         save_trunk(model, args.out, format=args.format, overwrite=args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as exc:  # FileExistsError: OutputDirError
         print(f"seer export: {exc}", file=sys.stderr)

@@ -43,8 +43,9 @@ def count_tar_samples(path: str | os.PathLike, max_member_bytes: int | None = No
     over the member cap counts: reading it later skips its sample in its place. Extended headers over
     `max_member_bytes` (default: ``seer.data.limits``' cap) stop the count as ``bad_tar``.
     """
+    from seer.data.images import open_regular_file
     from seer.data.limits import read_limits
-    from seer.data.shards.read import capped_tarinfo, open_regular_file
+    from seer.data.shards.read import capped_tarinfo
 
     cap = max_member_bytes or read_limits().max_member_bytes
     try:

@@ -8,14 +8,12 @@ members are read only up to ``seer.data.limits``' member cap (their declared, ex
 
 from __future__ import annotations
 
-import errno
 import functools
 import glob
 import json
 import logging
 import os
 import re
-import stat
 import tarfile
 import time
 from collections import Counter
@@ -31,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.tariterators import group_by_keys
 
-from seer.data.images import ImageDecodeError, decode_image
+from seer.data.images import ImageDecodeError, decode_image, open_regular_file
 from seer.data.limits import DEFAULT_LIMITS, read_limits
 from seer.data.shards.write import INDEX_NAME
 from seer.data.sources import IMAGE_MEMBER_KEYS
@@ -268,23 +266,6 @@ class _ShardList(IterableDataset):
 
 # ====================================================================================================================
 # Opening shards and reading their members within the caps
-
-
-def open_regular_file(path: str | os.PathLike) -> IO[bytes]:
-    """Open a local file for reading, refusing anything but a regular file (symlinks to one are fine): a FIFO
-    would block forever and a device such as ``/dev/zero`` never ends. Raises ``OSError`` naming the file."""
-    # O_NONBLOCK: opening a FIFO without a writer returns at once instead of blocking, so it can be refused
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            what = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
-            raise OSError(errno.EINVAL, f"not a regular file ({what}); only regular files are read", os.fspath(path))
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def open_shard(url: str) -> IO[bytes]:

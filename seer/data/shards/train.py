@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 from webdataset.utils import make_seed
 
+from seer.data.images import open_regular_file
 from seer.data.limits import read_limits
 from seer.data.shards.epochs import Layout, count_tar_samples, epoch_plan
 from seer.data.shards.read import (
@@ -38,7 +39,6 @@ from seer.data.shards.read import (
     _Prepare,
     expand_urls,
     is_local_url,
-    open_regular_file,
     read_index,
     shard_samples,
 )
