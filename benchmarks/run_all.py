@@ -22,7 +22,14 @@ BENCHMARKS = ["trunk", "multicrop", "loader", "extract", "runtimes", "knn", "lin
 
 
 def available() -> list[str]:
-    return [name for name in BENCHMARKS if (ROOT / f"{name}.py").exists()]
+    names = [name for name in BENCHMARKS if (ROOT / f"{name}.py").exists()]
+    # The GPU check needs CUDA (elsewhere it exits 3 after its CPU-side checks): listed only where torch sees a GPU,
+    # so `make bench` on a CPU machine runs what it always ran.
+    import torch
+
+    if (ROOT / "gpu.py").exists() and torch.cuda.is_available():
+        names.append("gpu")
+    return names
 
 
 def gather(names: list[str], failures: dict[str, str], seconds: dict[str, float]) -> Path:

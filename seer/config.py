@@ -129,6 +129,9 @@ class FSDPConfig:
     reshard_after_forward: bool = True
     cpu_offload: bool = False
     shard_unit: str = "block"  # block | group (the activation-checkpointing groups, or stages)
+    # Gradient reduce-scatter dtype: fp32 | bf16 (halves the traffic; VISSL's 10B reduces in fp16). BatchNorm and
+    # fp32 units (SwAV's prototypes) always reduce in fp32.
+    reduce_dtype: str = "fp32"
 
 
 @dataclass
@@ -149,6 +152,9 @@ class TrainConfig:
     # Emulate N ranks' BatchNorm batches in one process (ghost batch norm): the trunk sees each crop batch in N
     # equal chunks, as N FSDP ranks without SyncBN would.
     bn_splits: int = 1
+    # Ranks per SyncBatchNorm group on CUDA (SEER's syncBN64): 0 all ranks, 1 no sync (plain BatchNorm per rank).
+    # A value that does not divide the world size gives way to its largest divisor below it (496 GPUs: 62).
+    sync_bn_group: int = 64
     tensorboard: bool = True
     # Collective timeout: a rank that waits this long on a peer (hung, or gone without closing its sockets) raises
     # instead of blocking the job until its time limit. Raise it when a checkpoint save takes longer.
@@ -402,7 +408,7 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
     """Reject impossible values, naming the dotted key. ``world_size`` adds the checks that depend on it."""
     from seer.data.transforms import PRESETS
     from seer.distributed.env import collective_timeout
-    from seer.distributed.parallel import SHARD_UNITS
+    from seer.distributed.parallel import REDUCE_DTYPES, SHARD_UNITS
     from seer.models.regnet import checkpoint_segments
     from seer.train.methods import get_method, method_config
 
@@ -509,6 +515,10 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
         raise _bad("train.device", t.device, "must be 'auto', 'cpu' or 'cuda'")
     if t.fsdp.shard_unit not in SHARD_UNITS:
         raise _bad("train.fsdp.shard_unit", t.fsdp.shard_unit, f"must be one of {', '.join(map(repr, SHARD_UNITS))}")
+    if t.fsdp.reduce_dtype not in REDUCE_DTYPES:
+        raise _bad("train.fsdp.reduce_dtype", t.fsdp.reduce_dtype, f"must be one of {', '.join(REDUCE_DTYPES)}")
+    if t.sync_bn_group < 0:
+        raise _bad("train.sync_bn_group", t.sync_bn_group, "must be >= 0 (ranks per BN group; 0: all, 1: no sync)")
     if d.global_batch_size < 0:
         raise _bad("data.global_batch_size", d.global_batch_size, "must be >= 0 (0: batch_size_per_gpu x world)")
     if world_size is not None:
@@ -525,8 +535,37 @@ def batch_per_gpu(cfg: PretrainConfig, world_size: int) -> int:
     if g <= 0:
         return cfg.data.batch_size_per_gpu
     if g % world_size:
-        raise _bad("data.global_batch_size", g, f"is not divisible by the world size {world_size}")
+        raise ConfigError(
+            f"data.global_batch_size: is not divisible by the world size {world_size}, got {g}. "
+            + _nearest_batches_hint(cfg, world_size)
+        )
     return g // world_size
+
+
+def _nearest_batches_hint(cfg: PretrainConfig, world_size: int) -> str:
+    """The nearest global batches that divide ``world_size``, with the peak lr and warmup start each gives.
+
+    A 64-node user of a recipe written for another world size (seer_10b: 7936 = 16 x 496) must re-derive the
+    batch, the lr and the warmup start; this says what each choice gives, as ``_train`` computes them.
+    """
+    g, o = cfg.data.global_batch_size, cfg.optim
+    below, above = g // world_size * world_size, (g // world_size + 1) * world_size
+    choices = [b for b in (below, above) if b > 0]
+    valid = " or ".join(f"{b} ({b // world_size} per GPU)" for b in choices)
+    lrs = [o.base_lr * b / o.reference_batch for b in choices]  # seer.train.optim.scaled_lr
+    lr_text = ", ".join(f"{lr:.4g} at {b}" for lr, b in zip(lrs, choices))
+    text = (
+        f"Nearest valid: {valid}. The peak lr scales with it (optim.base_lr x global batch / optim.reference_batch "
+        f"= {o.base_lr:g} x B / {o.reference_batch}): {lr_text}."
+    )
+    if o.warmup_iters > 0:
+        starts = ", ".join(f"{o.start_warmup_lr * lr:.4g} at {b}" for lr, b in zip(lrs, choices))
+        text += (
+            f" The warmup starts at optim.start_warmup_lr x the peak = {o.start_warmup_lr:g} x peak: {starts}; for "
+            f"an absolute start (VISSL's: 0.3 x images per node / 256, 0.15 at 16 x 8 GPUs) set "
+            f"optim.start_warmup_lr = start / peak."
+        )
+    return text + ' See "Global batch, lr and warmup at another world size" in docs/pretraining.md.'
 
 
 def trunk_cfg(model: ModelConfig):

@@ -97,7 +97,7 @@ def _mib(n: int) -> str:
 def _refuse_special(path: str, st: os.stat_result) -> None:
     if not stat.S_ISREG(st.st_mode):
         kind = _FILE_TYPES.get(stat.S_IFMT(st.st_mode), "not a regular file")
-        raise ImageFileError(f"{path}: {kind}, not a regular file; seer reads images only from regular files")
+        raise ImageFileError(f"{path}: {kind}, not a regular file; seer reads only regular files")
 
 
 def open_regular_file(path: str | os.PathLike) -> IO[bytes]:

@@ -1,13 +1,16 @@
 """Parallelism applied to a built model, in one function (torchtitan's ``parallelize`` habit).
 
-Order: SyncBatchNorm (CUDA, several ranks) -> activation checkpointing -> torch.compile per block -> FSDP2
-``fully_shard`` per BatchNorm and per module asking for fp32 (``fp32_unit = True``, e.g. SwAV's prototypes: fp32
-units on bf16 runs) -> per block or group -> the head -> the root.
+Order: SyncBatchNorm in groups of ranks (CUDA, several ranks; ``convert_sync_bn``) -> activation checkpointing ->
+torch.compile per block -> FSDP2 ``fully_shard`` per BatchNorm and per module asking for fp32 (``fp32_unit = True``,
+e.g. SwAV's prototypes: fp32 units on bf16 runs) -> per block or group -> the head -> the root.
+On CUDA it also turns on ``cudnn.benchmark`` (as SwAV's ``main_swav.py`` does): each trunk call sees one of a few
+fixed crop shapes, so cuDNN's autotuning runs once per shape and is then reused.
 The model files never import any of this.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Literal
 
@@ -17,11 +20,71 @@ from torch import nn
 
 from seer.models.regnet import checkpoint_segments
 
-__all__ = ["parallelize", "block_groups", "SHARD_UNITS", "sync_bn_stats", "is_fsdp"]
+__all__ = [
+    "parallelize",
+    "block_groups",
+    "SHARD_UNITS",
+    "REDUCE_DTYPES",
+    "SYNC_BN_GROUP",
+    "sync_bn_group_size",
+    "convert_sync_bn",
+    "sync_bn_stats",
+    "is_fsdp",
+]
 
+log = logging.getLogger("seer.distributed")
 
 # FSDP unit choices (``train.fsdp.shard_unit``); seer.config checks a run's value against them once, at load.
 SHARD_UNITS = ("block", "group")
+# Gradient reduction dtypes (``train.fsdp.reduce_dtype``), checked by seer.config the same way.
+REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Ranks per SyncBatchNorm group (``train.sync_bn_group``): SEER's models are named ``syncBN64``.
+SYNC_BN_GROUP = 64
+
+
+def sync_bn_group_size(world_size: int, setting: int, *, log_change: bool = False) -> int:
+    """Ranks per SyncBatchNorm group for ``train.sync_bn_group = setting`` on ``world_size`` ranks.
+
+    0 means all ranks, 1 no synchronization. Groups must tile the world, so a setting that does not divide it gives
+    way to the largest divisor of ``world_size`` not above it (496 ranks with 64 -> groups of 62); a setting of at
+    least the world size is one group of all ranks. ``log_change`` logs (warning) when the divisor rule changed it.
+    """
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
+    if setting < 0:
+        raise ValueError(f"train.sync_bn_group must be >= 0 (0: all ranks, 1: no sync), got {setting}")
+    if setting == 0 or setting >= world_size:
+        return world_size
+    size = max(d for d in range(1, setting + 1) if world_size % d == 0)
+    if size != setting and log_change:
+        what = "no BatchNorm sync (plain BatchNorm per rank)" if size == 1 else f"BatchNorm syncs in groups of {size}"
+        log.warning(
+            "train.sync_bn_group=%d does not divide the world size %d: %s, the largest divisor not above %d",
+            setting, world_size, what, setting,
+        )  # fmt: skip
+    return size
+
+
+def convert_sync_bn(model: nn.Module, group: int | dist.ProcessGroup = SYNC_BN_GROUP) -> nn.Module:
+    """Convert ``model``'s BatchNorm layers to SyncBatchNorm over groups of consecutive ranks; return the model.
+
+    ``group``: ranks per group (``sync_bn_group_size`` resolves it against the world: 0 all ranks, 1 or a
+    single process leaves plain BatchNorm), or a process group to use as it is. Every rank must call this (building
+    subgroups is collective). Consecutive ranks share a node, so groups of 8 (or 64) keep most traffic on NVLink.
+    The conversion itself runs on any device; torch's SyncBatchNorm forward needs CUDA (``parallelize`` calls this
+    on CUDA only).
+    """
+    if isinstance(group, int):
+        if not (dist.is_available() and dist.is_initialized()):
+            return model
+        world = dist.get_world_size()
+        size = sync_bn_group_size(world, group, log_change=dist.get_rank() == 0)
+        if size == 1:
+            return model
+        # All ranks: the default group (no new communicator). Smaller groups: one communicator each, so a group's
+        # statistics all-gathers only wait for its own members.
+        group = dist.group.WORLD if size == world else dist.new_subgroups(group_size=size)[0]
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
 
 
 def block_groups(trunk: nn.Module, activation_checkpointing=False,
@@ -57,8 +120,10 @@ def parallelize(
     reshard_after_forward: bool = True,
     cpu_offload: bool = False,
     shard_unit: Literal["block", "group"] = "block",
-    sync_bn: bool = True,
+    sync_bn_group: int | dist.ProcessGroup = SYNC_BN_GROUP,
+    reduce_dtype: str = "fp32",
     mesh=None,
+    device: torch.device | str | None = None,
 ) -> nn.Module:
     """Apply activation checkpointing, optional compile and FSDP2 to ``model`` in place and return it.
 
@@ -66,25 +131,37 @@ def parallelize(
         model: a module with a RegNet ``trunk`` attribute (and optionally a ``head``), or a trunk itself.
         activation_checkpointing: passed to ``trunk.set_grad_checkpointing`` (False, True/"block", "stage", groups).
         compile: ``torch.compile`` each block (after checkpointing, before sharding).
-        precision: "fp32" or "bf16" (FSDP MixedPrecisionPolicy: bf16 params/compute, fp32 gradient reduction;
-            BatchNorm layers get their own fp32 units, and so does every module with ``fp32_unit = True``, its
-            floating inputs cast to fp32).
+        precision: "fp32" or "bf16" (FSDP MixedPrecisionPolicy: bf16 params/compute, gradient reduction in
+            ``reduce_dtype``; BatchNorm layers get their own fp32 units, and so does every module with
+            ``fp32_unit = True``, its floating inputs cast to fp32).
         fsdp: shard with FSDP2; default: when a process group is initialized.
         reshard_after_forward: free the gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2).
         cpu_offload: keep sharded parameters, gradients and optimizer state in CPU memory.
         shard_unit: "block" or "group" (see ``block_groups``).
-        sync_bn: convert BatchNorm to SyncBatchNorm on CUDA with several ranks (FSDP does not sync statistics).
+        sync_bn_group: on CUDA with several ranks, BatchNorm becomes SyncBatchNorm over groups of this many ranks
+            (``convert_sync_bn``: 0 all ranks, 1 no sync; default 64, SEER's ``syncBN64``) or over this process
+            group. FSDP does not sync BatchNorm statistics.
+        reduce_dtype: "fp32" or "bf16": the dtype FSDP2 reduce-scatters gradients in (``train.fsdp.reduce_dtype``;
+            VISSL's 10B reduces in fp16). BatchNorm and ``fp32_unit`` modules always reduce in fp32.
         mesh: a 1-D DeviceMesh; default: all ranks on the model's device type.
+        device: where the model will run, when that is not where its parameters are: a meta-device model (the
+            sharded start, ``seer.distributed.materialize``) is sharded for ``device`` and allocated afterwards.
     """
     trunk = getattr(model, "trunk", model)
     distributed = dist.is_available() and dist.is_initialized()
     fsdp = distributed if fsdp is None else fsdp
-    device_type = next(model.parameters()).device.type
+    device_type = torch.device(device).type if device is not None else next(model.parameters()).device.type
     world_size = dist.get_world_size() if distributed else 1
 
-    # 1. SyncBatchNorm: CUDA-only in torch; on CPU every rank normalizes its own batch.
-    if sync_bn and distributed and world_size > 1 and device_type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if reduce_dtype not in REDUCE_DTYPES:
+        raise ValueError(f"reduce_dtype must be one of {sorted(REDUCE_DTYPES)}, got {reduce_dtype!r}")
+    if device_type == "cuda":
+        # Each trunk call sees one of a few fixed crop shapes: cuDNN's autotuning pays off (SwAV sets it too).
+        torch.backends.cudnn.benchmark = True
+
+    # 1. SyncBatchNorm in groups: CUDA-only in torch; on CPU every rank normalizes its own batch.
+    if distributed and world_size > 1 and device_type == "cuda":
+        model = convert_sync_bn(model, sync_bn_group)
         trunk = getattr(model, "trunk", model)
 
     # 2. Activation checkpointing (the trunk's own segments: per block, per stage or SEER groups).
@@ -104,10 +181,11 @@ def parallelize(
 
     if mesh is None:
         mesh = init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp",))
+    reduce = REDUCE_DTYPES[reduce_dtype]
     if precision == "bf16":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce)
     elif precision == "fp32":
-        mp = MixedPrecisionPolicy()
+        mp = MixedPrecisionPolicy(reduce_dtype=None if reduce == torch.float32 else reduce)
     else:
         raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if cpu_offload and device_type != "cuda":

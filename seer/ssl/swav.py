@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +34,7 @@ from seer.validation import check_numbers
 
 __all__ = [
     "SwAVConfig",
+    "CollapseStats",
     "SwAV",
     "Prototypes",
     "SwAVModel",
@@ -47,6 +48,11 @@ __all__ = [
 
 def _dist_on() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def _host_read_is_free(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values on the host costs no wait for a device (a CPU tensor)."""
+    return t.device.type == "cpu"
 
 
 def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -120,15 +126,16 @@ class SwAVConfig:
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, n_iters: int = 3, epsilon: float = 0.05) -> torch.Tensor:
-    """Soft codes of a batch: SwAV's ``distributed_sinkhorn`` made numerically safe.
+    """Soft codes of a batch: SwAV's ``distributed_sinkhorn`` made numerically safe, with ``1 + n_iters`` collectives.
 
     ``Q = exp(scores / epsilon)`` is scaled so that, over the global batch (every rank's rows), each prototype gets
     the same total mass and each sample a total of 1. Under torch.distributed the sums are all-reduced, so splitting
-    a batch over ranks gives the same codes as the whole batch in one process.
+    a batch over ranks gives the same codes as the whole batch in one process. ``[A, B, K]`` scores are A independent
+    problems (SwAV's assignment crops) solved together: their sums travel in the same collectives.
 
     Numerical safety (the results equal SwAV's on ordinary inputs):
       * computed in fp32 whatever the input dtype (bf16 autocast included);
-      * each prototype's global max score is subtracted before ``exp`` (the first row normalization cancels any
+      * each prototype's global max score is subtracted before ``exp`` (the first column normalization cancels any
         per-prototype factor exactly, so this changes nothing but overflow);
       * zero sums are clamped; a sample whose every entry underflowed (scores ~100 epsilon below every prototype's
         best sample: only possible with unnormalized embeddings) gets ``softmax(scores / epsilon + log row scaling)``,
@@ -136,57 +143,64 @@ def sinkhorn(scores: torch.Tensor, n_iters: int = 3, epsilon: float = 0.05) -> t
       * NaN scores are read as 0 and infinities as the largest finite value, so the codes are always finite (the loss,
         computed from the raw scores, still shows a NaN).
 
+    Collectives: one max (the shift) and one sum per iteration; the global sample count rides with the first sum.
+    SwAV's division by the total mass is left out: the first column normalization cancels it exactly. Nothing is read
+    on the host, so the caller never waits for the device here.
+
     Args:
-        scores: ``[B, K]`` sample-prototype similarities of this rank's rows.
+        scores: ``[B, K]`` sample-prototype similarities of this rank's rows, or ``[A, B, K]`` for A problems.
         n_iters: Sinkhorn iterations (>= 1; SwAV 3, SEER 10).
         epsilon: entropic regularization (SwAV 0.05, SEER-10B 0.03).
 
     Returns:
-        ``[B, K]`` fp32 codes; every row sums to 1, and every column sums to ``B_global / K`` over the global batch
-        up to the accuracy of ``n_iters`` iterations.
+        fp32 codes of the scores' shape; every row sums to 1, and every column sums to ``B_global / K`` over the
+        global batch up to the accuracy of ``n_iters`` iterations.
     """
-    if scores.dim() != 2:
-        raise ValueError(f"sinkhorn: scores must be [B, K], got shape {tuple(scores.shape)}")
+    if scores.dim() not in (2, 3):
+        raise ValueError(f"sinkhorn: scores must be [B, K] or [A, B, K], got shape {tuple(scores.shape)}")
     if n_iters < 1:
         raise ValueError(f"sinkhorn: n_iters must be >= 1, got {n_iters}")
     if not epsilon > 0:
         raise ValueError(f"sinkhorn: epsilon must be > 0, got {epsilon}")
     with torch.autocast(device_type=scores.device.type, enabled=False):
-        # one [B, K] fp32 buffer, transformed in place: logits -> shifted -> exp -> codes
+        # one fp32 buffer, transformed in place: logits -> shifted -> exp -> codes
         q = torch.nan_to_num_(scores.detach().to(torch.float32, copy=True).div_(epsilon))
-        n_local, n_protos = q.shape
+        n_local, n_protos = q.shape[-2:]
         tiny = torch.finfo(torch.float32).tiny
 
-        # Per-prototype max over the global batch (a sample-free shift: cancelled by the first row normalization).
-        shift = q.amax(dim=0) if n_local else q.new_full((n_protos,), -torch.inf)
+        # Per-prototype max over the global batch (a sample-free shift: cancelled by the first column normalization).
+        shift = q.amax(dim=-2) if n_local else q.new_full((*q.shape[:-2], n_protos), -torch.inf)
         _all_reduce(shift, "max")
         shift = torch.nan_to_num(shift)  # no rows on any rank: -inf -> finite
-        q = q.sub_(shift).exp_()  # entries in [0, 1], each prototype has a 1 somewhere
+        q = q.sub_(shift.unsqueeze(-2)).exp_()  # entries in [0, 1], each prototype has a 1 somewhere
+        log_u = -shift  # log of the per-prototype scaling applied so far (for the underflow fallback)
 
-        # Total mass and global sample count in one collective.
-        totals = torch.stack([q.sum(), q.new_tensor(float(n_local))])
-        _all_reduce(totals)
-        total, n_global = totals[0].clamp_min(tiny), totals[1]
-        q /= total
-        log_u = -shift - total.log()  # log of the per-prototype scaling applied so far (for the underflow fallback)
-
+        n_global = None
         for _ in range(n_iters):
             # each prototype (column of q) gets total mass 1/K
-            col = q.sum(dim=0)
-            _all_reduce(col)
+            col = q.sum(dim=-2)
+            if n_global is None:  # the first sum also counts the global batch (no collective of its own)
+                packed = torch.cat([col.reshape(-1), torch.full((1,), float(n_local), device=col.device)])
+                _all_reduce(packed)
+                col, n_global = packed[:-1].view_as(col), packed[-1]
+            else:
+                _all_reduce(col)
             col = col.clamp_min(tiny) * n_protos
-            q /= col
-            log_u -= col.log()
+            q /= col.unsqueeze(-2)
+            log_u = log_u - col.log()
             # each sample (row of q) gets total mass 1/B_global
-            q /= q.sum(dim=1, keepdim=True).clamp_min(tiny) * n_global
+            q /= q.sum(dim=-1, keepdim=True).clamp_min(tiny) * n_global
         q *= n_global  # rows sum to 1: a distribution over prototypes per sample
 
-        # Fallback for samples whose every entry underflowed to 0 (see above). Local: no collective, no desync.
-        dead = q.sum(dim=1) == 0
-        if bool(dead.any()):
-            logits = torch.nan_to_num(scores[dead].detach().float() / epsilon).double()
-            fix = torch.softmax(logits + log_u.double(), dim=1)
-            q[dead] = torch.nan_to_num(fix, nan=1.0 / n_protos).float()
+        # Fallback for samples whose every entry underflowed to 0 (see above). Local: no collective, no desync. On
+        # an accelerator it is computed for every row and selected on the device: asking the host whether any row
+        # is dead would make the host wait for the device every step, and the rows are this rank's few. On the
+        # CPU that question costs nothing, and skipping the softmax keeps large CPU batches fast.
+        dead = q.sum(dim=-1, keepdim=True) == 0
+        if not _host_read_is_free(dead) or bool(dead.any()):
+            logits = torch.nan_to_num(scores.detach().float() / epsilon).double()
+            fix = torch.softmax(logits + log_u.double().unsqueeze(-2), dim=-1)
+            q = torch.where(dead, torch.nan_to_num(fix, nan=1.0 / n_protos).float(), q)
     return q
 
 
@@ -268,6 +282,44 @@ class Prototypes(nn.Module):
         return f"dim={self.weight.shape[1]}, n_prototypes={self.weight.shape[0]}, fp32={self.fp32}"
 
 
+class CollapseStats(Mapping):
+    """``codes_used`` / ``preds_used`` (distinct prototypes among the codes' / predictions' argmaxes on this rank) and
+    ``code_confidence`` (the mean largest code: 1/K for uniform codes) of one forward.
+
+    A read-only mapping that computes its values when first read. Reading them makes the host wait for the device
+    (``unique`` and the Python numbers), so the training loop reads them on its log steps only; a step that does
+    not read them costs nothing.
+    """
+
+    _KEYS = ("codes_used", "preds_used", "code_confidence")
+
+    def __init__(self, codes: torch.Tensor, log_p: torch.Tensor) -> None:
+        self._codes, self._log_p, self._values = codes, log_p, None
+
+    def _read(self) -> dict:
+        if self._values is None:
+            with torch.no_grad():
+                self._values = {
+                    "codes_used": int(self._codes.argmax(-1).unique().numel()),
+                    "preds_used": int(self._log_p.argmax(-1).unique().numel()),
+                    "code_confidence": float(self._codes.max(-1).values.mean()),
+                }
+            self._codes = self._log_p = None  # the values are all that is needed from now on
+        return self._values
+
+    def __getitem__(self, key: str):
+        return self._read()[key]
+
+    def __iter__(self):
+        return iter(self._KEYS)
+
+    def __len__(self) -> int:
+        return len(self._KEYS)
+
+    def __repr__(self) -> str:
+        return f"CollapseStats({self._read()})"
+
+
 class SwAV(nn.Module):
     """The SwAV head and swapped-prediction loss over multi-crop features.
 
@@ -286,9 +338,10 @@ class SwAV(nn.Module):
         queue_start_iter: the queue is filled from this iteration on and used as soon as it is full.
         fp32_prototypes: normalize and score in fp32 (see ``Prototypes``); False: in the caller's dtype.
 
-    ``forward`` returns ``{"loss", "codes" [n_assign, B, K] (detached), "queue_used" (bool), "stats"}``; ``stats``:
-    ``codes_used`` / ``preds_used`` (distinct prototypes among the codes' / predictions' argmaxes on this rank) and
-    ``code_confidence`` (the mean largest code: 1/K for uniform codes).
+    ``forward`` returns ``{"loss", "codes" [n_assign, B, K] (detached), "queue_used" (bool), "stats"}``; ``stats``
+    (a ``CollapseStats``, computed when first read): ``codes_used`` / ``preds_used`` (distinct prototypes among the
+    codes' / predictions' argmaxes on this rank) and ``code_confidence`` (the mean largest code: 1/K for uniform
+    codes).
     """
 
     def __init__(
@@ -406,31 +459,28 @@ class SwAV(nn.Module):
         emb, scores, queue_scores = self.prototypes(self.projection(feats), self.queue if queue_used else None)
         log_p = F.log_softmax(scores.float() / self.temperature, dim=1).view(n_crops, bs, -1)
 
-        loss = scores.new_zeros((), dtype=torch.float32)
-        codes = []
-        for i, c in enumerate(self.crops_for_assign):
-            with torch.no_grad():
+        with torch.no_grad():
+            targets = []
+            for i, c in enumerate(self.crops_for_assign):
                 out = scores[c * bs : (c + 1) * bs].detach()
                 if queue_used:  # queue scores first, batch last: only the batch's codes are kept
                     out = torch.cat([queue_scores[i].to(out.dtype), out])
-                if use_queue:  # newest first, as in SwAV
+                if use_queue:  # newest first, as in SwAV (the queue's scores were taken before this update)
                     self.queue[i, bs:] = self.queue[i, :-bs].clone()
                     self.queue[i, :bs] = emb[c * bs : (c + 1) * bs].detach().float()
-                q = sinkhorn(out, self.sinkhorn_iters, self.epsilon)[-bs:]
-            codes.append(q)
+                targets.append(out)
+            # every assignment crop's codes at once: one set of Sinkhorn collectives per step, not one per crop
+            codes_t = sinkhorn(torch.stack(targets), self.sinkhorn_iters, self.epsilon)[:, -bs:].contiguous()
+        loss = scores.new_zeros((), dtype=torch.float32)
+        for q, c in zip(codes_t, self.crops_for_assign):
             others = [v for v in range(n_crops) if v != c]
             # mean over samples of -sum_k q log p, averaged over the other crops
             loss = loss - (q.unsqueeze(0) * log_p[others]).sum(dim=2).mean()
         if use_queue:
             self.queue_filled = min(self.queue_filled + bs, self.queue.shape[1])
         loss = loss / len(self.crops_for_assign)
-        codes_t = torch.stack(codes)
-        with torch.no_grad():  # what a collapse looks like (see SwAVModel.diagnose): cheap, [n_assign * B] argmaxes
-            stats = {
-                "codes_used": int(codes_t.argmax(-1).unique().numel()),
-                "preds_used": int(log_p.argmax(-1).unique().numel()),
-                "code_confidence": float(codes_t.max(-1).values.mean()),
-            }
+        # what a collapse looks like (see SwAVModel.diagnose), computed when first read: on the loop's log steps
+        stats = CollapseStats(codes_t, log_p.detach())
         return {"loss": loss, "codes": codes_t, "queue_used": queue_used, "stats": stats}
 
     def extra_repr(self) -> str:

@@ -98,6 +98,164 @@ def _init_trunk_from(trunk: nn.Module, source: str, cfg: PretrainConfig) -> None
         trunk.load_state_dict(loaded.state_dict())  # copies into the trunk's own (channels_last) parameters
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The sharded start: under a process group no rank ever holds the whole model (issue 30)
+# ----------------------------------------------------------------------------------------------------------------
+# True: under a process group the model is built on the meta device with its initialization recorded, sharded by
+# ``parallelize``, and each rank then initializes only its shards (``seer.distributed.materialize``): the same
+# weights, bit for bit, as building it whole. False: every rank builds the whole model first (the path before;
+# kept to compare against, see tests/test_sharded_start.py). One process always builds the model whole.
+SHARDED_START = True
+
+
+def _build_start(cfg: PretrainConfig, env) -> tuple[nn.Module, dict | None]:
+    """The model ``parallelize`` receives, and what the sharded start still has to do after it (None: nothing).
+
+    One process (or ``SHARDED_START`` off): ``build_model(cfg)``, whole, on ``env.device``. Under a process group:
+    the same construction on the meta device, recorded (nothing is allocated); ``model.init_from`` is opened and its
+    architecture checked now, before anything is allocated, and its trunk is read per shard in ``_finish_start``.
+    """
+    if not (env.distributed and SHARDED_START):
+        return build_model(cfg).to(env.device), None
+    from seer.distributed.materialize import InitRecorder
+    from seer.models.regnet import build_trunk
+    from seer.train.checkpoint import latest_checkpoint
+
+    source = cfg.model.init_from if latest_checkpoint(cfg.run_dir) is None else None  # resuming wins, as above
+    opened = None
+    if source:  # checked against a meta trunk (shapes only), outside the recording: its own init draws nothing
+        opened = _open_init_from(source, build_trunk(trunk_cfg(cfg.model), device="meta"), cfg)
+    with InitRecorder() as recorder:
+        with torch.device("meta"):
+            model = build_model(cfg, init_trunk=False)
+        hook = getattr(model, "init_from_checkpoint", None)  # a checkpoint's own head (fine-tuning)
+        if source and hook is not None:
+            # read from its file outside the meta device; recorded as a copy into the meta head, replayed with it
+            try:
+                hook(source)
+            except ValueError as exc:
+                raise ValueError(f"model.init_from: {exc}") from None
+    return model, {"program": recorder.program(model), "init_from": opened}
+
+
+def _finish_start(model: nn.Module, start: dict, env, log) -> None:
+    """Allocate the sharded model on ``env.device`` and initialize each shard (``materialize``), then read
+    ``model.init_from``'s trunk into it, each rank its own shards."""
+    from seer.distributed.materialize import materialize
+
+    t0 = time.time()
+    opened = start["init_from"]
+    stats = materialize(model, start["program"], env.device, skip=("trunk.",) if opened else ())
+    log(
+        f"sharded start: {stats['tensors']} tensors initialized whole one at a time and sharded "
+        f"({stats['peak_bytes'] / 2**20:.0f} MiB held at most by the initialization; {time.time() - t0:.1f} s)"
+    )
+    if opened is not None:
+        _load_trunk_shards(model, opened, env)
+
+
+def _open_init_from(source: str, trunk: nn.Module, cfg: PretrainConfig) -> tuple[str, object]:
+    """``("dcp", checkpoint dir)`` for a pretraining run (or one of its checkpoints), else ``("file", Checkpoint)``
+    memory-mapped: opened and checked against ``trunk``'s architecture (a meta trunk: shapes only), no value read."""
+    from seer.models.regnet import RegNetCfg
+    from seer.weights.formats import CheckpointError, cfg_from_dict
+
+    path = Path(source).expanduser()
+    try:
+        run_dir = (path / "checkpoints").is_dir() or (path / ".metadata").is_file()
+        if path.is_dir() and not (path / "config.json").is_file() and run_dir:
+            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+            from seer.train.checkpoint import SafeReader, read_meta, resolve_checkpoint
+
+            # Every rank must read the same checkpoint: rank 0 names it (a run still training may rotate its newest).
+            names = [str(resolve_checkpoint(path)) if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(names, src=0)
+            ckpt_dir = Path(names[0])
+            md = SafeReader(str(ckpt_dir)).read_metadata()
+            got = {
+                k[len("model.trunk.") :]: tuple(v.size)
+                for k, v in md.state_dict_metadata.items()
+                if k.startswith("model.trunk.") and isinstance(v, TensorStorageMetadata)
+            }
+            theirs = read_meta(ckpt_dir).get("regnet_cfg")
+            loaded_cfg = cfg_from_dict(theirs) if isinstance(theirs, dict) else None
+            opened: tuple[str, object] = ("dcp", ckpt_dir)
+        else:
+            from seer.weights.load import open_trunk
+
+            ckpt, loaded_cfg = open_trunk(source)
+            got = {k: tuple(v.shape) for k, v in ckpt.state_dict.items()}
+            opened = ("file", ckpt)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"model.init_from: {exc}") from None
+    except ValueError as exc:  # CheckpointError: unreadable, unknown layout, refused pickle
+        raise ValueError(f"model.init_from: {exc}") from None
+    want = {k: tuple(v.shape) for k, v in trunk.state_dict().items()}
+    if opened[0] == "file":  # formats without num_batches_tracked get zeros, as load_trunk gives them
+        got.update({k: v for k, v in want.items() if k.endswith("num_batches_tracked") and k not in got})
+    if want != got:
+
+        def arch(c: RegNetCfg | None) -> str:
+            if c is None:
+                return "unknown"
+            widths, depths, groups = c.stages()
+            return f"stage widths {widths}, depths {depths}, group widths {groups}, stem {c.stem_width}"
+
+        ours = f"model.preset={cfg.model.preset}" if cfg.model.cfg is None else f"model.cfg={cfg.model.cfg}"
+        raise CheckpointError(
+            f"model.init_from: {source} holds a different trunk architecture ({arch(loaded_cfg)}) than this run's "
+            f"{ours} ({arch(trunk.cfg)}); set model.preset / model.cfg to the checkpoint's architecture"
+        )
+    return opened
+
+
+def _load_trunk_shards(model: nn.Module, opened: tuple[str, object], env) -> None:
+    """Copy ``model.init_from``'s trunk into the sharded trunk: each rank reads its own rows of each tensor (a
+    memory-mapped file) or its own shards (DCP), never the whole checkpoint at once. Every rank then agrees on the
+    first tensor holding a NaN or an infinity, and all raise the same ``CheckpointError`` naming it."""
+    from seer.distributed.materialize import copy_into
+    from seer.weights.formats import CheckpointError
+
+    targets = model.trunk.state_dict()
+    kind, src = opened
+    keys = list(targets)
+    first_bad = len(keys)
+    if kind == "dcp":
+        from seer.train.checkpoint import _dcp_load  # the run-directory reader's own safe DCP load
+
+        try:
+            _dcp_load({"model": {f"trunk.{k}": v for k, v in targets.items()}}, src)
+        except ValueError as exc:
+            raise ValueError(f"model.init_from: {exc}") from None
+        for i, k in enumerate(keys):
+            local = targets[k].to_local() if hasattr(targets[k], "to_local") else targets[k]  # DTensor: its shard
+            if local.is_floating_point() and not bool(torch.isfinite(local).all()):
+                first_bad = i
+                break
+        origin, theirs = str(src), dict.fromkeys(keys, None)
+    else:
+        for i, k in enumerate(keys):
+            value = src.state_dict.get(k)
+            if value is None:  # num_batches_tracked: absent from some formats (load_trunk also gives zeros)
+                value = torch.zeros(targets[k].shape, dtype=targets[k].dtype)
+            part = copy_into(targets[k], value)
+            if first_bad == len(keys) and part.is_floating_point() and not bool(torch.isfinite(part).all()):
+                first_bad = i
+        origin, theirs = src.origin, src.renamed
+    flag = torch.tensor([first_bad], dtype=torch.int64, device=env.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    first_bad = int(flag.item())
+    if first_bad < len(keys):
+        k = keys[first_bad]
+        name = k if theirs.get(k) in (None, k) else f"{k} ({theirs[k]})"
+        raise CheckpointError(
+            f"model.init_from: {origin}: tensor {name} holds NaN or infinite values; refusing to load weights that "
+            f"compute NaN (or, through a fused conv + ReLU, all-zero) features (a training run that diverged saves "
+            f"such weights: use an earlier checkpoint)."
+        )
+
+
 class _Data:
     """The loop's batches: ``next(data)`` is this rank's crop list for the next step; ``position()`` the resumable
     data position (None for synthetic data, whose batches are a pure function of the step)."""
@@ -114,7 +272,11 @@ class _Data:
             return
         from seer.data.shards import train_loader
         from seer.data.transforms import MultiCrop, collate_multicrop
+        from seer.train.shard_counts import broadcast_shard_counts
 
+        # Rank 0 alone reads the shards' sample counts (index.json, or the tar headers of at most 1,000 shards) and
+        # broadcasts them: 512 ranks reading 10,000 shards' metadata at once would outlast the collective timeout.
+        counted = broadcast_shard_counts(d.urls, env) if d.source == "shards" else None
         # Self-supervised methods never need labels: unlabeled samples (an image alone, a plain tar of .jpg) train. A
         # method that trains on labels gets them, and a sample without one is an error naming it.
         self.loader = train_loader(
@@ -132,6 +294,7 @@ class _Data:
             position=position,
             collate_fn=collate_multicrop,
             require_label=get_method(cfg.method).labels,
+            counted=counted,
         )
         self._reported = {e for e, c in self.loader.coverage().items() if c["complete"]}  # before a resume
         if d.record_keys:
@@ -302,7 +465,7 @@ def _train(cfg: PretrainConfig, env) -> dict:
 
     # -- model, parallelism, optimizer, schedules ----------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)  # identical initialization on every rank before sharding
-    model = build_model(cfg).to(env.device)
+    model, start = _build_start(cfg, env)  # under a process group: on the meta device (the sharded start)
     fsdp = cfg.train.fsdp
     precision = cfg.train.precision
     if (
@@ -321,7 +484,12 @@ def _train(cfg: PretrainConfig, env) -> dict:
         reshard_after_forward=fsdp.reshard_after_forward,
         cpu_offload=fsdp.cpu_offload,
         shard_unit=fsdp.shard_unit,
+        sync_bn_group=cfg.train.sync_bn_group,
+        reduce_dtype=fsdp.reduce_dtype,
+        device=env.device,
     )
+    if start is not None:
+        _finish_start(model, start, env, log)
     optimizer = build_optimizer(model, cfg.optim)
     peak_lr = scaled_lr(cfg.optim.base_lr, global_batch, cfg.optim.reference_batch)
     o = cfg.optim
@@ -423,14 +591,24 @@ def _train(cfg: PretrainConfig, env) -> dict:
         with autocast:
             out = model(crops, data.labels.to(env.device)) if with_labels else model(crops)
         loss = out["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if before_optimizer_step is not None:  # e.g. drop the gradients of parameters still frozen
+            before_optimizer_step(step)
+        if cfg.optim.clip_grad > 0:
+            # the optimizer's parameters: the (sharded) ones that hold the reduced gradients
+            clip_grad_norm([p for g in optimizer.param_groups for p in g["params"]], cfg.optim.clip_grad)
 
-        # Every rank must agree before anything is updated: average the loss and the "checkpoint by time" vote.
+        # The step's one host sync. Every rank must agree before anything is updated: average the loss (no update
+        # after a non-finite loss on any rank) and the "checkpoint by time" vote, in one all-reduce read once. Until
+        # here the host queues forward and backward without waiting for the device.
         save_by_time = cfg.train.ckpt_every_minutes > 0 and time.time() - last_save >= 60 * cfg.train.ckpt_every_minutes
-        stats = torch.tensor([loss.detach().float().item(), float(save_by_time)], device=env.device)
+        stats = torch.stack([loss.detach().float(), torch.full((), float(save_by_time), device=loss.device)])
         if env.distributed:
             dist.all_reduce(stats)
             stats[0] /= env.world_size
-        loss_val, save_by_time = float(stats[0]), bool(stats[1] > 0)
+        loss_val, votes = stats.tolist()
+        save_by_time = votes > 0
         if not math.isfinite(loss_val):
             # Named as what it is: the newest checkpoint, whose weights were checked finite when it was saved (or
             # resumed from), taken before this step. Not "the last good one": the weights may go bad before the loss.
@@ -443,14 +621,6 @@ def _train(cfg: PretrainConfig, env) -> dict:
                 f"optim.warmup_iters and start again."
             )
             raise FloatingPointError(f"loss is {loss_val} at step {step + 1} (lr {lrs[step]:.4g}); stopping. {newest}")
-
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if before_optimizer_step is not None:  # e.g. drop the gradients of parameters still frozen
-            before_optimizer_step(step)
-        if cfg.optim.clip_grad > 0:
-            # the optimizer's parameters: the (sharded) ones that hold the reduced gradients
-            clip_grad_norm([p for g in optimizer.param_groups for p in g["params"]], cfg.optim.clip_grad)
         optimizer.step()
         done = step + 1
         done_steps += 1

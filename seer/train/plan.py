@@ -15,11 +15,20 @@ Per GPU (FSDP2, ``world_size`` ranks):
 FLOPs per step: 2 x MACs per image per crop resolution, x3 for forward + backward (x4 with recomputation).
 ``measure_cpu`` runs the same config on CPU in a fresh process and reports its peak memory above the import
 baseline; ``tests/test_plan.py`` checks the prediction within 25% on small configs.
+
+Start-up peak (``startup_memory``), next to the training peak: under FSDP each rank holds only its fp32 shard of the
+model on its device, and on the host the sharded start's working set (each tensor initialized whole, one at a time:
+``seer.distributed.materialize``), computed from the model's construction recorded on the meta device; building the
+whole model on every rank first (the path before) is printed beside it.
+
+BatchNorm sync per step (``bn_sync_traffic``): the collectives and bytes torch's SyncBatchNorm issues on GPUs in
+groups of ``train.sync_bn_group`` ranks.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -31,7 +40,7 @@ from seer.config import PretrainConfig, batch_per_gpu, crop_shapes, load_config,
 from seer.models.regnet import checkpoint_segments
 from seer.train.methods import method_config
 
-__all__ = ["plan", "format_plan", "block_stats", "measure_cpu", "cli_main"]
+__all__ = ["plan", "format_plan", "block_stats", "bn_sync_traffic", "startup_memory", "measure_cpu", "cli_main"]
 
 # Calibrated on CPU (fp32, oneDNN, glibc with a fixed 64 KiB mmap threshold so that RSS follows live tensors)
 # against the peak RSS of training steps of regnety_200mf / 400mf / 800mf at 32-96 px, with and without
@@ -215,10 +224,156 @@ def plan(
         "flops_per_step_with_recompute": (4 if ckpt_on else 3) * flops_fwd,
         "flops_per_image": 3 * 2 * macs,
     }
+    if device == "gpu" and world_size > 1:  # SyncBatchNorm runs on CUDA only
+        result["bn_sync"] = bn_sync_traffic(cfg, world_size)
+    result["startup"] = startup = startup_memory(cfg, world_size)
     if gpu_memory_gb is not None:
         result["gpu_memory_gb"] = gpu_memory_gb
-        result["fits"] = bool(total_b <= gpu_memory_gb * GiB)
+        result["fits"] = bool(max(total_b, startup["device_bytes"]) <= gpu_memory_gb * GiB)
     return result
+
+
+def startup_memory(cfg: PretrainConfig, world_size: int) -> dict:
+    """Per-rank memory from the start to the first step, from the model's construction recorded on the meta device
+    (nothing is allocated; ``seer.distributed.materialize``).
+
+    Several ranks (the sharded start): each holds its fp32 shard of every parameter and every buffer whole on its
+    device (``device_bytes``), and on the host the initialization's working set (``host_bytes``: each tensor made
+    whole, one at a time, ``InitProgram.replay_peak_bytes``); on CPU ranks both are host memory. One process builds
+    the whole model on the host and moves it. ``whole_start_*``: building the whole model on every rank first (the
+    path before the sharded start): the model on the host per rank, and on the device the model plus its shards
+    while ``fully_shard`` copies them.
+    """
+    from seer.distributed.materialize import record_init
+    from seer.train.loop import build_model
+
+    model, program = record_init(lambda: build_model(cfg, init_trunk=False))
+    params = [p for _, p in model.named_parameters()]
+    buffers = [b for _, b in model.named_buffers() if b is not None]
+
+    def size(t) -> int:
+        return t.numel() * t.element_size()
+
+    whole = sum(size(t) for t in params + buffers)
+    # FSDP2 shards dim 0, padded to a multiple of the world size
+    shard = sum(-(-p.shape[0] // world_size) * (p.numel() // p.shape[0]) * p.element_size() if p.dim() and p.shape[0]
+                else size(p) for p in params) + sum(size(b) for b in buffers)  # fmt: skip
+    sharded = world_size > 1
+    return {
+        "sharded": sharded,
+        "device_bytes": shard if sharded else whole,
+        "host_bytes": program.replay_peak_bytes() if sharded else whole,
+        "model_bytes": whole,
+        "largest_tensor_bytes": max(size(t) for t in params + buffers),
+        "whole_start_host_bytes": whole,
+        "whole_start_device_bytes": whole + shard if sharded else whole,
+    }
+
+
+def format_startup(s: dict) -> str:
+    """``start-up peak ...`` (the sharded start against building the whole model on every rank first)."""
+    if not s["sharded"]:
+        return f"start-up peak: {s['device_bytes'] / GiB:.2f} GB (one process: the whole model, built on the host)"
+    return (
+        f"start-up peak (sharded start): {s['device_bytes'] / GiB:.2f} GB per GPU (its fp32 shard), "
+        f"{s['host_bytes'] / GiB:.2f} GB host per rank (each tensor initialized whole, one at a time; the largest "
+        f"is {s['largest_tensor_bytes'] / GiB:.2f} GB); building the whole model first took "
+        f"{s['whole_start_device_bytes'] / GiB:.2f} GB per GPU and {s['whole_start_host_bytes'] / GiB:.2f} GB host "
+        f"per rank"
+    )
+
+
+def _trunk_bn_layers(rcfg) -> list[tuple[int, int | None]]:
+    """``(channels, flat block index)`` of every trunk BatchNorm in forward order; the stem's index is None."""
+    widths, depths, _ = rcfg.stages()
+    layers: list[tuple[int, int | None]] = [(rcfg.stem_width, None)]
+    index = 0
+    for w, d in zip(widths, depths):
+        mid = int(round(w * rcfg.bottleneck))
+        for j in range(d):
+            layers += [(mid, index), (mid, index), (w, index)]  # conv1, conv2 (grouped 3x3), conv3
+            if j == 0:  # the projection shortcut: every stage's first block has stride 2
+                layers.append((w, index))
+            index += 1
+    return layers
+
+
+def bn_sync_traffic(cfg: PretrainConfig, world_size: int, group: int | None = None) -> dict:
+    """BatchNorm synchronization of one training step per GPU, as torch's SyncBatchNorm does it (CUDA).
+
+    Each BatchNorm call of ``C`` channels all-gathers ``g x (2C + 1)`` fp32 values over its group of ``g`` ranks
+    (mean, inverse std and count of every member) and then syncs the host; its backward all-reduces ``2C`` values.
+    Calls per step: every trunk BatchNorm once per trunk call (one call per run of equal-resolution crops, x
+    ``train.bn_splits``) plus once more for the blocks activation checkpointing recomputes; a BatchNorm in the
+    method's head (SwAV's ``use_bn`` projection) once per step. ``group`` overrides ``cfg.train.sync_bn_group``
+    (0: all ranks); the divisor rule of ``seer.distributed.parallel.sync_bn_group_size`` applies.
+
+    Returns:
+        ``group_size``, ``setting``, ``trunk_calls``, ``bn_calls`` (forward BatchNorm calls per step, recomputation
+        included), ``all_gathers``, ``all_reduces``, ``collectives``, ``host_syncs``, ``gathered_bytes`` (the
+        all-gathers' output: ``g x (2C+1) x 4`` summed, the rank's own slice included), ``received_bytes`` (from
+        the other ranks: ``(g-1)/g`` of that, plus a ring all-reduce's ``2 (g-1)/g x 2C x 4`` per backward call).
+    """
+    from seer.distributed.parallel import sync_bn_group_size
+
+    setting = cfg.train.sync_bn_group if group is None else group
+    g = sync_bn_group_size(world_size, setting)
+    rcfg = trunk_cfg(cfg.model)
+    depths = rcfg.stages()[1]
+    method = method_config(cfg)
+    checkpointed = {i for a, b, ck in _segments(depths, cfg.model.activation_checkpointing) if ck for i in range(a, b)}
+
+    # Trunk calls per step: multicrop_forward calls the trunk once per run of equal-resolution crops (of the crops a
+    # method uses: supervised.crops), bn_splits times over. A frozen trunk (supervised.freeze_trunk) is in eval mode.
+    resolutions = [r for count, r in crop_shapes(cfg.data) for _ in range(count)]
+    chosen = getattr(method, "crops", None)
+    if chosen:
+        resolutions = [resolutions[i] for i in chosen]
+    trunk_calls = sum(1 for _ in itertools.groupby(resolutions)) * cfg.train.bn_splits
+    if getattr(method, "freeze_trunk", False):
+        trunk_calls = 0
+    forward: list[int] = []  # channels of every forward BatchNorm call in one step (recomputation included)
+    backward: list[int] = []
+    for channels, block in _trunk_bn_layers(rcfg):
+        forward += [channels] * trunk_calls * (2 if block in checkpointed else 1)
+        backward += [channels] * trunk_calls
+    if getattr(method, "use_bn", False):  # SwAV's projection MLP: BatchNorm1d after each hidden layer, one call
+        for channels in list(method.head_dims)[:-1]:
+            forward.append(channels)
+            backward.append(channels)
+    if g == 1:
+        forward, backward = [], []
+    gathered = sum(4 * g * (2 * c + 1) for c in forward)
+    received = gathered * (g - 1) / g + sum(4 * 2 * (g - 1) / g * 2 * c for c in backward)
+    return {
+        "world_size": world_size,
+        "setting": setting,
+        "group_size": g,
+        "groups": world_size // g,
+        "trunk_calls": trunk_calls,
+        "bn_calls": len(forward),
+        "all_gathers": len(forward),
+        "all_reduces": len(backward),
+        "collectives": len(forward) + len(backward),
+        "host_syncs": len(forward),
+        "gathered_bytes": gathered,
+        "received_bytes": received,
+    }
+
+
+def format_bn_sync(t: dict) -> str:
+    """``BN sync: N collectives, X GB received per GPU per step (groups of G)``, or why there is none."""
+    if t["group_size"] == 1:
+        return f"BN sync: none (groups of 1: each of the {t['world_size']} ranks normalizes its own batch)"
+    note = ""
+    if t["setting"] not in (0, t["group_size"]) and t["setting"] < t["world_size"]:
+        note = f"; train.sync_bn_group={t['setting']} does not divide {t['world_size']}"
+    return (
+        f"BN sync: {t['collectives']} collectives, {t['received_bytes'] / 1e9:.2f} GB received per GPU per step "
+        f"(groups of {t['group_size']}{' = all ranks' if t['group_size'] == t['world_size'] else ''}{note}; "
+        f"{t['all_gathers']} all-gathers with a host sync each, forward and recomputation, "
+        f"{t['all_reduces']} all-reduces in backward)"
+    )
 
 
 def _groups_for(depths: list[int], spec) -> list[tuple[int, int, bool]]:
@@ -265,6 +420,10 @@ def format_plan(p: dict) -> str:
         f"{p['flops_per_step_with_recompute'] / 1e15:.3f} PFLOP with recomputation; "
         f"{p['flops_per_image'] / 1e9:.1f} GFLOP per image (all crops)",
     ]
+    if "bn_sync" in p:
+        lines.append(format_bn_sync(p["bn_sync"]))
+    if "startup" in p:
+        lines.append(format_startup(p["startup"]))
     if "fits" in p:
         verdict = "FITS" if p["fits"] else "DOES NOT FIT"
         lines.append(f"{verdict} in {p['gpu_memory_gb']:g} GB per GPU ({m['total'] / GiB:.1f} GB predicted)")

@@ -37,7 +37,7 @@ from seer.weights.formats import (
 )
 from seer.weights.read import read_checkpoint
 
-__all__ = ["load_trunk", "load_classifier"]
+__all__ = ["load_trunk", "load_classifier", "open_trunk"]
 
 
 def _strict_check(trunk: nn.Module, ckpt: Checkpoint) -> None:
@@ -134,8 +134,25 @@ def load_trunk(source: Any, *, preset: str | RegNetCfg | dict | None = None, dev
     return trunk
 
 
-def _build(ckpt: Checkpoint, preset: str | RegNetCfg | dict | None, dtype: torch.dtype | None) -> RegNetTrunk:
-    """The trunk of a read checkpoint: architecture from ``preset``, the file's metadata or the tensor shapes."""
+def open_trunk(source: Any, *, format: str | None = None) -> tuple[Checkpoint, RegNetCfg]:
+    """The checkpoint ``load_trunk(source)`` would load and its architecture, without reading any tensor's values.
+
+    The tensors stay memory-mapped (safetensors, zip ``torch.save`` files), so a caller that copies only a slice of
+    each (a rank filling its FSDP shard: ``seer.train.loop``'s sharded start) reads only those bytes. Keys and shapes
+    are checked as strictly as ``load_trunk`` checks them; values (NaN / infinity) are the caller's to check.
+    Pretraining run directories are read whole here (``read_trunk_state``): load those per shard with DCP.
+
+    Raises:
+        CheckpointError: as ``load_trunk``, except for non-finite values.
+    """
+    ckpt = _read(source, format)
+    cfg = _cfg_of(ckpt, None)
+    _strict_check(build_trunk(cfg, device="meta", channels_last=False), ckpt)
+    return ckpt, cfg
+
+
+def _cfg_of(ckpt: Checkpoint, preset: str | RegNetCfg | dict | None) -> RegNetCfg:
+    """The architecture of a read checkpoint: ``preset``, the file's metadata or the tensor shapes."""
     if preset is not None:
         cfg = resolve_cfg(preset)
     elif ckpt.cfg is not None:
@@ -144,6 +161,12 @@ def _build(ckpt: Checkpoint, preset: str | RegNetCfg | dict | None, dtype: torch
         cfg = infer_cfg(ckpt.state_dict, ckpt.origin)
     if ckpt.hf_config is not None:
         check_hf_config(ckpt.hf_config, cfg, ckpt.origin)
+    return cfg
+
+
+def _build(ckpt: Checkpoint, preset: str | RegNetCfg | dict | None, dtype: torch.dtype | None) -> RegNetTrunk:
+    """The trunk of a read checkpoint: architecture from ``preset``, the file's metadata or the tensor shapes."""
+    cfg = _cfg_of(ckpt, preset)
     # Meta device: no memory is allocated; `assign=True` then makes the checkpoint's (memory-mapped) tensors the
     # parameters, so a large trunk never exists twice. Weights stay in their stored (contiguous) layout: the
     # forward converts them to channels_last on the fly, which costs a weight-sized copy, not a second model.

@@ -130,15 +130,20 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         description="Write webdataset tar shards from an image folder (class subfolders -> labels), a CSV/TXT file "
         "list (path[,label]) or a torchvision dataset on disk (tv:NAME:ROOT[:SPLIT]). "
         "`seer shards verify SHARDS [--decode]` checks written shards; `seer shards index PATTERN` indexes shards "
-        "written by other tools.",
+        "written by other tools. Shard size: the defaults (about 1000 samples, at most 1 GB per shard) with "
+        "data.shuffle_buffer at or above the samples per shard, so a training shuffle block mixes whole shards; "
+        "training reads each shard byte once per epoch at any ratio (a stream keeps its shard open across blocks). "
+        "`seer pretrain` needs an index.json (written here) above 1,000 shards.",
     )
     parser.add_argument("source", help="image folder, .csv/.tsv/.txt file list, or tv:NAME:ROOT[:SPLIT]")
     parser.add_argument(
         "out_dir", help="output directory: new, empty, or a previous `seer shards` output (replaced); see --overwrite"
     )
     parser.add_argument("--prefix", default="data", help="shard file prefix (default: data)")
-    parser.add_argument("--max-samples", type=int, default=1000, help="samples per shard (default: 1000)")
-    parser.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard (default: 1e9)")
+    parser.add_argument("--max-samples", type=int, default=1000, help="samples per shard (default: 1000); keep "
+                        "it at or below the training data.shuffle_buffer (recipes: 5000)")  # fmt: skip
+    parser.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard (default: 1e9, whichever of "
+                        "--max-samples and --max-bytes is reached first ends a shard)")  # fmt: skip
     parser.add_argument("--shuffle", action="store_true", help="write samples in a seeded random order")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)), help="reader processes")

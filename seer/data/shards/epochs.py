@@ -32,8 +32,6 @@ from webdataset.tariterators import base_plus_ext
 
 __all__ = ["Layout", "count_tar_samples", "epoch_plan"]
 
-_SKIP_META_PREFIX = "__"  # webdataset skips members such as __meta__ / __index__
-
 
 def count_tar_samples(path: str | os.PathLike, max_member_bytes: int | None = None) -> tuple[int, str | None]:
     """Samples in a local tar shard, as webdataset groups them (consecutive members sharing a key), and the problem
@@ -45,7 +43,7 @@ def count_tar_samples(path: str | os.PathLike, max_member_bytes: int | None = No
     """
     from seer.data.images import open_regular_file
     from seer.data.limits import read_limits
-    from seer.data.shards.read import capped_tarinfo
+    from seer.data.shards.read import _META_MEMBER, capped_tarinfo
 
     cap = max_member_bytes or read_limits().max_member_bytes
     try:
@@ -56,7 +54,9 @@ def count_tar_samples(path: str | os.PathLike, max_member_bytes: int | None = No
     try:
         with f, tarfile.open(fileobj=f, mode="r:*", tarinfo=capped_tarinfo(cap)) as tar:
             for info in tar:
-                if not info.isreg() or info.name.startswith(_SKIP_META_PREFIX):
+                # the members the reader skips (webdataset's __meta__ / __index__/...), no more: a "__meta__.json"
+                # is a sample to the reader, so it must take a position here too, or the shard's last sample is lost
+                if not info.isreg() or _META_MEMBER.match(info.name):
                     continue
                 prefix, _ = base_plus_ext(info.name)
                 if prefix is None:

@@ -27,7 +27,7 @@ import braceexpand
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
-from webdataset.tariterators import group_by_keys
+from webdataset.tariterators import base_plus_ext, group_by_keys
 
 from seer.data.images import ImageDecodeError, decode_image, open_regular_file
 from seer.data.limits import DEFAULT_LIMITS, read_limits
@@ -370,6 +370,9 @@ class _TarMembers:
             except Exception as exc:  # noqa: BLE001
                 self.skips.record("unreadable_shard", None, url, f"{type(exc).__name__}: {exc}")
                 continue
+            start = item.get("start", 0)
+            if start and is_local_url(url):  # `shard_samples(start=)`: record how many samples the seek passed
+                item["skipped"] = start if seek_sample(stream, start, self.max_member_bytes) else 0
             n, problem = 0, None
             try:
                 for member in tar_members(stream, self.max_member_bytes):
@@ -401,11 +404,48 @@ class _GroupByKeys:
         return group_by_keys(src, handler=self.skips.handler)
 
 
-def shard_samples(url: str, skips: SkipLog, max_member_bytes: int | None = None) -> Iterator[dict]:
-    """The samples of one shard (members grouped by key, webdataset style), read through `open_shard` and
-    `tar_members`; shard-level problems are recorded in `skips`. A sample with an `OversizedMember` value is yielded
-    as it is: `_Prepare` turns it into an ``oversized_member`` skip, so it still takes its position."""
-    return _GroupByKeys(skips)(_TarMembers(skips, max_member_bytes)([{"url": url}]))
+def seek_sample(fileobj: IO[bytes], start: int, max_member_bytes: int) -> bool:
+    """Move an open local shard file to the header of its sample `start` (0-based, grouped as `shard_samples`
+    groups members), reading member headers only, never their data; True when it did.
+
+    False, with the file back at its beginning, when it cannot: a compressed shard, one that ends (or breaks) before
+    sample `start`, or a pax global header before it (it applies to the members after it, so they cannot be read
+    without it). The caller then reads the shard from its first member."""
+    raw = getattr(fileobj, "raw", fileobj)  # unbuffered: a buffered read would pull in data around each header
+    try:
+        raw.seek(0)
+        tar = tarfile.open(fileobj=raw, mode="r:", tarinfo=capped_tarinfo(max_member_bytes))
+        n, last = 0, None
+        while (info := tar.next()) is not None:
+            tar.members = []  # keep no TarInfo: a shard of any length
+            if not info.isreg() or _META_MEMBER.match(info.name):  # what `tar_members` skips
+                continue
+            prefix, _ = base_plus_ext(info.name)
+            if prefix is None or prefix == last:  # what group_by_keys drops, or the same sample
+                continue
+            if n == start:
+                if tar.pax_headers:
+                    break
+                fileobj.seek(info.offset)  # the first header of the sample (a long-name or pax header included)
+                return True
+            n, last = n + 1, prefix
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        pass
+    fileobj.seek(0)
+    return False
+
+
+def shard_samples(url: str, skips: SkipLog, max_member_bytes: int | None = None, start: int = 0) -> Iterator[dict]:
+    """The samples of one shard (members grouped by key, webdataset style) from sample `start` on, read through
+    `open_shard` and `tar_members`; shard-level problems are recorded in `skips`. A sample with an `OversizedMember`
+    value is yielded as it is: `_Prepare` turns it into an ``oversized_member`` skip, so it still takes its position.
+
+    A local uncompressed shard starts at sample `start` by its headers (`seek_sample`); any other is read from its
+    first member and the samples before `start` dropped."""
+    item = {"url": url, "start": start}
+    for i, sample in enumerate(_GroupByKeys(skips)(_TarMembers(skips, max_member_bytes)([item]))):
+        if i + item.get("skipped", 0) >= start:  # "skipped" is set when the shard opens, before its first sample
+            yield sample
 
 
 # Exceptions a transform that decodes bytes itself raises on bad image data.

@@ -17,11 +17,12 @@ import json
 import logging
 import os
 import random
+import shlex
 from collections import deque
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
@@ -48,7 +49,16 @@ from seer.io import atomic_write
 
 log = logging.getLogger("seer.data")
 
-__all__ = ["TrainLoader", "train_loader", "shard_counts", "index_shards", "image_units", "POSITION_VERSION"]
+__all__ = [
+    "TrainLoader",
+    "train_loader",
+    "shard_counts",
+    "count_shards",
+    "CountedShards",
+    "index_shards",
+    "image_units",
+    "POSITION_VERSION",
+]
 
 POSITION_VERSION = 1
 
@@ -72,10 +82,42 @@ def _index_counts(urls: list[str]) -> dict[str, int] | None:
     return counts if all(u in counts for u in urls) else None
 
 
-def shard_counts(urls: Any, problems: list | None = None) -> tuple[list[str], list[int]]:
+class CountedShards(NamedTuple):
+    """The shards of a pattern as `shard_counts` finds them: URLs, sample counts, problems found while counting."""
+
+    urls: list[str]
+    counts: list[int]
+    problems: list[tuple[str, str]]
+
+
+def index_command(urls: Any, expanded: list[str]) -> str:
+    """The ``seer shards index`` command(s) that index the local shards `expanded` (of the pattern `urls`)."""
+    by_dir: dict[str, set[str]] = {}
+    for u in expanded:
+        path = os.path.abspath(_local(u))
+        by_dir.setdefault(os.path.dirname(path), set()).add(os.path.splitext(path)[1])
+    commands = []
+    for d, exts in sorted(by_dir.items()):  # an index covers one directory: one command per directory
+        if len(by_dir) == 1 and isinstance(urls, str) and "::" not in urls and not os.path.isdir(urls):
+            pattern = urls  # the user's own pattern
+        else:
+            pattern = os.path.join(d, "*" + (exts.pop() if len(exts) == 1 else ""))
+        overwrite = " --overwrite" if os.path.exists(os.path.join(d, INDEX_NAME)) else ""  # one listing other shards
+        commands.append(f"seer shards index {shlex.quote(pattern)}{overwrite}")
+    return " && ".join(commands[:3]) + (f" (and {len(commands) - 3} more directories)" if len(commands) > 3 else "")
+
+
+def shard_counts(
+    urls: Any, problems: list | None = None, *, max_counted: int | None = None
+) -> tuple[list[str], list[int]]:
     """The shard URLs of a pattern and their sample counts: from ``index.json`` when there is one, else counted
     from the tar headers of local shards (a truncated shard counts the samples before the cut, and is appended to
-    ``problems`` as ``(kind, url)``). Remote shards need an index (``seer shards index`` writes one)."""
+    ``problems`` as ``(kind, url)``). Remote shards need an index (``seer shards index`` writes one).
+
+    Raises:
+        ValueError: more than `max_counted` local shards have no index (before any is counted: counting them on
+            a shared file system at every start is slow); the message gives the ``seer shards index`` command.
+    """
     expanded = expand_urls(urls)
     local = all(is_local_url(u) for u in expanded)
     counts = _index_counts(expanded) if local else None
@@ -87,6 +129,12 @@ def shard_counts(urls: Any, problems: list | None = None) -> tuple[list[str], li
             f"{remote!r}: the training stream needs every shard's sample count to give each sample once per epoch; "
             f"shards that are not local files need an {INDEX_NAME} (write one with `seer shards index PATTERN`)"
         )
+    if max_counted is not None and len(expanded) > max_counted:
+        raise ValueError(
+            f"{len(expanded)} shards without an {INDEX_NAME} listing them all: counting their samples at every start "
+            f"reads every shard's tar headers (more than {max_counted} shards are refused); write the index once "
+            f"with `{index_command(urls, expanded)}`"
+        )
     if len(expanded) > 200:
         log.warning("counting the samples of %d shards without an %s (seer shards index writes one)", len(expanded),
                     INDEX_NAME)  # fmt: skip
@@ -97,6 +145,13 @@ def shard_counts(urls: Any, problems: list | None = None) -> tuple[list[str], li
             problems.append((problem, u))
         out.append(n)
     return expanded, out
+
+
+def count_shards(urls: Any, *, max_counted: int | None = None) -> CountedShards:
+    """`shard_counts` of a pattern with its problems, as one value (what training broadcasts from rank 0)."""
+    problems: list = []
+    expanded, counts = shard_counts(urls, problems, max_counted=max_counted)
+    return CountedShards(expanded, counts, [(str(k), str(u)) for k, u in problems])
 
 
 def _local(url: str) -> str:
@@ -150,25 +205,47 @@ def image_units(path: str | os.PathLike) -> list[tuple[str, int]]:
 
 class _TarUnits:
     """Reads ``[start, stop)`` of a shard's samples; a shard that ends early yields ``missing_sample`` errors, so
-    positions never shift. Members over ``max_member_bytes`` are skipped as ``oversized_member`` samples."""
+    positions never shift. Members over ``max_member_bytes`` are skipped as ``oversized_member`` samples.
+
+    One per stream: a stream's consecutive blocks read consecutive pieces of a shard, so the shard it stopped in is
+    kept open and the next block continues it (each shard byte read once per epoch, whatever the shard size over the
+    shuffle buffer). A piece that does not continue it (a start, a resume, the next shard) opens its shard at
+    ``start``: a local uncompressed shard by seeking over the headers before it (``seek_sample``), any other by
+    reading from its first member."""
 
     def __init__(self, urls: list[str], max_member_bytes: int):
         self.urls, self.max_member_bytes = urls, max_member_bytes
+        self._open: tuple[int, int, Iterator[dict]] | None = None  # (unit, next sample, its samples from there)
 
     def name(self, unit: int) -> str:
         return self.urls[unit]
 
     def read(self, unit: int, start: int, stop: int, skips: SkipLog) -> Iterator[dict | SampleError]:
         url = self.urls[unit]
-        i = 0
-        for sample in shard_samples(url, skips, self.max_member_bytes):
-            if i >= start:
-                yield sample
+        if self._open is not None and self._open[:2] == (unit, start):
+            samples = self._open[2]
+        else:
+            self.close()
+            samples = shard_samples(url, skips, self.max_member_bytes, start=start)
+        self._open = None
+        i = start
+        while i < stop:
+            sample = next(samples, None)
+            if sample is None:
+                break
             i += 1
-            if i >= stop:
-                return
-        for j in range(max(i, start), stop):
+            yield sample
+        if i == stop:
+            self._open = (unit, stop, samples)
+            return
+        for j in range(i, stop):
             yield SampleError("missing_sample", None, url, f"the shard ended before sample {j} (its count says {stop})")
+
+    def close(self) -> None:
+        """Close the shard kept open (its file, or its ``pipe:`` command)."""
+        if self._open is not None:
+            self._open[2].close()
+            self._open = None
 
 
 class _FileUnits:
@@ -291,10 +368,10 @@ class _Bundles(IterableDataset):
         skips = SkipLog(max_consecutive=loader.max_consecutive_skips)
         loader._prepare = _Prepare(loader.transform, loader.decode, loader.require_label, with_meta=False)
         loader._prepare.skips = skips
-        units = loader._units()
         layout = loader.layout
         owned = [s for s in range(layout.streams) if s % nw == wid]
-        mine = [_Stream(loader, units, layout, s, self.offsets[s], skips) for s in owned]
+        # units per stream: a tar stream keeps the shard it stopped in open for its next block
+        mine = [_Stream(loader, loader._units(), layout, s, self.offsets[s], skips) for s in owned]
         while mine:
             yield [s.next_batch() for s in mine], skips.drain()
 
@@ -339,6 +416,7 @@ class TrainLoader(_LoaderBase):
         prefetch_factor: int | None = None,
         multiprocessing_context: str | None = None,
         max_consecutive_skips: int = 1000,
+        counted: CountedShards | None = None,
     ):
         _check_rank(rank, world_size, batch_size, num_workers)
         if (urls is None) == (images is None):
@@ -355,8 +433,11 @@ class TrainLoader(_LoaderBase):
                                                                              for p, _ in self.items)  # fmt: skip
         else:
             self.items, self.root = None, ""
-            problems: list = []
-            self.urls, counts = shard_counts(urls, problems)
+            if counted is not None:  # counted elsewhere (training counts on rank 0 and broadcasts the counts)
+                self.urls, counts, problems = list(counted.urls), list(counted.counts), list(counted.problems)
+            else:
+                problems = []
+                self.urls, counts = shard_counts(urls, problems)
             names = tuple(os.path.basename(u) for u in self.urls)
         self.transform, self.batch_size = transform, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -522,7 +603,8 @@ def train_loader(urls: Any, transform: Callable | None, **kwargs: Any) -> TrainL
     default ``decode="auto"`` does that for seer's ``MultiCrop``. Default collation is ``default_collate``. Extra
     keywords: ``streams`` (default: ``num_workers`` or 1; fixes the order), ``position``, ``images``, ``decode``,
     ``require_label`` (False: missing labels become -1), ``pin_memory``, ``prefetch_factor``,
-    ``multiprocessing_context``, ``max_consecutive_skips``; and ``batch_size`` (required), ``steps_per_epoch``,
+    ``multiprocessing_context``, ``max_consecutive_skips``, ``counted`` (the `CountedShards` of `urls`, counted
+    elsewhere: this rank then reads no shard metadata); and ``batch_size`` (required), ``steps_per_epoch``,
     ``seed``, ``rank``, ``world_size``, ``num_workers``, ``shuffle_buffer``, ``start_step``, ``collate_fn``. See
     ``TrainLoader``.
     """
