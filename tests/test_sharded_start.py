@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from seer.config import load_config
-from seer.distributed.materialize import ReplayError, record_init
+from seer.distributed.materialize import InitRecorder, ReplayError, record_init
 from seer.models.regnet import build_trunk
 from seer.train.loop import build_model
 from seer.train.methods import get_method
@@ -105,6 +105,34 @@ def test_the_replay_holds_about_one_tensor_at_a_time():
     got, _, stats, program = _replayed(lambda: build_model(cfg, init_trunk=False), 0)
     assert stats["peak_bytes"] == program.replay_peak_bytes()
     assert stats["peak_bytes"] <= 1.1 * max(t.numel() * t.element_size() for t in got.values())
+
+
+def test_replay_of_a_head_read_from_a_checkpoint(tmp_path):
+    """Fine-tuning with the checkpoint's own head: the loop calls the model's ``init_from_checkpoint`` under the
+    recorder (off the meta device); the head's values are recorded as a copy from the file and replayed."""
+    from seer.models.classifier import RegNetClassifier
+    from seer.weights import save_trunk
+
+    torch.manual_seed(1)
+    path = save_trunk(RegNetClassifier(build_trunk(TINY), 5), tmp_path / "clf.safetensors")
+    cfg = SupervisedConfig(n_classes=5, head="existing")
+
+    def build():
+        return get_method("supervised").build(build_trunk(TINY), cfg, bn_splits=1)
+
+    torch.manual_seed(2)
+    ref = build()
+    ref.init_from_checkpoint(str(path))
+    ref = _state(ref)
+    torch.manual_seed(2)
+    with InitRecorder() as rec:
+        with torch.device("meta"):
+            model = build()
+        model.init_from_checkpoint(str(path))
+    got = {}
+    rec.program(model).replay(lambda names, value: got.update({n: value.clone() for n in names}))
+    assert set(got) == set(ref) and all(torch.equal(got[n], ref[n]) for n in ref)
+    assert not torch.equal(got["head.weight"], torch.zeros_like(got["head.weight"]))
 
 
 class _Literal(nn.Module):
@@ -182,12 +210,10 @@ _WORKER = textwrap.dedent(
                 for t in getattr(args[0], "trunk", args[0]).state_dict().values():
                     (t.to_local() if hasattr(t, "to_local") else t).zero_()
             record["init_from_rss_before"] = status("VmRSS")
-            record["init_from_file_before"] = status("RssFile")
             with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS
                 f.write("5")
             result = fn(*args, **kwargs)
             record["init_from_hwm"] = status("VmHWM")
-            record["init_from_file_after"] = status("RssFile")
             return result
         return wrapped
 
@@ -281,27 +307,37 @@ TINY_RUN = [
 ]
 
 
+# fp32; bf16 with its fp32 BatchNorm and prototype units, activation checkpointing and SEER-style group units
+VARIANTS = {
+    "fp32": [],
+    "bf16": ["train.precision=bf16", "model.activation_checkpointing=true", "train.fsdp.shard_unit=group"],
+}
+
+
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory):
     """``tiny_cpu`` (regnety_200mf's one-stage variant + its SwAV head) for 3 steps on 2 gloo ranks, built whole on
     each rank (the path before) and with the sharded start; then a run initialized from the sharded run's directory."""
     tmp = tmp_path_factory.mktemp("sharded_start")
     runs = {}
-    for mode in ("whole", "sharded"):
-        out = str(tmp / f"{mode}.pt")
-        records = _launch(tmp, 2, mode, out, [*TINY_RUN, f"run_dir={tmp / mode}"])
-        runs[mode] = {"run_dir": tmp / mode, "init": torch.load(out), "records": records}
+    for variant, extra in VARIANTS.items():
+        for mode in ("whole", "sharded"):
+            name = f"{mode}-{variant}"
+            out = str(tmp / f"{name}.pt")
+            records = _launch(tmp, 2, mode, out, [*TINY_RUN, *extra, f"run_dir={tmp / name}"])
+            runs[name] = {"run_dir": tmp / name, "init": torch.load(out), "records": records}
     out = str(tmp / "from_run.pt")
-    records = _launch(tmp, 2, "sharded", out, [*TINY_RUN, f"run_dir={tmp / 'from_run'}",
-                                              f"model.init_from={tmp / 'sharded'}"], options="save,stop")  # fmt: skip
+    args = [*TINY_RUN, f"run_dir={tmp / 'from_run'}", f"model.init_from={tmp / 'sharded-fp32'}"]
+    records = _launch(tmp, 2, "sharded", out, args, options="save,stop")
     runs["from_run"] = {"init": torch.load(out), "records": records}
     return runs
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
-def test_two_ranks_start_with_the_same_weights_and_losses_bit_for_bit(two_rank_runs):
-    whole, sharded = two_rank_runs["whole"], two_rank_runs["sharded"]
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_two_ranks_start_with_the_same_weights_and_losses_bit_for_bit(two_rank_runs, variant):
+    whole, sharded = two_rank_runs[f"whole-{variant}"], two_rank_runs[f"sharded-{variant}"]
     a, b = whole["init"]["state"], sharded["init"]["state"]
     assert set(a) == set(b) and len(a) > 30
     assert [n for n in a if not torch.equal(a[n], b[n])] == []
@@ -322,12 +358,36 @@ def test_init_from_a_run_directory_loads_each_ranks_shards(two_rank_runs):
     from seer.weights import load_trunk
 
     got = two_rank_runs["from_run"]["init"]["state"]
-    want = load_trunk(two_rank_runs["sharded"]["run_dir"]).state_dict()
+    want = load_trunk(two_rank_runs["sharded-fp32"]["run_dir"]).state_dict()
     assert set(want) <= {k[len("trunk.") :] for k in got}
     assert all(torch.equal(got[f"trunk.{k}"], want[k].contiguous()) for k in want)
     # the trained weights, not the fresh initialization
-    fresh = two_rank_runs["sharded"]["init"]["state"]["trunk.stem.conv.weight"]
+    fresh = two_rank_runs["sharded-fp32"]["init"]["state"]["trunk.stem.conv.weight"]
     assert not torch.equal(got["trunk.stem.conv.weight"], fresh)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_a_nan_in_one_ranks_part_stops_every_rank_with_the_same_error(tmp_path):
+    """Each rank checks only its own rows; the ranks then agree, so the rank whose rows are fine raises too (rather
+    than waiting in the next collective) and both name the tensor. Another architecture is refused before anything
+    is allocated."""
+    from seer.weights import save_trunk
+
+    cfg = load_config(TINY_RUN[1], TINY_RUN[2:])
+    trunk = build_trunk(cfg.model.cfg)
+    with torch.no_grad():
+        trunk.s1.b4.conv3.conv.weight[-1, 0] = float("nan")  # the last row: rank 1's shard only
+    path = save_trunk(trunk, tmp_path / "nan.safetensors")
+    args = [*TINY_RUN, f"run_dir={tmp_path / 'r'}", f"model.init_from={path}"]
+    records = _launch(tmp_path, 2, "sharded", str(tmp_path / "nan"), args, options="")
+    for r in records:
+        assert "tensor s1.b4.conv3.conv.weight holds NaN or infinite values" in r["log"], r["log"][-2000:]
+    other = save_trunk(build_trunk("regnety_200mf"), tmp_path / "other.safetensors")
+    args = [*TINY_RUN, f"run_dir={tmp_path / 'o'}", f"model.init_from={other}"]
+    records = _launch(tmp_path, 2, "sharded", str(tmp_path / "other"), args, options="")
+    for r in records:
+        assert "holds a different trunk architecture" in r["log"] and "sharded start:" not in r["log"], r["log"][-2000:]
 
 
 @pytest.mark.multiprocess
@@ -361,9 +421,10 @@ def test_init_from_a_file_reads_only_this_ranks_part(tmp_path):
         if mode == "sharded":  # the bytes each rank indexed in the checkpoint: its shard, a quarter of the file
             read = [r["init_from_bytes_read"] for r in records]
             assert sum(read) == pytest.approx(size, rel=0.01) and max(read) < 0.26 * size, read
+    mib = {mode: [round(m / 2**20) for m in grown[mode]] for mode in grown}
     print(
         f"\ninit_from of a {size / 2**20:.0f} MiB file on 4 ranks, peak RSS growth while loading per rank (MiB): "
-        f"sharded start {[round(m / 2**20) for m in grown['sharded']]}, before {[round(m / 2**20) for m in grown['whole']]}"
+        f"sharded start {mib['sharded']}, before {mib['whole']}"
     )
     assert max(grown["sharded"]) < 0.4 * size  # a quarter of the file, plus the finite check's mask and folios
     assert min(grown["whole"]) > 0.9 * size  # the measurement sees a whole read: the path before does one

@@ -282,9 +282,8 @@ class InitProgram:
         for i, op in enumerate(ops):
             if op.func not in _LAYOUT_COPIES or len(op.creates) != 1 or len(op.reads) != 1:
                 continue
-            (src,) = [x for x in pytree.tree_leaves(op.args) if isinstance(x, _Ref)] or [None]
-            out = op.outs[0]
-            kwargs = op.args[1]
+            inputs = [x for x in pytree.tree_leaves(op.args) if isinstance(x, _Ref)]
+            src, out, kwargs = (inputs[0] if len(inputs) == 1 else None), op.outs[0], op.args[1]
             if src is None or out is None or out.sid not in op.creates or src.size != out.size:
                 continue
             if kwargs.get("dtype", src.dtype) != src.dtype or kwargs.get("device", _META_DEVICE) != _META_DEVICE:

@@ -6,7 +6,8 @@
 The loop knows no method: it trains whatever model ``cfg.method`` builds (``seer.train.methods``), any module with a
 ``trunk`` whose ``forward(batch)`` returns ``{"loss": ...}``, calling its ``before_forward(step)`` and
 ``before_optimizer_step(step)`` hooks when it defines them. One process with no launcher variables trains without a
-process group; under torchrun / SLURM the model is sharded with FSDP2 (``seer.distributed.parallel.parallelize``).
+process group; under torchrun / SLURM the model is sharded with FSDP2 (``seer.distributed.parallel.parallelize``),
+built on the meta device and initialized shard by shard (``seer.distributed.materialize``: no rank holds it whole).
 The run resumes from the latest complete checkpoint in ``cfg.run_dir`` automatically.
 """
 
@@ -210,6 +211,16 @@ def _open_init_from(source: str, trunk: nn.Module, cfg: PretrainConfig) -> tuple
     return opened
 
 
+def _all_finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """No NaN or infinity in ``t`` (a DTensor: in this rank's shard), checked a chunk at a time: ``isfinite`` makes an
+    ``abs`` copy and two masks, which for a whole shard would be as large as the shard itself."""
+    local = t.to_local() if hasattr(t, "to_local") else t
+    if not local.is_floating_point():
+        return True
+    flat = local.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
 def _load_trunk_shards(model: nn.Module, opened: tuple[str, object], env) -> None:
     """Copy ``model.init_from``'s trunk into the sharded trunk: each rank reads its own rows of each tensor (a
     memory-mapped file) or its own shards (DCP), never the whole checkpoint at once. Every rank then agrees on the
@@ -228,19 +239,15 @@ def _load_trunk_shards(model: nn.Module, opened: tuple[str, object], env) -> Non
             _dcp_load({"model": {f"trunk.{k}": v for k, v in targets.items()}}, src)
         except ValueError as exc:
             raise ValueError(f"model.init_from: {exc}") from None
-        for i, k in enumerate(keys):
-            local = targets[k].to_local() if hasattr(targets[k], "to_local") else targets[k]  # DTensor: its shard
-            if local.is_floating_point() and not bool(torch.isfinite(local).all()):
-                first_bad = i
-                break
+        first_bad = next((i for i, k in enumerate(keys) if not _all_finite(targets[k])), len(keys))
         origin, theirs = str(src), dict.fromkeys(keys, None)
     else:
         for i, k in enumerate(keys):
             value = src.state_dict.get(k)
             if value is None:  # num_batches_tracked: absent from some formats (load_trunk also gives zeros)
                 value = torch.zeros(targets[k].shape, dtype=targets[k].dtype)
-            part = copy_into(targets[k], value)
-            if first_bad == len(keys) and part.is_floating_point() and not bool(torch.isfinite(part).all()):
+            copy_into(targets[k], value)
+            if first_bad == len(keys) and not _all_finite(targets[k]):
                 first_bad = i
         origin, theirs = src.origin, src.renamed
     flag = torch.tensor([first_bad], dtype=torch.int64, device=env.device)
