@@ -18,7 +18,7 @@ from benchmarks.common import RESULTS_DIR, machine_info
 
 ROOT = Path(__file__).resolve().parent
 # Order: cheapest first, so a partial run still reports something useful.
-BENCHMARKS = ["trunk", "multicrop", "loader", "extract", "runtimes", "knn", "linear", "memory"]
+BENCHMARKS = ["trunk", "multicrop", "loader", "extract", "runtimes", "knn", "linear", "memory", "startup"]
 
 
 def available() -> list[str]:

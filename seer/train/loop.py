@@ -267,7 +267,8 @@ class _Data:
     """The loop's batches: ``next(data)`` is this rank's crop list for the next step; ``position()`` the resumable
     data position (None for synthetic data, whose batches are a pure function of the step)."""
 
-    def __init__(self, cfg: PretrainConfig, env, per_gpu: int, start_step: int, position: dict | None = None):
+    def __init__(self, cfg: PretrainConfig, env, per_gpu: int, start_step: int, position: dict | None = None,
+                 counted=None):  # fmt: skip
         self.cfg, self.env, self.step, self.loader, self.stats, self._keys = cfg, env, start_step, None, {}, None
         self._reported: set[int] = set()
         self.labels = None  # this step's labels (a method that trains on them reads these)
@@ -279,11 +280,7 @@ class _Data:
             return
         from seer.data.shards import train_loader
         from seer.data.transforms import MultiCrop, collate_multicrop
-        from seer.train.shard_counts import broadcast_shard_counts
 
-        # Rank 0 alone reads the shards' sample counts (index.json, or the tar headers of at most 1,000 shards) and
-        # broadcasts them: 512 ranks reading 10,000 shards' metadata at once would outlast the collective timeout.
-        counted = broadcast_shard_counts(d.urls, env) if d.source == "shards" else None
         # Self-supervised methods never need labels: unlabeled samples (an image alone, a plain tar of .jpg) train. A
         # method that trains on labels gets them, and a sample without one is an error naming it.
         self.loader = train_loader(
@@ -470,6 +467,15 @@ def _train(cfg: PretrainConfig, env) -> dict:
         if env.is_main:
             print(msg, flush=True)
 
+    # -- shard counts: before the model is built, so a refused source costs seconds, not the build of a 10B -------
+    counted = None
+    if cfg.data.source == "shards":
+        from seer.train.shard_counts import broadcast_shard_counts
+
+        # Rank 0 alone reads the shards' sample counts (index.json, or the tar headers of at most 1,000 shards) and
+        # broadcasts them: 512 ranks reading 10,000 shards' metadata at once would outlast the collective timeout.
+        counted = broadcast_shard_counts(cfg.data.urls, env)
+
     # -- model, parallelism, optimizer, schedules ----------------------------------------------------------------
     torch.manual_seed(cfg.train.seed)  # identical initialization on every rank before sharding
     model, start = _build_start(cfg, env)  # under a process group: on the meta device (the sharded start)
@@ -570,7 +576,7 @@ def _train(cfg: PretrainConfig, env) -> dict:
                              cfg.train.monitor_max_images)  # fmt: skip
     last_diagnosis = None
     model.train()
-    data = _Data(cfg, env, per_gpu, start_step, data_position)
+    data = _Data(cfg, env, per_gpu, start_step, data_position, counted)
     log(data.describe())
     class_names = data.class_names()
     if class_names is not None:
