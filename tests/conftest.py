@@ -112,3 +112,46 @@ def slurm_cluster(tmp_path_factory):
         os.environ.pop("SLURM_CONF", None)
     else:
         os.environ["SLURM_CONF"] = saved
+
+
+@pytest.fixture
+def gloo_ranks(tmp_path):
+    """``run(source, world=2, *args, timeout=240) -> (results, logs)``: the script ``source`` on ``world`` gloo ranks
+    on this machine (one process without a process group when ``world`` is 1), called as ``script OUT *args``; rank
+    ``r`` writes ``OUT.r.json``. The results are judged from what the workers wrote, not their exit codes: gloo may
+    abort during interpreter shutdown after the work is done."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    def run(source: str, world: int = 2, *args: str, timeout: float = 240) -> tuple[list[dict], list[str]]:
+        script = tmp_path / "worker.py"
+        script.write_text(source)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)
+        if world > 1:
+            env.update(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(script), str(tmp_path / "out"), *args],
+                env=dict(env, RANK=str(r), LOCAL_RANK=str(r)) if world > 1 else env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for r in range(world)
+        ]
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+        results = []
+        for r in range(world):
+            path = tmp_path / f"out.{r}.json"
+            assert path.is_file(), logs[r][-3000:]
+            results.append(json.loads(path.read_text()))
+        return results, logs
+
+    return run

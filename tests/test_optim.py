@@ -3,12 +3,7 @@ which seer used before, in one process and under FSDP2 on 2 gloo ranks), clippin
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -185,40 +180,13 @@ _FSDP_WORKER = textwrap.dedent(
 )
 
 
-def _run_ranks(tmp_path, source: str, world: int = 2, timeout: float = 240) -> list[dict]:
-    """Run ``source`` on ``world`` gloo ranks; each writes ``{out}.{rank}.json`` (its first argument)."""
-    script = tmp_path / "worker.py"
-    script.write_text(source)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path / "out")],
-            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for r in range(world)
-    ]
-    logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    results = []
-    for r in range(world):  # judge what the workers wrote (gloo may abort during interpreter shutdown)
-        path = tmp_path / f"out.{r}.json"
-        assert path.is_file(), logs[r][-3000:]
-        results.append(json.loads(path.read_text()))
-    return results
-
-
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
-def test_lars_matches_timm_lars_under_fsdp_on_two_ranks(tmp_path):
+def test_lars_matches_timm_lars_under_fsdp_on_two_ranks(gloo_ranks):
     """On FSDP2 (2 gloo ranks, DTensor shards) seer's LARS, with its one all-reduce of every norm, takes timm's steps
     within 1e-6 relative over 5 steps of real SwAV gradients, and keeps DTensor momentum buffers (sharded in
     checkpoints as before)."""
-    for res in _run_ranks(tmp_path, _FSDP_WORKER):
+    for res in gloo_ranks(_FSDP_WORKER)[0]:
         for exclude, r in res.items():
             assert r["dtensor_buffers"], exclude
             assert len(r["worst"]) > 60

@@ -225,30 +225,10 @@ _FP32_WORKER = textwrap.dedent(
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
-def test_bf16_fsdp_keeps_swav_prototypes_in_fp32(tmp_path):
+def test_bf16_fsdp_keeps_swav_prototypes_in_fp32(gloo_ranks):
     """Under FSDP2 bf16 the prototypes (normalization + scores) are their own fp32 unit, as VISSL's swav_head_fsdp
     keeps them; the trunk and the projection compute in bf16. ``swav.fp32_prototypes=false`` leaves them bf16."""
-    script = tmp_path / "worker.py"
-    script.write_text(_FP32_WORKER)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path / "out")],
-            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for r in range(2)
-    ]
-    logs = [p.communicate(timeout=240)[0] for p in procs]
-    for r in range(2):
-        path = tmp_path / f"out.{r}.json"
-        assert path.is_file(), logs[r][-3000:]
-        res = json.loads(path.read_text())
+    for res in gloo_ranks(_FP32_WORKER)[0]:
         on, off = res["True"], res["False"]
         assert on["own_unit"] and not off["own_unit"]
         assert on["prototypes"] == {"input": "torch.float32", "param": "torch.float32"}, on

@@ -15,10 +15,6 @@ no), since on the CPU Sinkhorn checks its rare fallback on the host, where that 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -107,48 +103,23 @@ SMALL = ["model.cfg={depth: 4, w0: 16, wa: 8.0, wm: 2.0, group_w: 8}", "swav.hea
 LARGE = ["model.cfg={depth: 8, w0: 16, wa: 8.0, wm: 2.0, group_w: 8}", "swav.head_dims=[48, 48, 16]"]
 
 
-def count_step_collectives(tmp_path: Path, tiny_overrides, model: list[str], world: int, extra=()) -> list[dict]:
+def count_step_collectives(gloo_ranks, tmp_path: Path, tiny_overrides, model: list[str], world: int,
+                           extra=()) -> list[dict]:  # fmt: skip
     """Run 5 steps of a tiny SwAV pretraining on ``world`` gloo ranks (or one process without a process group) and
     return each rank's per-step counts (steps 1-4; steps 2 and 4 log)."""
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
     overrides = [*tiny_overrides, *model, f"run_dir={tmp_path / 'run'}", "train.total_steps=5", "train.log_every=2",
                  "swav.freeze_prototypes_iters=0", "data.batch_size_per_gpu=4", *extra]  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    if world > 1:
-        env.update(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path / "out"), json.dumps(overrides)],
-            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)) if world > 1 else env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for r in range(world)
-    ]
-    logs = [p.communicate(timeout=400)[0] for p in procs]
-    results = []
-    for r in range(world):  # judge what the workers wrote (gloo may abort during interpreter shutdown)
-        path = tmp_path / f"out.{r}.json"
-        assert path.is_file(), logs[r][-3000:]
-        results.append(json.loads(path.read_text()))
-    return results
+    return gloo_ranks(WORKER, world, json.dumps(overrides), timeout=400)[0]
 
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("model", [SMALL, LARGE], ids=["small", "large"])
-def test_one_swav_step_on_two_ranks_issues_few_all_reduces(tmp_path, tiny_overrides, model):
+def test_one_swav_step_on_two_ranks_issues_few_all_reduces(gloo_ranks, tmp_path, tiny_overrides, model):
     """FSDP2 on 2 gloo ranks, 3 Sinkhorn iterations: the optimizer issues one all-reduce whatever the number of
     parameter tensors; the step issues 1 (loss agreement) + 1 + 3 (Sinkhorn, both assignment crops together) + 1
     (LARS) = 6, at most 12; the host waits once per step, on log steps also for the collapse statistics."""
-    results = count_step_collectives(tmp_path, tiny_overrides, model, world=2)
+    results = count_step_collectives(gloo_ranks, tmp_path, tiny_overrides, model, world=2)
     n_params = {r["param_tensors"] for r in results}
     assert n_params == {68 if model is SMALL else 127}
     for res in results:
@@ -170,9 +141,9 @@ def test_one_swav_step_on_two_ranks_issues_few_all_reduces(tmp_path, tiny_overri
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
-def test_one_process_step_issues_no_collective_and_one_host_read(tmp_path, tiny_overrides):
+def test_one_process_step_issues_no_collective_and_one_host_read(gloo_ranks, tmp_path, tiny_overrides):
     """Without a process group (no FSDP) the step issues no collective, and the host still waits once."""
-    (res,) = count_step_collectives(tmp_path, tiny_overrides, SMALL, world=1)
+    (res,) = count_step_collectives(gloo_ranks, tmp_path, tiny_overrides, SMALL, world=1)
     for s in res["steps"]:
         assert s["collectives"] == {} and s["optimizer"] == {}, s
         if not s["log"]:

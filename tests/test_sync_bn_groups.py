@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -164,36 +160,10 @@ _WORKER = textwrap.dedent(
 )
 
 
-def _spawn(tmp_path, script: str, world: int, *args: str) -> tuple[list[dict], list[str]]:
-    path = tmp_path / "worker.py"
-    path.write_text(script)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(path), str(tmp_path / "out"), *args],
-            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for r in range(world)
-    ]
-    logs = [p.communicate(timeout=240)[0] for p in procs]
-    results = []
-    for r in range(world):  # judge what the workers wrote (gloo may abort at interpreter shutdown after the work)
-        out = tmp_path / f"out.{r}.json"
-        assert out.is_file(), logs[r][-3000:]
-        results.append(json.loads(out.read_text()))
-    return results, logs
-
-
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
-def test_sync_bn_groups_on_four_gloo_ranks(tmp_path, tiny_overrides):
-    results, logs = _spawn(tmp_path, _WORKER, 4, json.dumps(list(tiny_overrides)))
+def test_sync_bn_groups_on_four_gloo_ranks(gloo_ranks, tiny_overrides):
+    results, logs = gloo_ranks(_WORKER, 4, json.dumps(list(tiny_overrides)))
     for rank, res in enumerate(results):
         g = res["groups"]
         bn = g["1"]["before"]
@@ -281,12 +251,12 @@ _GPU_WORKER = textwrap.dedent(
 @pytest.mark.gpu
 @pytest.mark.multiprocess
 @pytest.mark.timeout(300)
-def test_grouped_sync_bn_normalizes_over_its_group_on_cuda(tmp_path):
+def test_grouped_sync_bn_normalizes_over_its_group_on_cuda(gloo_ranks):
     """Each rank's output, input gradient and running statistics under SyncBatchNorm in groups of 2 (of 4 ranks)
     equal a plain-BatchNorm trunk's on the group's concatenated batch; all ranks and no sync likewise."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA (torch's SyncBatchNorm forward)")
-    results, _ = _spawn(tmp_path, _GPU_WORKER, 4, "cuda:0", "2:2,0:4,1:1")
+    results, _ = gloo_ranks(_GPU_WORKER, 4, "cuda:0", "2:2,0:4,1:1")
     for res in results:
         for setting, got in res.items():
             assert got["out"] < 1e-4 and got["grad"] < 1e-4 and got["running_var"] < 1e-5, (setting, got)
