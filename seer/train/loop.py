@@ -40,6 +40,7 @@ from seer.config import (
 )
 from seer.data.synthetic import SyntheticMultiCrop
 from seer.extras import optional
+from seer.models.regnet import RegNetCfg
 from seer.train.methods import get_method, method_config
 
 __all__ = ["pretrain", "cli_main", "cli_finetune", "build_model", "peak_memory_bytes"]
@@ -72,6 +73,22 @@ def build_model(cfg: PretrainConfig, *, init_trunk: bool | None = None) -> nn.Mo
     return model
 
 
+def _other_architecture(cfg: PretrainConfig, source: str, theirs: RegNetCfg | None, ours: RegNetCfg) -> str:
+    """The message of a ``model.init_from`` whose trunk has another architecture than this run's."""
+
+    def arch(c: RegNetCfg | None) -> str:
+        if c is None:
+            return "unknown"
+        widths, depths, groups = c.stages()
+        return f"stage widths {widths}, depths {depths}, group widths {groups}, stem {c.stem_width}"
+
+    run = f"model.preset={cfg.model.preset}" if cfg.model.cfg is None else f"model.cfg={cfg.model.cfg}"
+    return (
+        f"model.init_from: {source} holds a different trunk architecture ({arch(theirs)}) than this run's "
+        f"{run} ({arch(ours)}); set model.preset / model.cfg to the checkpoint's architecture"
+    )
+
+
 def _init_trunk_from(trunk: nn.Module, source: str, cfg: PretrainConfig) -> None:
     """Copy the weights ``seer.load_trunk(source)`` reads into ``trunk``; ValueError when the architectures differ."""
     from seer.weights import load_trunk
@@ -85,16 +102,7 @@ def _init_trunk_from(trunk: nn.Module, source: str, cfg: PretrainConfig) -> None
     want = {k: tuple(v.shape) for k, v in trunk.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in loaded.state_dict().items()}
     if want != got:
-
-        def arch(c) -> str:
-            widths, depths, groups = c.stages()
-            return f"stage widths {widths}, depths {depths}, group widths {groups}, stem {c.stem_width}"
-
-        ours = f"model.preset={cfg.model.preset}" if cfg.model.cfg is None else f"model.cfg={cfg.model.cfg}"
-        raise ValueError(
-            f"model.init_from: {source} holds a different trunk architecture ({arch(loaded.cfg)}) than this run's "
-            f"{ours} ({arch(trunk.cfg)}); set model.preset / model.cfg to the checkpoint's architecture"
-        )
+        raise ValueError(_other_architecture(cfg, source, loaded.cfg, trunk.cfg))
     with torch.no_grad():
         trunk.load_state_dict(loaded.state_dict())  # copies into the trunk's own (channels_last) parameters
 
@@ -158,7 +166,6 @@ def _finish_start(model: nn.Module, start: dict, env, log) -> None:
 def _open_init_from(source: str, trunk: nn.Module, cfg: PretrainConfig) -> tuple[str, object]:
     """``("dcp", checkpoint dir)`` for a pretraining run (or one of its checkpoints), else ``("file", Checkpoint)``
     memory-mapped: opened and checked against ``trunk``'s architecture (a meta trunk: shapes only), no value read."""
-    from seer.models.regnet import RegNetCfg
     from seer.weights.formats import CheckpointError, cfg_from_dict
 
     path = Path(source).expanduser()
@@ -196,18 +203,7 @@ def _open_init_from(source: str, trunk: nn.Module, cfg: PretrainConfig) -> tuple
     if opened[0] == "file":  # formats without num_batches_tracked get zeros, as load_trunk gives them
         got.update({k: v for k, v in want.items() if k.endswith("num_batches_tracked") and k not in got})
     if want != got:
-
-        def arch(c: RegNetCfg | None) -> str:
-            if c is None:
-                return "unknown"
-            widths, depths, groups = c.stages()
-            return f"stage widths {widths}, depths {depths}, group widths {groups}, stem {c.stem_width}"
-
-        ours = f"model.preset={cfg.model.preset}" if cfg.model.cfg is None else f"model.cfg={cfg.model.cfg}"
-        raise CheckpointError(
-            f"model.init_from: {source} holds a different trunk architecture ({arch(loaded_cfg)}) than this run's "
-            f"{ours} ({arch(trunk.cfg)}); set model.preset / model.cfg to the checkpoint's architecture"
-        )
+        raise CheckpointError(_other_architecture(cfg, source, loaded_cfg, trunk.cfg))
     return opened
 
 
