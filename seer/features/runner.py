@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import itertools
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,8 +258,8 @@ def make_setup(model: Any, *, layer: str, batch_size: int | None, device: Any, n
 
 
 def progress_bar(total: int | None, progress: bool | None, desc: str):
-    """A tqdm bar on stderr; ``progress=None`` shows it for 512 images or more, and for unknown totals."""
-    from tqdm.auto import tqdm
+    """Progress on stderr (``seer.progress``); ``progress=None`` shows it for 512 images or more, and unknown totals."""
+    from seer.progress import progress as _progress
 
     show = progress if progress is not None else (total is None or total >= 512)
-    return tqdm(total=total, disable=not show, unit="img", desc=desc, dynamic_ncols=True, file=sys.stderr)
+    return _progress(total, desc, "img", enabled=show)
