@@ -52,14 +52,46 @@ def test_preprocess_and_eval_transform_share_the_geometry():
     rng = np.random.default_rng(1)
     img = Image.fromarray(rng.integers(0, 256, (90, 70, 3), dtype=np.uint8))
     pp = images.Preprocess(resolution=32, crop_pct=0.8)
-    fast = pp(img).astype(np.float32)
-    exact = np.asarray(images.resize_crop(img, 32, pp.resize_size, exact=True), dtype=np.float32)
-    assert fast.shape == exact.shape == (32, 32, 3) and np.abs(fast - exact).max() <= 1
-    x = images.eval_transform(32, resize=pp.resize_size)(img)
-    mean = torch.tensor(images.IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(images.IMAGENET_STD).view(3, 1, 1)
-    back = ((x * std + mean) * 255).round().permute(1, 2, 0).numpy()
-    np.testing.assert_array_equal(back, exact)
+    default = pp(img)  # a 2x downscale takes no shortcut: the exact pixels
+    exact = np.asarray(images.resize_crop(img, 32, pp.resize_size, exact=True))
+    assert default.shape == exact.shape == (32, 32, 3)
+    np.testing.assert_array_equal(default, exact)
+    for convention in images.CONVENTIONS:
+        x = images.eval_transform(32, resize=pp.resize_size, convention=convention)(img)
+        mean = torch.tensor(images.IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(images.IMAGENET_STD).view(3, 1, 1)
+        back = ((x * std + mean) * 255).round().permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(back, images.Preprocess(32, 0.8, convention=convention)(img))
+
+
+def test_shortcuts_only_for_large_images_and_never_with_exact():
+    rng = np.random.default_rng(2)
+    img = Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8))  # 400 / 36 > 6: box pre-reduction
+    pp = images.Preprocess(resolution=32, crop_pct=0.9)
+    exact = images.Preprocess(resolution=32, crop_pct=0.9, exact=True)
+    reference = np.asarray(images.resize_crop(img, 32, 35, exact=True))
+    np.testing.assert_array_equal(exact(img), reference)
+    assert not np.array_equal(pp(img), reference)  # reduced by an integer factor first
+    assert pp.draft_size() == 35 and exact.draft_size() is None  # exact: JPEGs decoded in full
+    # the JPEG extent of a draft is honoured by both paths
+    drafted = images.decode_image(_jpeg(400, 300), draft_size=36)
+    assert drafted.info["seer_extent"] == (50.0, 37.5)
+    assert pp(drafted).shape == exact(drafted).shape == (32, 32, 3)
+
+
+def test_preprocess_convention_and_exact_fields():
+    assert images.Preprocess().convention == "torchvision" and images.Preprocess().exact is False
+    with pytest.raises(ValueError, match=r"Preprocess.convention must be one of \['torchvision', 'timm', 'hf'\]"):
+        images.Preprocess(convention="pil")
+    with pytest.raises(ValueError, match="Preprocess.exact must be True or False"):
+        images.Preprocess(exact=1)
+    with pytest.raises(ValueError, match="convention must be one of"):
+        images.eval_transform(32, convention="HF")
+    trunk = torch.nn.Identity()
+    trunk.pretrained_cfg = {"resolution": 160, "convention": "hf", "exact": True}  # exact is the caller's, not a file's
+    pp = images.Preprocess.for_model(trunk)
+    assert (pp.resolution, pp.convention, pp.exact) == (160, "hf", False)
+    assert images.Preprocess.for_model(trunk, exact=True, convention="timm").convention == "timm"
 
 
 def test_decode_errors_and_modes():

@@ -5,7 +5,9 @@
 * A JPEG can be decoded at 1/2, 1/4 or 1/8 scale in the DCT domain when the output needs fewer pixels
   (``draft_jpeg``, PIL's draft mode): much faster, pixel values slightly different from a full decode.
 * ``Preprocess`` (uint8 HWC arrays, for extraction) and ``eval_transform`` (normalized float tensors) share one
-  geometry, ``resize_crop``: the shorter side to ``resize``, then the centered square; or a warp to the square.
+  geometry, ``resize_crop``: the shorter side to ``resize``, then the centered square; or a warp to the square. Where
+  the centered square starts is each library's own arithmetic (``CONVENTIONS``, ``crop_start``): torchvision's and
+  timm's ``CenterCrop`` round half the margin to even, HF's image processors floor it.
 * ``IMAGENET_MEAN`` / ``IMAGENET_STD``: every SEER checkpoint was trained with them. ``INTERPOLATIONS``: the names
   every option that takes an interpolation accepts.
 * Files from strangers: ``read_image_file`` reads regular files only (a FIFO or a ``/dev/zero`` link named ``.jpg``
@@ -31,6 +33,7 @@ from PIL import Image, ImageOps
 from seer.data.limits import read_limits
 
 __all__ = [
+    "CONVENTIONS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "INTERPOLATIONS",
@@ -41,6 +44,7 @@ __all__ = [
     "check_decode_size",
     "check_image_array",
     "check_image_tensor",
+    "crop_start",
     "decode_image",
     "draft_jpeg",
     "eval_transform",
@@ -49,6 +53,7 @@ __all__ = [
     "open_image",
     "read_image_file",
     "resize_crop",
+    "resized_size",
     "swaps_axes",
     "to_rgb",
 ]
@@ -64,6 +69,16 @@ INTERPOLATIONS: dict[str, Image.Resampling] = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+
+# Whose resize + center-crop arithmetic a checkpoint was evaluated with (``Preprocess.convention``):
+#   "torchvision": ``Resize(s)`` + ``CenterCrop(r)``: the long side int(s * long / short), the crop starts at
+#                  int(round(margin / 2)) (Python rounds half to even: a margin of 75 starts at 38, of 77 at 38);
+#   "timm":        timm's eval transform for crop_mode="center", which *is* torchvision's Resize + CenterCrop with
+#                  s = floor(r / crop_pct): the same arithmetic, named for where a checkpoint came from;
+#   "hf":          HF's RegNet / ConvNext image processor: s = int(r / crop_pct), the long side as torchvision, the
+#                  crop starts at margin // 2 (its PIL backend; int(margin / 2) in its torchvision one): 37 for 75.
+# So they differ only where half the margin rounds up to even (margin % 4 == 3); s is floor(r / crop_pct) in all.
+CONVENTIONS = ("torchvision", "timm", "hf")
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -394,42 +409,74 @@ def _tensor_to_hwc(t: torch.Tensor) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation geometry: resize + center crop, or warp
 # ----------------------------------------------------------------------------------------------------------------
-def resize_crop(img: Image.Image, resolution: int, resize: int, interpolation: str = "bicubic", *,
-                warp: bool = False, exact: bool = False) -> Image.Image:  # fmt: skip
-    """Resize the shorter side to ``resize`` (torchvision's rounding of the longer side) and take the centered
-    ``resolution`` square; with ``warp``, squash the whole image to ``resolution x resolution`` instead.
+# A downscale by 2 * _REDUCING_GAP or more first reduces the image by an integer factor (PIL's ``reducing_gap``):
+# the fast path's box pre-reduction. Smaller downscales, upscales and fully decoded images resize exactly.
+_REDUCING_GAP = 3.0
 
-    ``exact=True`` is torchvision's ``Resize(resize)`` + ``CenterCrop(resolution)`` bit for bit (two PIL calls). The
-    default resizes only the source box the crop keeps, in one PIL call with ``reducing_gap=3`` (large downscales
-    first reduce by an integer factor), and uses a draft-decoded JPEG's exact extent: values within one gray level.
+
+def resized_size(width: float, height: float, resize: int) -> tuple[int, int]:
+    """(width, height) once the shorter side is ``resize``: the longer one is ``int(resize * long / short)``,
+    torchvision's ``Resize`` rule, which timm (through torchvision) and HF (``get_resize_output_image_size``) share."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = resize, int(resize * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def crop_start(size: int, crop: int, convention: str = "torchvision") -> int:
+    """The first row (or column) of a ``crop`` centered in ``size`` pixels, by ``convention``'s arithmetic.
+
+    torchvision's ``CenterCrop`` (timm's too) starts at ``int(round(margin / 2))``, half the margin rounded to even;
+    HF's image processors at ``margin // 2``. They differ by one pixel when the margin is odd and its half rounds up.
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {list(CONVENTIONS)}, got {convention!r}")
+    margin = size - crop
+    return margin // 2 if convention == "hf" else int(round(margin / 2.0))
+
+
+def resize_crop(img: Image.Image, resolution: int, resize: int, interpolation: str = "bicubic", *,
+                warp: bool = False, exact: bool = False, convention: str = "torchvision") -> Image.Image:  # fmt: skip
+    """Resize the shorter side to ``resize`` and take the centered ``resolution`` square, by ``convention``'s
+    arithmetic (``resized_size``, ``crop_start``); with ``warp``, squash the image to ``resolution x resolution``.
+
+    The pixels are the reference library's (one PIL resize of the whole image, then the crop: torchvision's
+    ``Resize`` + ``CenterCrop`` on a PIL image, timm's eval transform, HF's PIL image processor) bit for bit, except
+    where the default takes one of two shortcuts, which move values by a few gray levels (docs/features.md):
+
+    * an image draft-decoded at 1/2 .. 1/8 scale (``draft_jpeg``) is resized from its exact extent;
+    * a downscale by 6x or more first reduces the image by an integer factor (``reducing_gap=3``).
+
+    A shortcut resizes only the source box the crop keeps, in one PIL call. ``exact=True`` takes neither (a drafted
+    image is still resized from its extent: pass fully decoded images for the reference pixels).
     """
     r = resolution
     resample = INTERPOLATIONS[interpolation]
-    w, h = img.size
-    if not exact:
-        w, h = img.info.get("seer_extent", (w, h))
-    if warp:
-        box = (0.0, 0.0, float(w), float(h))
-        return img.resize((r, r), resample) if exact else img.resize((r, r), resample, box=box, reducing_gap=3.0)
-    short, long = (w, h) if w <= h else (h, w)
-    new_short, new_long = resize, int(resize * long / short)
-    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-    left, top = int(round((new_w - r) / 2.0)), int(round((new_h - r) / 2.0))
-    if exact:
-        return img.resize((new_w, new_h), resample).crop((left, top, left + r, top + r))
+    extent = img.info.get("seer_extent")
+    w, h = extent or img.size
+    new_w, new_h = (r, r) if warp else resized_size(w, h, resize)
+    left, top = (0, 0) if warp else (crop_start(new_w, r, convention), crop_start(new_h, r, convention))
     sx, sy = w / new_w, h / new_h
+    if exact or (extent is None and max(sx, sy) < 2 * _REDUCING_GAP):
+        # Pillow may run a boxed resize's two passes in the other order (vertical first), through another uint8
+        # intermediate (measured: up to 18 levels on noise, 4 on photos): the whole resize, then the crop, is what
+        # the libraries compute.
+        whole = img.resize((new_w, new_h), resample, box=(0.0, 0.0, float(w), float(h)) if extent else None)
+        return whole if warp else whole.crop((left, top, left + r, top + r))
     box = (left * sx, top * sy, (left + r) * sx, (top + r) * sy)
-    return img.resize((r, r), resample, box=box, reducing_gap=3.0)
+    return img.resize((r, r), resample, box=box, reducing_gap=_REDUCING_GAP)
 
 
 @dataclass(frozen=True)
 class Preprocess:
     """Eval preprocessing for extraction: RGB PIL image -> uint8 array ``[resolution, resolution, 3]``.
 
-    Resize (short side to ``resolution / crop_pct``) + center crop, or warp to a square. ``resize_mode="shorter"``
-    is timm's / torchvision's eval transform; ``"warp"`` is HF's ConvNext processor at 384 px and above (the image
-    is squashed to ``resolution x resolution``, nothing is cropped). Normalization with ``mean`` / ``std`` happens
-    on the device, batched.
+    Resize (short side to ``floor(resolution / crop_pct)``) + center crop, or warp to a square.
+    ``resize_mode="shorter"`` is timm's, torchvision's and HF's (below 384 px) eval transform; ``"warp"`` is HF's
+    ConvNext processor at 384 px and above (the image is squashed to ``resolution x resolution``, nothing is
+    cropped). ``convention`` ("torchvision", "timm" or "hf": ``CONVENTIONS``) is whose arithmetic places the crop;
+    checkpoints bring their own. ``exact=True`` decodes JPEGs in full and never pre-reduces, so that every image gets
+    the reference library's pixels; by default large images take ``resize_crop``'s shortcuts. Normalization with
+    ``mean`` / ``std`` happens on the device, batched.
     """
 
     resolution: int = 224
@@ -438,6 +485,8 @@ class Preprocess:
     resize_mode: str = "shorter"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    convention: str = "torchvision"
+    exact: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.resolution, int) or self.resolution < 8:
@@ -450,12 +499,19 @@ class Preprocess:
             )
         if self.resize_mode not in ("shorter", "warp"):
             raise ValueError(f"Preprocess.resize_mode must be 'shorter' or 'warp', got {self.resize_mode!r}")
+        if not isinstance(self.convention, str) or self.convention not in CONVENTIONS:
+            raise ValueError(f"Preprocess.convention must be one of {list(CONVENTIONS)}, got {self.convention!r}")
+        if not isinstance(self.exact, bool):
+            raise ValueError(f"Preprocess.exact must be True or False, got {self.exact!r}")
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, **overrides: Any) -> Preprocess:
-        """The checkpoint's convention (``model.pretrained_cfg``) with ``overrides`` (None values ignored)."""
+        """The checkpoint's convention (``model.pretrained_cfg``) with ``overrides`` (None values ignored).
+
+        ``exact`` is the caller's choice (speed against the reference pixels), never a checkpoint's.
+        """
         base = dict(getattr(model, "pretrained_cfg", None) or {})
-        fields = set(cls.__dataclass_fields__)
+        fields = set(cls.__dataclass_fields__) - {"exact"}
         kwargs = {k: v for k, v in base.items() if k in fields}
         kwargs.update({k: v for k, v in overrides.items() if v is not None})
         for key in ("mean", "std"):
@@ -467,16 +523,20 @@ class Preprocess:
 
     @property
     def resize_size(self) -> int:
-        """Short side before the center crop (timm: floor(resolution / crop_pct))."""
+        """Short side before the center crop: ``floor(resolution / crop_pct)`` (timm's ``math.floor``, HF's ``int``:
+        the same for positive numbers)."""
         return int(math.floor(self.resolution / self.crop_pct))
 
-    def draft_size(self) -> int:
-        """Smallest side the decoder must deliver for this transform."""
+    def draft_size(self) -> int | None:
+        """Smallest side the decoder must deliver for this transform (None with ``exact``: decode in full)."""
+        if self.exact:
+            return None
         return self.resolution if self.resize_mode == "warp" else self.resize_size
 
     def __call__(self, img: Image.Image) -> np.ndarray:
         """RGB PIL image -> uint8 array [resolution, resolution, 3]."""
-        out = resize_crop(img, self.resolution, self.resize_size, self.interpolation, warp=self.resize_mode == "warp")
+        out = resize_crop(img, self.resolution, self.resize_size, self.interpolation,
+                          warp=self.resize_mode == "warp", exact=self.exact, convention=self.convention)  # fmt: skip
         return np.asarray(out, dtype=np.uint8)
 
 
@@ -489,16 +549,20 @@ def eval_transform(
     std: Sequence[float] = IMAGENET_STD,
     *,
     draft: bool = False,
+    convention: str = "torchvision",
 ) -> Callable[[Image.Image | bytes], torch.Tensor]:
     """Resize the shorter side, center crop ``resolution``, normalize: ``(PIL | bytes) -> [3, r, r]`` float32.
 
     The shorter side becomes ``resize`` if given, else ``floor(resolution / crop_pct)`` (timm's rule;
     ``crop_pct`` defaults to 0.875, i.e. 256 for 224; timm's SEER models use 0.965). The result equals
-    torchvision's ``Resize`` + ``CenterCrop`` + ``Normalize``. ``draft=True`` decodes JPEG bytes at reduced size when
-    that keeps the shorter side >= the resize target (faster, slightly different pixels).
+    torchvision's ``Resize`` + ``CenterCrop`` + ``Normalize`` (``convention="hf"``: HF's crop, see ``crop_start``).
+    ``draft=True`` decodes JPEG bytes at reduced size when that keeps the shorter side >= the resize target and takes
+    ``resize_crop``'s shortcuts (faster, slightly different pixels).
     """
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"interpolation {interpolation!r} not in {sorted(INTERPOLATIONS)}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {list(CONVENTIONS)}, got {convention!r}")
     if resize is None:
         pct = 0.875 if crop_pct is None else float(crop_pct)
         if not 0 < pct <= 1:
@@ -511,7 +575,7 @@ def eval_transform(
 
     def transform(img: Image.Image | bytes) -> torch.Tensor:
         img = to_rgb(img) if isinstance(img, Image.Image) else decode_image(img, draft_size=resize if draft else None)
-        img = resize_crop(img, resolution, resize, interpolation, exact=True)
+        img = resize_crop(img, resolution, resize, interpolation, exact=not draft, convention=convention)
         x = torch.from_numpy(np.array(img)).permute(2, 0, 1)
         return x.to(torch.float32, memory_format=torch.contiguous_format).mul_(scale).add_(shift)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from seer.data.images import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
+from seer.data.images import CONVENTIONS, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 from seer.models.regnet import PRESETS, RegNetCfg, describe_value, resolve_cfg
 
 __all__ = [
@@ -113,7 +113,8 @@ def _json_rgb(value: Any, where: str, positive: bool) -> tuple[float, float, flo
 def check_preprocess(pre: Any, where: str) -> dict:
     """A preprocessing dict read from a file (our metadata, a run's ``meta.json``), its fields type-checked.
 
-    Returns the dict with ``mean`` / ``std`` as tuples; unknown keys are kept. Raises ``CheckpointError`` naming
+    Returns the dict with ``mean`` / ``std`` as tuples; unknown keys are kept. A record without ``convention``
+    (written before seer recorded it) gets its format's default at load time. Raises ``CheckpointError`` naming
     ``where`` and the key.
     """
     out = dict(_json_object(pre, where))
@@ -121,7 +122,9 @@ def check_preprocess(pre: Any, where: str) -> dict:
         out["resolution"] = _json_resolution(out["resolution"], f"{where}: resolution")
     if "crop_pct" in out:
         out["crop_pct"] = _json_number(out["crop_pct"], f"{where}: crop_pct", 0.0, 1.0, low_open=True)
-    for key, names in (("interpolation", sorted(INTERPOLATIONS)), ("resize_mode", ["shorter", "warp"])):
+    choices = (("interpolation", sorted(INTERPOLATIONS)), ("resize_mode", ["shorter", "warp"]),
+               ("convention", list(CONVENTIONS)))  # fmt: skip
+    for key, names in choices:
         if key in out and (not isinstance(out[key], str) or out[key] not in names):  # a list is not even hashable
             raise _expected(f"{where}: {key}", f"one of {names}", out[key])
     for key in ("mean", "std"):
@@ -133,14 +136,23 @@ def check_preprocess(pre: Any, where: str) -> dict:
 # Preprocessing each format's checkpoints expect when the checkpoint itself does not say (``trunk.pretrained_cfg``).
 # timm's regnety_*.seer tags: 224 px, crop_pct 0.965, bicubic. VISSL's SEER benchmarks and torchvision: resize 256,
 # center crop 224, bilinear. HF directories carry their own processor (``preprocessor_config.json``).
+# ``convention``: whose crop arithmetic (``seer.data.images.CONVENTIONS``): each library's own; VISSL and ClassyVision
+# evaluate with torchvision's transforms; seer's own checkpoints with torchvision's, as seer always has (a record
+# without the key, written before it existed, is read as its format's default here).
 DEFAULT_PREPROCESS: dict[str, dict] = {
-    "seer": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bicubic", "resize_mode": "shorter"},
-    "timm": {"resolution": 224, "crop_pct": 0.965, "interpolation": "bicubic", "resize_mode": "shorter"},
-    "torchvision": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bilinear", "resize_mode": "shorter"},
-    "vissl": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bilinear", "resize_mode": "shorter"},
-    "classy": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bilinear", "resize_mode": "shorter"},
-    "hf": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bicubic", "resize_mode": "shorter"},
-}
+    "seer": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bicubic", "resize_mode": "shorter",
+             "convention": "torchvision"},
+    "timm": {"resolution": 224, "crop_pct": 0.965, "interpolation": "bicubic", "resize_mode": "shorter",
+             "convention": "timm"},
+    "torchvision": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bilinear", "resize_mode": "shorter",
+                    "convention": "torchvision"},
+    "vissl": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bilinear", "resize_mode": "shorter",
+              "convention": "torchvision"},
+    "classy": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bilinear", "resize_mode": "shorter",
+               "convention": "torchvision"},
+    "hf": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bicubic", "resize_mode": "shorter",
+           "convention": "hf"},
+}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -582,17 +594,31 @@ def timm_preprocess(pretrained_cfg: Mapping, where: str = "pretrained_cfg") -> d
     """Our preprocessing from a timm ``pretrained_cfg``: the ``.seer`` feature weights use 224 px / crop 0.965,
     the ``.seer_ft_in1k`` classifiers 384 px / crop 1.0 (timm resizes the short side, then center-crops).
 
-    ``where`` names the file in errors: a field of the wrong type raises ``CheckpointError``.
+    What ``timm.data.resolve_data_config(pretrained_cfg=..., use_test_size=True)`` resolves (the test size, as
+    timm's ``validate.py`` evaluates), with timm's crop arithmetic (``convention="timm"``); a key the cfg lacks takes
+    the regnety SEER value (224 px, crop 0.965, bicubic), where timm would take its generic one (crop 0.875).
+    ``where`` names the file in errors: a field of the wrong type, or a crop seer cannot reproduce, raises
+    ``CheckpointError``.
     """
     pretrained_cfg = _json_object(pretrained_cfg, where)
     pre = dict(DEFAULT_PREPROCESS["timm"])
     size_key = "test_input_size" if pretrained_cfg.get("test_input_size") else "input_size"
     if pretrained_cfg.get(size_key) is not None:  # timm: (channels, height, width)
         size = _json_ints(pretrained_cfg[size_key], f"{where}: {size_key}")
+        if len(size) >= 2 and size[-1] != size[-2]:
+            raise _expected(f"{where}: {size_key}", "a square input (seer crops squares)", size)
         pre["resolution"] = _json_resolution(size[-1], f"{where}: {size_key}[{len(size) - 1}]")
     crop_key = "test_crop_pct" if pretrained_cfg.get("test_crop_pct") else "crop_pct"
     if pretrained_cfg.get(crop_key) is not None:
         pre["crop_pct"] = _json_number(pretrained_cfg[crop_key], f"{where}: {crop_key}", 0.0, 1.0, low_open=True)
+    if pretrained_cfg.get("crop_mode") is not None:
+        # timm's "squash" resizes both sides to resolution / crop_pct, then crops: a warp when nothing is cropped
+        mode = _json_str(pretrained_cfg["crop_mode"], f"{where}: crop_mode")
+        if mode == "squash" and pre["crop_pct"] == 1.0:
+            pre["resize_mode"] = "warp"
+        elif mode != "center":
+            raise _expected(f"{where}: crop_mode", "'center', or 'squash' with crop_pct 1.0 (what seer reproduces)",
+                            mode)  # fmt: skip
     if "interpolation" in pretrained_cfg:
         # timm names a few modes seer does not resize with ("random" is for training): those keep the default
         if _json_str(pretrained_cfg["interpolation"], f"{where}: interpolation") in INTERPOLATIONS:
@@ -603,30 +629,63 @@ def timm_preprocess(pretrained_cfg: Mapping, where: str = "pretrained_cfg") -> d
     return check_preprocess(pre, where)
 
 
+# ConvNextImageProcessor's own defaults, which it uses for a key the file lacks or sets to null (RegNet checkpoints
+# load it): 384 px (warped), crop_pct 224 / 256, bicubic, mean and std 0.5 (its "IMAGENET_STANDARD" statistics).
+_HF_DEFAULTS = {"size": 384, "crop_pct": 224 / 256, "resample": 3, "image_mean": (0.5, 0.5, 0.5),
+                "image_std": (0.5, 0.5, 0.5), "rescale_factor": 1 / 255}  # fmt: skip
+
+
 def hf_preprocess(processor: Mapping, where: str = "preprocessor_config.json") -> dict:
-    """Our preprocessing from an HF ``preprocessor_config.json`` (ConvNextImageProcessor semantics: < 384 resize +
-    center crop, >= 384 warp). ``where`` names the file in errors: a field of the wrong type raises
-    ``CheckpointError``."""
+    """Our preprocessing from an HF ``preprocessor_config.json``: what ``ConvNextImageProcessor`` (the processor
+    ``AutoImageProcessor`` builds for RegNet) computes: below 384 px the short side to ``int(size / crop_pct)`` and
+    a center crop (``convention="hf"``: the margin floored), at 384 and above a warp to ``size x size``.
+
+    Missing keys take the processor's own defaults (``_HF_DEFAULTS``), and so do null ones, as in transformers 4
+    (transformers 5 refuses them); a null ``do_*`` flag reads false, as in both. ``do_rescale`` / ``rescale_factor``
+    / ``do_normalize`` fold into ``mean`` / ``std``. ``where`` names the file in errors: a field of the wrong type, or
+    a step seer cannot reproduce (``do_resize: false``, an extra ``do_center_crop``), raises ``CheckpointError``.
+    """
     processor = _json_object(processor, where)
 
-    def get(key: str, default: Any) -> Any:  # HF's processors read null as "the default", as a missing key
-        return default if processor.get(key) is None else processor[key]
+    def get(key: str, default: Any = None) -> Any:
+        return _HF_DEFAULTS.get(key, default) if processor.get(key) is None else processor[key]
 
-    size, key = get("size", 224), "size"
+    def flag(key: str, default: bool) -> bool:  # a null flag is not the default: HF keeps None, which reads false
+        value = processor.get(key, default)
+        if value is not None and not isinstance(value, bool):
+            raise _expected(f"{where}: {key}", "true or false", value)
+        return bool(value)
+
+    if not flag("do_resize", True):
+        raise _expected(f"{where}: do_resize", "true (seer resizes every image to one size)", processor["do_resize"])
+    if flag("do_center_crop", False):
+        raise _expected(f"{where}: do_center_crop", "false or absent (seer reproduces ConvNext's own crop only)", True)
+    size, key = get("size"), "size"
     if isinstance(size, Mapping):
         sub = "shortest_edge" if "shortest_edge" in size else "height"
         size, key = size.get(sub, 224), f"size.{sub}"
     size = _json_resolution(size, f"{where}: {key}")
     by_number = {n: name for name, n in _PIL_NUMBER.items()}
-    resample = _json_int(get("resample", 3), f"{where}: resample", minimum=0)
+    resample = _json_int(get("resample"), f"{where}: resample", minimum=0)
+    mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    if flag("do_normalize", True):
+        mean = _json_rgb(get("image_mean"), f"{where}: image_mean", positive=False)
+        std = _json_rgb(get("image_std"), f"{where}: image_std", positive=True)
+    # seer feeds (x / 255 - mean) / std; HF (x * factor - mean) / std = (x / 255 - mean / k) / (std / k), k = 255 factor
+    k = 255.0
+    if flag("do_rescale", True):
+        k *= _json_number(get("rescale_factor"), f"{where}: rescale_factor", 0.0, 1.0, low_open=True)
+    if k != 1.0:  # 255 * (1 / 255) is exactly 1.0: the usual file keeps its numbers unchanged
+        mean, std = tuple(m / k for m in mean), tuple(s / k for s in std)
     return check_preprocess(
         {
             "resolution": size,
-            "crop_pct": _json_number(get("crop_pct", 0.875), f"{where}: crop_pct", 0.0, 1.0, low_open=True),
+            "crop_pct": _json_number(get("crop_pct"), f"{where}: crop_pct", 0.0, 1.0, low_open=True),
             "interpolation": by_number.get(resample, "bicubic"),
             "resize_mode": "warp" if size >= 384 else "shorter",
-            "mean": _json_rgb(get("image_mean", IMAGENET_MEAN), f"{where}: image_mean", positive=False),
-            "std": _json_rgb(get("image_std", IMAGENET_STD), f"{where}: image_std", positive=True),
+            "mean": mean,
+            "std": std,
+            "convention": "hf",
         },
         where,
     )

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from seer.data.images import IMAGENET_MEAN, IMAGENET_STD
+from seer.hardware import resolve_device
 from seer.models.classifier import RegNetClassifier
 from seer.models.regnet import RegNetCfg, RegNetTrunk, build_trunk, resolve_cfg
 from seer.weights.formats import (
@@ -112,10 +113,13 @@ def load_trunk(source: Any, *, preset: str | RegNetCfg | dict | None = None, dev
     Args:
         source: our ``.safetensors`` export or a pretraining run directory; an HF RegNet directory
             (``config.json`` + ``model.safetensors`` / ``pytorch_model.bin``, ``RegNetForImageClassification``
-            included) or hub id (``facebook/regnet-y-10b-seer``); a timm or torchvision state dict file; a VISSL /
-            ClassyVision ``.torch`` checkpoint (FSDP ``block{s}-part{p}`` level included); a state dict; a module.
+            included) or hub id (``facebook/regnet-y-10b-seer``); the name of released SEER weights
+            (``seer-rg32``, ``seer-rg32-in1k``: ``seer models`` lists them; an existing local path of that name
+            wins); a timm or torchvision state dict file; a VISSL / ClassyVision ``.torch`` checkpoint (FSDP
+            ``block{s}-part{p}`` level included); a state dict; a module.
         preset: build this architecture instead of inferring it (the checkpoint must match it exactly).
-        device: move the loaded trunk there (default: CPU).
+        device: move the loaded trunk there (default: CPU): "cpu", "cuda", "cuda:N", "auto" or a torch.device,
+            checked before the checkpoint is read (``seer.hardware.resolve_device``).
         format: force a layout instead of detecting it ("seer", "timm", "torchvision", "hf", "vissl").
         dtype: floating-point dtype of the parameters (default float32).
 
@@ -125,9 +129,12 @@ def load_trunk(source: Any, *, preset: str | RegNetCfg | dict | None = None, dev
         not loaded: ``read_checkpoint(source).heads`` has them.
 
     Raises:
+        FileNotFoundError: no such path, hub id or name (a name close to a released one gets a did-you-mean).
         CheckpointError: unreadable file, unknown layout, pickled code, any missing / unexpected tensor or shape
-            mismatch, or a tensor holding NaN or infinite values (the message names the file and the keys).
+            mismatch, or a tensor holding NaN or infinite values (the message names the file and the keys); a hub
+            id or name neither cached nor downloadable (offline: at once, without retrying).
     """
+    device = None if device is None else resolve_device(device, what="device")  # before reading gigabytes
     trunk = _build(_read(source, format), preset, dtype)
     if device is not None:
         trunk.to(device)
@@ -207,6 +214,7 @@ def load_classifier(source: Any, *, device: torch.device | str | None = None, fo
         CheckpointError: as ``load_trunk``; and a checkpoint without a classifier head (use ``load_trunk``), a
             head whose shape does not fit the trunk, or labels that disagree with the head.
     """
+    device = None if device is None else resolve_device(device, what="device")
     ckpt = _read(source, format)
     trunk = _build(ckpt, preset, dtype)
     weight, bias = classifier_head(ckpt, trunk.num_features)

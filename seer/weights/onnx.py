@@ -30,9 +30,10 @@ from seer.io import OutputDirError, honour_umask
 from seer.models.classifier import RegNetClassifier
 from seer.models.pooling import pool
 from seer.models.regnet import RegNetTrunk
+from seer.progress import heartbeat
 from seer.weights.targets import check_export_target
 
-__all__ = ["export_onnx", "ONNX_MAX_PROTO_BYTES"]
+__all__ = ["export_onnx", "layer_choices", "ONNX_MAX_PROTO_BYTES"]
 
 # protobuf's 2 GiB message limit: larger weights go to one external-data file beside the .onnx
 ONNX_MAX_PROTO_BYTES = 2**31 - 2**24
@@ -58,6 +59,31 @@ class _Exported(nn.Module):
         return tuple(outs)
 
 
+def layer_choices(trunk: RegNetTrunk) -> dict[str, tuple[str, ...]]:
+    """Every name ``export_onnx(layers=...)`` accepts -> the outputs it stands for: "avgpool", each stage of this
+    trunk, and "stages" (all of them). The accepted set and the error's list both come from here."""
+    choices: dict[str, tuple[str, ...]] = {"avgpool": ("avgpool",)}
+    choices.update({stage: (stage,) for stage in trunk.stage_names})
+    choices["stages"] = tuple(trunk.stage_names)
+    return choices
+
+
+def _expand_layers(trunk: RegNetTrunk, layers: Sequence[str] | str) -> list[str]:
+    """The output names ``layers`` asks for, in order, each once ("stages" expanded); ValueError naming a bad one."""
+    choices = layer_choices(trunk)
+    names: list[str] = []
+    for layer in [layers] if isinstance(layers, str) else list(layers):
+        if not isinstance(layer, str) or layer not in choices:
+            raise ValueError(
+                f"layer {layer!r}: choose from {', '.join(map(repr, choices))} (each stage of this trunk, "
+                f"'avgpool' = the last stage averaged, 'stages' = every stage)"
+            )
+        names += choices[layer]
+    if not names:
+        raise ValueError("layers is empty: name at least one output")
+    return list(dict.fromkeys(names))  # "stages" and "res5" together: one "res5" output (ONNX names are unique)
+
+
 @contextlib.contextmanager
 def _quiet(*names: str):
     """The exporter's per-pass INFO lines (hundreds per trunk) off, whatever the user's logging level."""
@@ -75,13 +101,14 @@ def _quiet(*names: str):
 def export_onnx(model: RegNetTrunk | RegNetClassifier, path: str | os.PathLike, *,
                 layers: Sequence[str] | str = ("avgpool",), pool: bool = True, resolution: int | None = None,
                 opset: int | None = None, external_data: bool | None = None, preprocess: dict | None = None,
-                check: bool = True) -> Path:  # fmt: skip
+                check: bool = True, progress: bool | None = True) -> Path:  # fmt: skip
     """Write ``model`` as an ONNX file with a dynamic batch dimension (atomically: nothing is left on failure).
 
     Args:
         model: a ``RegNetTrunk`` or ``RegNetClassifier`` (its ``logits`` become an extra output).
         path: the ``.onnx`` file. Weights over 2 GiB go to ``<path>.data`` beside it (ONNX external data).
-        layers: outputs, each one of "avgpool", "res2".."res5", or "stages" for every stage.
+        layers: outputs, each one of ``layer_choices(trunk)``: "avgpool", "res2".."res5", or "stages" for every
+            stage (a name given twice, or a stage also in "stages", is one output).
         pool: global-average each output (the features ``extract_features`` returns); ``False`` keeps the maps.
         resolution: the example input's side (default: the checkpoint's preprocessing resolution, else 224); the
             spatial size stays fixed in the graph, the batch is dynamic.
@@ -89,6 +116,7 @@ def export_onnx(model: RegNetTrunk | RegNetClassifier, path: str | os.PathLike, 
         external_data: force external weights on or off (default: only when the weights exceed 2 GiB).
         preprocess: preprocessing recorded in the metadata (default: the model's ``pretrained_cfg``).
         check: run ``onnx.checker`` on the written model (skipped for external data, which it reads again).
+        progress: a ``seer.progress.heartbeat`` line on stderr while the export runs (``False``: none).
 
     Returns:
         The written path.
@@ -96,12 +124,7 @@ def export_onnx(model: RegNetTrunk | RegNetClassifier, path: str | os.PathLike, 
     if not isinstance(model, (RegNetTrunk, RegNetClassifier)):
         raise TypeError(f"export_onnx expects a RegNetTrunk or RegNetClassifier, got {type(model).__name__}")
     trunk = model.trunk if isinstance(model, RegNetClassifier) else model
-    layers = list(trunk.stage_names) if layers == "stages" else [layers] if isinstance(layers, str) else list(layers)
-    for layer in layers:
-        if layer != "avgpool" and layer not in trunk.stage_names:
-            raise ValueError(f"layer {layer!r}: choose 'avgpool', 'stages' or one of this trunk's {trunk.stage_names}")
-    if not layers:
-        raise ValueError("layers is empty: name at least one output")
+    layers = _expand_layers(trunk, layers)
     require("onnxscript", "ONNX export")  # torch.onnx's exporter needs it: a message naming the extra beats its own
     pre = dict(preprocess or getattr(model, "pretrained_cfg", None) or {})
     side = int(resolution or (pre.get("input_size") or (3, 224, 224))[-1])
@@ -119,28 +142,32 @@ def export_onnx(model: RegNetTrunk | RegNetClassifier, path: str | os.PathLike, 
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         model.eval()
-        # Autograd mode on: the trunk's fused oneDNN inference kernels are chosen only without it, and have no ONNX
-        # form; with it, every op is a plain conv / batch norm / relu / mean the exporter knows.
-        with torch.enable_grad(), _quiet("onnx_ir", "onnxscript", "torch.onnx"):
-            program = torch.onnx.export(
-                _Exported(model, layers, pool).eval(), (example,), dynamo=True, input_names=["images"],
-                output_names=names, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=opset,
-                external_data=False, verbose=False,
-            )  # fmt: skip
-        meta = {"producer": "seer", "layers": json.dumps(names), "pooled": json.dumps(pool)}
-        if isinstance(trunk, RegNetTrunk):
-            meta["regnet_cfg"] = json.dumps(trunk.cfg.to_dict())
-        if pre:
-            meta["preprocess"] = json.dumps(pre)
-        if isinstance(model, RegNetClassifier):
-            meta["id2label"] = json.dumps({str(k): v for k, v in model.id2label.items()})
-        program.model.metadata_props.update(meta)
-        out = tmp / path.name
-        program.save(str(out), external_data=external)
-        if check and not external:
-            import onnx
+        # One long call of unknown length (minutes for the large presets): a line every 10 s says it still runs.
+        size = f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.3g} MB"
+        what = f"ONNX export of the {type(model).__name__} ({size} of weights, {side} px) to {path}"
+        with heartbeat(what, enabled=progress):
+            # Autograd mode on: the trunk's fused oneDNN inference kernels are chosen only without it, and have no
+            # ONNX form; with it, every op is a plain conv / batch norm / relu / mean the exporter knows.
+            with torch.enable_grad(), _quiet("onnx_ir", "onnxscript", "torch.onnx"):
+                program = torch.onnx.export(
+                    _Exported(model, layers, pool).eval(), (example,), dynamo=True, input_names=["images"],
+                    output_names=names, dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), opset_version=opset,
+                    external_data=False, verbose=False,
+                )  # fmt: skip
+            meta = {"producer": "seer", "layers": json.dumps(names), "pooled": json.dumps(pool)}
+            if isinstance(trunk, RegNetTrunk):
+                meta["regnet_cfg"] = json.dumps(trunk.cfg.to_dict())
+            if pre:
+                meta["preprocess"] = json.dumps(pre)
+            if isinstance(model, RegNetClassifier):
+                meta["id2label"] = json.dumps({str(k): v for k, v in model.id2label.items()})
+            program.model.metadata_props.update(meta)
+            out = tmp / path.name
+            program.save(str(out), external_data=external)
+            if check and not external:
+                import onnx
 
-            onnx.checker.check_model(str(out), full_check=True)
+                onnx.checker.check_model(str(out), full_check=True)
         data = [p for p in tmp.iterdir() if p.name != path.name]
         for p in data:
             if (path.parent / p.name).is_dir():

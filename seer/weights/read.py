@@ -12,6 +12,11 @@ import json
 import os
 import pickle
 import re
+import socket
+import threading
+import time
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,8 +37,9 @@ from seer.weights.formats import (
     hf_preprocess,
     timm_preprocess,
 )
+from seer.weights.named import NamedWeights, named_weights, suggest_name
 
-__all__ = ["DEFAULT_HUB_MODEL", "read_checkpoint"]
+__all__ = ["DEFAULT_HUB_MODEL", "read_checkpoint", "cached_snapshot", "hub_offline_reason"]
 
 # The model `seer.extract_features(images)` uses when no model is given: SEER RegNetY-32GF (RG-32) features.
 DEFAULT_HUB_MODEL = "facebook/regnet-y-320-seer"
@@ -162,7 +168,8 @@ def read_checkpoint(source: Any, *, format: str | None = None) -> Checkpoint:
 
     Args:
         source: a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` / ``.torch`` file, an HF directory, a
-            pretraining run directory, an HF hub id, a state dict, or an ``nn.Module`` (timm, torchvision, HF).
+            pretraining run directory, an HF hub id, the name of released SEER weights (``seer-rg32``:
+            ``seer.weights.named``; an existing path of that name wins), a state dict, or an ``nn.Module``.
         format: force a layout ("seer", "timm", "torchvision", "hf", "vissl", "classy") instead of detecting it.
     """
     if isinstance(source, nn.Module):
@@ -178,10 +185,13 @@ def read_checkpoint(source: Any, *, format: str | None = None) -> Checkpoint:
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"load_trunk: expected a path, hub id, state dict or module, got {type(source).__name__}")
     path = Path(source).expanduser()
-    if not path.exists():
+    if not path.exists():  # an existing local path always wins over a name or a hub id
+        entry = named_weights(source)
+        if entry is not None:
+            return _read_named(entry)
         if isinstance(source, str) and _HUB_ID.match(source) and not source.startswith((".", "/", "~")):
             return _read_hf_dir(_hub_snapshot(source))
-        raise FileNotFoundError(f"no such checkpoint file or directory: {path}")
+        raise FileNotFoundError(f"no such checkpoint file or directory: {path}{_did_you_mean(os.fspath(source))}")
     if path.is_dir():
         if (path / "config.json").is_file():
             return _read_hf_dir(path)
@@ -245,37 +255,187 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
+# huggingface_hub retries an unreachable endpoint for about 25 s before it gives up; one TCP connection attempt
+# bounded by this many seconds says "offline" first, so a missing model fails at once instead.
+HUB_PROBE_TIMEOUT_S = 2.5
+_PROBE_TTL_S = 30.0  # a probe's answer is reused this long (a named model tries two repositories)
+_PROBES: dict[tuple[str, int], tuple[float, str | None]] = {}
 
-def _hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
-    """Download (or find in the local HF cache) an HF hub model: config, processor and weights only."""
-    try:
-        import huggingface_hub
-        from huggingface_hub import snapshot_download
-    except ImportError as exc:  # pragma: no cover - a hard dependency
-        raise CheckpointError(f"{repo_id}: huggingface_hub is needed to load hub models ({exc})") from exc
 
-    def has_weights(path: Path) -> bool:
-        return any((path / n).is_file() for n in _WEIGHT_FILES + _WEIGHT_INDEXES)
+class _HubUnavailable(CheckpointError):
+    """The hub could not give a repository (offline, unreachable, missing, no weights): another source may."""
 
-    # The local cache first: works offline and makes no request.
-    with contextlib.suppress(Exception):
-        local = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-        if has_weights(local) and (local / "config.json").is_file():
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_cache_dir() -> str | None:
+    """``HF_HUB_CACHE`` as it is now (huggingface_hub reads it once, at import), else the library's default."""
+    return os.environ.get("HF_HUB_CACHE") or None
+
+
+def _probe(host: str, port: int, timeout: float) -> str | None:
+    """None if a TCP connection to ``host:port`` opens within ``timeout`` s (name lookup included), else why not."""
+    result: list[str | None] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as exc:
+            result.append(f"{type(exc).__name__}: {exc}")
+
+    # a thread, because the name lookup (getaddrinfo) takes no timeout: a hung DNS must not hang the caller
+    thread = threading.Thread(target=connect, name="seer-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else f"no answer within {timeout:g} s"
+
+
+def hub_offline_reason() -> str | None:
+    """Why the Hugging Face hub cannot be reached now, or None when it (or the proxy to it) answers.
+
+    ``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) set is offline without a request; otherwise one TCP connection
+    to the endpoint (``HF_ENDPOINT``), or to the proxy the environment names for it, must open within
+    ``HUB_PROBE_TIMEOUT_S`` seconds. The answer is kept for 30 s.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE"):
+        return "offline mode: HF_HUB_OFFLINE is set"
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    host = endpoint.hostname or ""
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    what = f"{constants.ENDPOINT}"
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(endpoint.scheme) or proxies.get("all")
+    if proxy and not urllib.request.proxy_bypass(host):
+        parsed = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
+        what = f"the proxy {parsed.hostname}:{port} for {constants.ENDPOINT}"
+    now = time.monotonic()
+    cached = _PROBES.get((host, port))
+    if cached is not None and now - cached[0] < _PROBE_TTL_S:
+        return cached[1]
+    failure = _probe(host, port, HUB_PROBE_TIMEOUT_S)
+    reason = None if failure is None else f"cannot reach {what} ({failure})"
+    _PROBES[(host, port)] = (now, reason)
+    return reason
+
+
+def _has_weights(path: Path) -> bool:
+    return any((path / n).is_file() for n in _WEIGHT_FILES + _WEIGHT_INDEXES) and (path / "config.json").is_file()
+
+
+def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The hub repository's snapshot in the local HF cache (config and weights there), or None; makes no request."""
+    from huggingface_hub import snapshot_download
+
+    with contextlib.suppress(Exception):  # not cached, partly cached, an unreadable cache: all mean "not here"
+        local = Path(snapshot_download(repo_id, revision=revision, local_files_only=True, cache_dir=_hub_cache_dir()))
+        if _has_weights(local):
             return local
+    return None
+
+
+def _download_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """Download a hub repository's config, processor and weights (safetensors when it has them) into the HF cache.
+
+    Raises:
+        _HubUnavailable: offline (``hub_offline_reason``), or the hub refused or failed (missing repository, no
+            weights, network error): the message says which.
+    """
+    import huggingface_hub
+    from huggingface_hub import snapshot_download
+
+    offline = hub_offline_reason()
+    if offline:
+        raise _HubUnavailable(offline)
     try:
         files = huggingface_hub.list_repo_files(repo_id, revision=revision)
         kind = "*.safetensors" if any(f.endswith(".safetensors") for f in files) else "*.bin"
-        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", kind]))
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=["*.json", kind],
+                                      cache_dir=_hub_cache_dir()))  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - network, auth, offline mode and missing repos all end here
-        raise CheckpointError(
-            f"no local file or directory {repo_id!r}, and could not get it from the Hugging Face hub "
-            f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}). "
-            f"Without network access, pass a local directory holding config.json and model.safetensors (or "
-            f"pytorch_model.bin), e.g. one made with `hf download {repo_id} --local-dir DIR` elsewhere."
-        ) from None
-    if not has_weights(path):
-        raise CheckpointError(f"{repo_id}: the hub repository has no model.safetensors or pytorch_model.bin")
+        raise _HubUnavailable(f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
+    if not _has_weights(path):
+        raise _HubUnavailable(f"{repo_id}: the hub repository has no config.json with model.safetensors or "
+                              f"pytorch_model.bin")  # fmt: skip
     return path
+
+
+def _hub_snapshot(repo_id: str, revision: str | None = None) -> Path:
+    """An HF hub model from the local HF cache (no request), else downloaded: config, processor and weights only."""
+    local = cached_snapshot(repo_id, revision)
+    if local is not None:
+        return local
+    try:
+        return _download_snapshot(repo_id, revision)
+    except _HubUnavailable as exc:
+        raise CheckpointError(
+            f"no local file or directory {repo_id!r}, it is not in the local Hugging Face cache, and it could not be "
+            f"downloaded from the hub ({exc}). Without network access, pass a local directory holding config.json "
+            f"and model.safetensors (or pytorch_model.bin), e.g. one made with `hf download {repo_id} --local-dir "
+            f"DIR` elsewhere."
+        ) from None
+
+
+def _read_named(entry: NamedWeights) -> Checkpoint:
+    """Released SEER weights by name: the local HF cache (HF's repository, then timm's) with no request, else a
+    download (HF, then timm). The checkpoint gets the name's preprocessing, whichever source gave it."""
+    sources = entry.hub_sources()
+    path = next((p for p in (cached_snapshot(repo) for _, repo in sources) if p is not None), None)
+    failures: list[str] = []
+    if path is None and sources:
+        offline = hub_offline_reason()  # once, before any download: offline, fail now rather than per repository
+        if offline:
+            failures.append(offline)
+        for _, repo in [] if offline else sources:
+            try:
+                path = _download_snapshot(repo)
+                break
+            except _HubUnavailable as exc:
+                failures.append(f"{repo}: {exc}")
+    if path is None:
+        raise CheckpointError(_named_unavailable(entry, failures))
+    ckpt = _read_hf_dir(path)
+    ckpt.preprocess = entry.preprocess
+    ckpt.origin = f"{entry.name} ({ckpt.origin})"
+    return ckpt
+
+
+def _named_unavailable(entry: NamedWeights, failures: list[str]) -> str:
+    """The message of released weights found nowhere: what was tried, and how to get the file by hand."""
+    repos = [repo for _, repo in entry.hub_sources()]
+    cache = _hub_cache_dir() or "the default HF cache"
+    if repos:
+        where = f"not in the local Hugging Face cache ({cache}) as {' or '.join(repos)}"
+        why = f", and could not be downloaded ({'; '.join(failures)})" if failures else ""
+        hf = f"`hf download {repos[0]} --local-dir DIR` then seer.load_trunk(DIR), or "
+    else:
+        where, why, hf = "no hub repository seer can load holds these weights", "", ""
+    skipped = f" ({entry.hf_skip})" if entry.hf_skip else ""
+    return (
+        f"{entry.name} ({entry.title}): {where}{why}{skipped}. Where there is network access, get it with "
+        f"{hf}download the original VISSL checkpoint {entry.vissl_url} and pass that file "
+        f"(seer.load_trunk('{entry.vissl_url.rsplit('/', 1)[-1]}')). `seer models` lists the sources."
+    )
+
+
+def _did_you_mean(text: str) -> str:
+    """A hint for a missing path that looks like a released-weights name, or a pretraining recipe's name."""
+    close = suggest_name(text)
+    if close is None:
+        return ""
+    from seer.catalog import available
+
+    if text in available("pretrain"):
+        return (
+            f" ({text!r} is a pretraining recipe: `seer pretrain --config {text}`; the released weights of that "
+            f"model are {close!r}, see `seer models`)"
+        )
+    return f" (did you mean the released weights {close!r}? `seer models` lists them)"
 
 
 def _parse_json(text: str | bytes, where: str) -> Any:
