@@ -53,6 +53,8 @@ __all__ = [
     "crop_scales",
     "batch_per_gpu",
     "trunk_cfg",
+    "RESUME_MAY_CHANGE",
+    "config_differences",
 ]
 
 
@@ -67,7 +69,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """The RegNetY trunk."""
 
-    preset: str = "regnety_400mf"
+    preset: str = "regnety_400mf"  # a RegNetY preset: a seer.models.regnet.PRESETS name (`seer presets`)
     # RegNetCfg fields overriding the preset (e.g. {"depth": 4, "w0": 16, ...}); a full dict needs no preset.
     cfg: dict | None = None
     # False | True/"block" | "stage" | SEER-style groups (one list of segment end indices per stage).
@@ -90,14 +92,14 @@ class DataConfig:
     images: str | None = None  # an image folder or a CSV/TXT file list for source=images (streamed, no shards)
     multicrop: str = "cpu_tiny"  # a multi-crop preset: a seer.data.transforms.PRESETS name
     crops: list | None = None  # explicit [[count, resolution], ...] instead of the preset (synthetic source only)
-    batch_size_per_gpu: int = 32
+    batch_size_per_gpu: int = 32  # images per rank and step (when global_batch_size is 0)
     # When > 0, the global batch; the per-GPU batch is then global_batch_size / world size (must divide).
     global_batch_size: int = 0
-    workers: int = 0
+    workers: int = 0  # data-loading processes per rank (0: in the training process)
     # Streams per rank (0: data.workers, at least 1). The stream count, not the worker count, fixes the sample order;
     # a resumed run keeps the count its checkpoint was saved with.
     streams: int = 0
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000  # samples a streamed source (shards, images) shuffles among
     # Audit: append every step's sample keys to run_dir/data_keys/rank{r}.jsonl (shards and images sources).
     record_keys: bool = False
     image_size: int = 96  # side of the generated images (synthetic source)
@@ -109,14 +111,14 @@ class OptimConfig:
     """Optimizer and learning-rate schedule; ``lr = base_lr * global_batch / reference_batch``."""
 
     name: str = "lars"  # lars | sgd
-    base_lr: float = 0.3
-    reference_batch: int = 256
-    momentum: float = 0.9
+    base_lr: float = 0.3  # the peak lr at a global batch of reference_batch (scaled linearly to the real one)
+    reference_batch: int = 256  # the global batch base_lr is given for
+    momentum: float = 0.9  # LARS / SGD momentum
     nesterov: bool = False  # SGD only (VISSL's fine-tune recipes use it)
-    weight_decay: float = 1e-6
+    weight_decay: float = 1e-6  # L2 weight decay (see exclude_bn_bias)
     exclude_bn_bias: bool = False  # BN and bias parameters: no weight decay and no LARS adaptation
-    trust_coeff: float = 0.001
-    warmup_iters: int = 0
+    trust_coeff: float = 0.001  # LARS: local lr = trust_coeff x |w| / (|g| + weight_decay x |w|)
+    warmup_iters: int = 0  # steps of linear warmup to the peak lr, then a cosine decay to the last step
     start_warmup_lr: float = 0.0  # as a fraction of the peak lr
     final_lr_ratio: float = 0.001  # cosine ends at base lr x this
     clip_grad: float = 0.0  # max global grad norm; 0 disables
@@ -126,8 +128,8 @@ class OptimConfig:
 class FSDPConfig:
     """FSDP2 options (applied when a process group is initialized)."""
 
-    reshard_after_forward: bool = True
-    cpu_offload: bool = False
+    reshard_after_forward: bool = True  # free gathered parameters after forward (ZeRO-3); False keeps them (ZeRO-2)
+    cpu_offload: bool = False  # sharded parameters, gradients and optimizer state in host memory (CUDA only)
     shard_unit: str = "block"  # block | group (the activation-checkpointing groups, or stages)
     # Gradient reduce-scatter dtype: fp32 | bf16 (halves the traffic; VISSL's 10B reduces in fp16). BatchNorm and
     # fp32 units (SwAV's prototypes) always reduce in fp32.
@@ -139,15 +141,15 @@ class TrainConfig:
     """Length, logging, checkpointing, numerics."""
 
     total_steps: int = 0  # 0 -> epochs x steps_per_epoch
-    epochs: int = 1
-    steps_per_epoch: int = 100
-    log_every: int = 10
+    epochs: int = 1  # with total_steps 0, the run is epochs x steps_per_epoch steps
+    steps_per_epoch: int = 100  # steps of one epoch, for the run length above
+    log_every: int = 10  # steps between log lines (loss, lr, images/s, data time, memory, ETA)
     ckpt_every_steps: int = 0  # 0 disables step-based checkpoints (one is always written at the end)
-    ckpt_every_minutes: float = 0.0
-    keep_last: int = 3
-    seed: int = 0
+    ckpt_every_minutes: float = 0.0  # also checkpoint when this long has passed since the last save; 0 disables
+    keep_last: int = 3  # checkpoints kept in run_dir/checkpoints; older ones are deleted
+    seed: int = 0  # the initialization and the data order
     precision: str = "fp32"  # fp32 | bf16
-    compile: bool = False
+    compile: bool = False  # torch.compile each block (after activation checkpointing, before FSDP)
     device: str = "auto"  # auto | cpu | cuda
     # Emulate N ranks' BatchNorm batches in one process (ghost batch norm): the trunk sees each crop batch in N
     # equal chunks, as N FSDP ranks without SyncBN would.
@@ -155,7 +157,7 @@ class TrainConfig:
     # Ranks per SyncBatchNorm group on CUDA (SEER's syncBN64): 0 all ranks, 1 no sync (plain BatchNorm per rank).
     # A value that does not divide the world size gives way to its largest divisor below it (496 GPUs: 62).
     sync_bn_group: int = 64
-    tensorboard: bool = True
+    tensorboard: bool = True  # TensorBoard logs in run_dir/tensorboard (skipped without the tensorboard extra)
     # Collective timeout: a rank that waits this long on a peer (hung, or gone without closing its sockets) raises
     # instead of blocking the job until its time limit. Raise it when a checkpoint save takes longer.
     dist_timeout_minutes: float = 10.0
@@ -167,12 +169,12 @@ class TrainConfig:
     min_step_seconds: float = 0.0
     # Are the features learning? A kNN on a labeled image folder (class subfolders) every monitor_every steps.
     monitor_images: str | None = None
-    monitor_every: int = 100
-    monitor_max_images: int = 1000
+    monitor_every: int = 100  # steps between two kNN monitor runs
+    monitor_max_images: int = 1000  # at most this many of monitor_images (an even subsample)
     # Methods with a classifier (supervised, fine-tuning): top-1 / top-5 on a labeled folder or file list, every
-    # val_every steps (0: every epoch of the training data) and at the end.
+    # val_every steps (0: every epoch of the training data, at most once per log_every steps) and at the end.
     val_images: str | None = None
-    val_every: int = 0
+    val_every: int = 0  # steps between validations on val_images; 0: every epoch, at most once per log_every
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
@@ -180,7 +182,7 @@ class TrainConfig:
 class PretrainConfig:
     """The whole pretraining run."""
 
-    run_dir: str = "runs/pretrain"
+    run_dir: str = "runs/pretrain"  # checkpoints, config.yaml and metrics.jsonl; one holding checkpoints resumes
     method: str = "swav"  # a seer.train.methods.METHODS name; its options are the section of the same name
     model: ModelConfig = field(default_factory=ModelConfig)
     swav: SwAVConfig = field(default_factory=SwAVConfig)
@@ -302,13 +304,15 @@ def config_from_dict(data: dict) -> PretrainConfig:
     return cfg
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
-                kind: str = "pretrain") -> PretrainConfig:  # fmt: skip
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] | dict = (),
+                kind: str = "pretrain", *, check: bool = True) -> PretrainConfig:  # fmt: skip
     """Defaults <- yaml file (overrides only) <- dotted ``key=value`` overrides; validated.
 
     ``path`` is a yaml file or the name of a shipped recipe of ``kind`` ("pretrain": ``"seer_rg32"``; "finetune":
     ``configs/finetune/``; see ``seer.catalog``). ``supervised.n_classes: 0`` on an image folder or file list is
-    its number of classes.
+    its number of classes. ``overrides`` may also be a nested dict of Python values (``{"train": {"epochs": 2}}``,
+    what ``seer.pretrain`` passes). ``check=False`` skips ``validate`` (keys and types are still checked): `seer
+    config show` shows a recipe that needs more overrides before it runs.
 
     Raises:
         ConfigError: naming the dotted key of an unknown key, a wrong type or an impossible value.
@@ -326,9 +330,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             _merge(cfg, data or {})
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-    _merge(cfg, _dotted_to_nested(list(overrides)))
+    _merge(cfg, overrides if isinstance(overrides, dict) else _dotted_to_nested(list(overrides)))
     _infer_classes(cfg)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 
@@ -395,8 +400,9 @@ def crop_scales(data: DataConfig) -> list[tuple[float, float]]:
     return [tuple(sc) for sc in PRESETS[data.multicrop]["scales"]]
 
 
-def _bad(key: str, value: Any, why: str) -> ConfigError:
-    return ConfigError(f"{key}: {why}, got {value!r}")
+def _bad(key: str, value: Any, why: str, fix: str = "") -> ConfigError:
+    """``key: why, got value``, then ``fix``: the override that repairs it where that is not ``key`` itself."""
+    return ConfigError(f"{key}: {why}, got {value!r}" + (f"; {fix}" if fix else ""))
 
 
 def check_numbers(node: Any, prefix: str = "") -> None:
@@ -428,14 +434,17 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
     except ValueError as exc:
         raise ConfigError(f"model.activation_checkpointing: {exc}") from None
     if m.init_from is not None and not m.init_from.strip():
-        raise _bad("model.init_from", m.init_from, "must name a run, checkpoint, weights file or hub id (or be null)")
+        raise _bad("model.init_from", m.init_from, "must name a run, checkpoint, weights file or hub id",
+                   "set model.init_from=null for a random init")  # fmt: skip
     # data
     if d.source not in ("synthetic", "shards", "images"):
         raise _bad("data.source", d.source, "must be 'synthetic', 'shards' or 'images'")
     if d.source == "shards" and not d.urls:
-        raise _bad("data.urls", d.urls, "is required when data.source is 'shards'")
+        raise _bad("data.urls", d.urls, "is required when data.source is 'shards'",
+                   "set data.urls=PATTERN (e.g. data.urls='data/train-{000000..000099}.tar')")  # fmt: skip
     if d.source == "images" and not d.images:
-        raise _bad("data.images", d.images, "is required when data.source is 'images' (an image folder or a list file)")
+        raise _bad("data.images", d.images, "is required when data.source is 'images' (an image folder or a list file)",
+                   "set data.images=DIR (class subfolders) or data.images=FILE (a CSV/TXT list)")  # fmt: skip
     if d.streams < 0:
         raise _bad("data.streams", d.streams, "must be >= 0 (0: one per worker)")
     if d.crops is None and d.multicrop not in PRESETS:
@@ -454,12 +463,13 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
     if d.workers < 0:
         raise _bad("data.workers", d.workers, "must be >= 0")
     if d.source == "synthetic" and max(r for _, r in shapes) > d.image_size:
-        raise _bad(
-            "data.image_size", d.image_size, f"is smaller than the largest crop ({max(r for _, r in shapes)} px)"
-        )
+        largest = max(r for _, r in shapes)
+        raise _bad("data.image_size", d.image_size, f"is smaller than the largest crop ({largest} px)",
+                   f"set data.image_size={largest} or smaller crops (data.crops / data.multicrop)")  # fmt: skip
     if get_method(cfg.method).labels and d.source == "synthetic":
-        raise _bad("data.source", d.source, f"method {cfg.method!r} trains on labels: use 'images' (class subfolders) "
-                   "or 'shards' (with a cls entry)")  # fmt: skip
+        raise _bad("data.source", d.source, f"method {cfg.method!r} trains on labels",
+                   "set data.source=images data.images=DIR (class subfolders), or data.source=shards data.urls=PATTERN "
+                   "(shards with a cls entry)")  # fmt: skip
     # the method's own section (swav.*)
     section = method_config(cfg)
     if section is not None:
@@ -485,14 +495,22 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
     if not 0 <= o.start_warmup_lr <= 1:
         raise _bad("optim.start_warmup_lr", o.start_warmup_lr, "must be in [0, 1] (a fraction of the peak lr)")
     if o.nesterov and (o.name != "sgd" or o.momentum <= 0):
-        raise _bad("optim.nesterov", o.nesterov, "needs optim.name=sgd and optim.momentum > 0")
+        raise _bad("optim.nesterov", o.nesterov, "needs optim.name=sgd and optim.momentum > 0",
+                   "set optim.nesterov=false, or optim.name=sgd with optim.momentum=0.9")  # fmt: skip
     if o.clip_grad < 0:
         raise _bad("optim.clip_grad", o.clip_grad, "must be >= 0 (0 disables clipping)")
     # train
-    if t.total_steps < 0 or t.epochs < 1 or t.steps_per_epoch < 1:
-        raise _bad("train.total_steps", t.total_steps, "needs total_steps >= 0, epochs >= 1, steps_per_epoch >= 1")
-    if not 0 <= o.warmup_iters < cfg.total_steps:
-        raise _bad("optim.warmup_iters", o.warmup_iters, f"must be in [0, total steps = {cfg.total_steps})")
+    if t.total_steps < 0:
+        raise _bad("train.total_steps", t.total_steps, "must be >= 0 (0: train.epochs x train.steps_per_epoch)")
+    for key in ("epochs", "steps_per_epoch"):
+        if getattr(t, key) < 1:
+            raise _bad(f"train.{key}", getattr(t, key), "must be >= 1", "or set train.total_steps=N (the run's steps)")
+    if o.warmup_iters < 0:
+        raise _bad("optim.warmup_iters", o.warmup_iters, "must be >= 0 (0: no warmup)")
+    if o.warmup_iters >= cfg.total_steps:  # a short run of a recipe with a long warmup: name the override that fixes it
+        raise _bad("optim.warmup_iters", o.warmup_iters, f"must be in [0, total steps = {cfg.total_steps})",
+                   f"set optim.warmup_iters=0 (no warmup) or below {cfg.total_steps}, or raise train.total_steps "
+                   f"above {o.warmup_iters}")  # fmt: skip
     for key in ("log_every", "keep_last", "bn_splits", "monitor_every", "monitor_max_images"):
         if getattr(t, key) < 1:
             raise _bad(f"train.{key}", getattr(t, key), "must be >= 1")
@@ -526,7 +544,9 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
             raise ConfigError(f"world size must be >= 1, got {world_size}")
         per_gpu = batch_per_gpu(cfg, world_size)
         if per_gpu % t.bn_splits:
-            raise _bad("train.bn_splits", t.bn_splits, f"must divide the per-GPU batch ({per_gpu})")
+            fits = max(k for k in range(1, min(t.bn_splits, per_gpu) + 1) if per_gpu % k == 0)
+            fix = f"set train.bn_splits={fits}, or a per-GPU batch it divides (data.batch_size_per_gpu)"
+            raise _bad("train.bn_splits", t.bn_splits, f"must divide the per-GPU batch ({per_gpu})", fix)
 
 
 def batch_per_gpu(cfg: PretrainConfig, world_size: int) -> int:
@@ -577,3 +597,71 @@ def trunk_cfg(model: ModelConfig):
     if set(model.cfg) >= {"depth", "w0", "wa", "wm", "group_w"}:
         return resolve_cfg(dict(model.cfg))
     return resolve_cfg({**resolve_cfg(model.preset).to_dict(), **model.cfg})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resuming a run directory: which keys may differ from the config its checkpoints were trained with
+# ----------------------------------------------------------------------------------------------------------------
+# dotted key -> why a resumed run may change it. These keys extend or observe a run, or say where and how the same
+# computation runs. Every other key changes what is trained (the model, the method and its head, the data, the
+# optimizer, the schedule, the numerics): ``seer.train.rundir`` refuses a resume that changes one, naming it, unless
+# --allow-config-change. The global batch is compared on its own, so its split over the ranks may change.
+RESUME_MAY_CHANGE: dict[str, str] = {
+    "run_dir": "where the run lives (a moved run directory)",
+    "train.total_steps": "the run's length: training longer (the lr schedule is recomputed for the new length)",
+    "train.epochs": "the run's length (when train.total_steps is 0)",
+    "train.steps_per_epoch": "the run's length (when train.total_steps is 0)",
+    "train.log_every": "logging",
+    "train.tensorboard": "logging",
+    "train.monitor_images": "observing: the kNN monitor",
+    "train.monitor_every": "observing: the kNN monitor",
+    "train.monitor_max_images": "observing: the kNN monitor",
+    "train.val_images": "observing: validation",
+    "train.val_every": "observing: validation",
+    "data.record_keys": "observing: the audit of sample keys",
+    "train.ckpt_every_steps": "checkpoint cadence",
+    "train.ckpt_every_minutes": "checkpoint cadence",
+    "train.keep_last": "checkpoint cadence",
+    "data.batch_size_per_gpu": "the split of the global batch over the ranks (the world size: checkpoints reshard)",
+    "data.global_batch_size": "the split of the global batch over the ranks (the world size: checkpoints reshard)",
+    "train.bn_splits": "BatchNorm batches as another world size would split them",
+    "train.sync_bn_group": "BatchNorm groups, which follow the world size",
+    "data.workers": "loader processes (the stream count, not the worker count, fixes the sample order)",
+    "data.streams": "a resumed run keeps the stream count of its checkpoint",
+    "model.activation_checkpointing": "memory against compute, the same result",
+    "train.compile": "speed, the same computation",
+    "train.device": "where the run computes",
+    "train.fsdp.reshard_after_forward": "memory against communication, the same result",
+    "train.fsdp.cpu_offload": "where parameters are kept, the same result",
+    "train.fsdp.shard_unit": "how parameters are sharded, the same result",
+    "train.dist_timeout_minutes": "operations",
+    "train.lock_wait_minutes": "operations",
+    "train.crash_at_step": "testing",
+    "train.min_step_seconds": "testing",
+}
+
+
+def config_differences(saved: dict, cfg: PretrainConfig) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, saved value, cfg's value)`` for each key of ``cfg`` whose value differs from ``saved`` (a
+    config as ``config_to_dict`` writes it, e.g. a checkpoint's), in the tree's order.
+
+    A key ``saved`` lacks (written before the key existed) counts as holding its default in code; keys ``saved``
+    holds that the tree no longer has are ignored (no run can set them).
+    """
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(node: Any, default: Any, old: Any, prefix: str) -> None:
+        old = old if isinstance(old, dict) else {}
+        for f in dataclasses.fields(node):
+            key, value = f"{prefix}{f.name}", getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, getattr(default, f.name), old.get(f.name), f"{key}.")
+                continue
+            before = old.get(f.name, getattr(default, f.name))
+            if isinstance(value, tuple):  # yaml / json give lists
+                value = list(value)
+            if before != value:
+                out.append((key, before, value))
+
+    walk(cfg, PretrainConfig(), saved, "")
+    return out

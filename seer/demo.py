@@ -36,6 +36,7 @@ import yaml
 
 from seer.extras import optional
 from seer.io import OutputDirError, clear_output_dir, mark_output_dir, prepare_output_dir
+from seer.progress import progress
 
 RECIPE = "tiny_cpu"
 OUTPUT_KIND = "demo"  # the output marker's kind: a directory holding only a demo's output is replaced by the next
@@ -148,15 +149,30 @@ def raw_pixels(files: Sequence[str | os.PathLike]) -> np.ndarray:
 
 def _evaluate(train: np.ndarray, y_train: np.ndarray, test: np.ndarray, y_test: np.ndarray, seed: int) -> dict:
     from seer.evaluation import eval_knn, eval_linear
+    from seer.evaluation.knn import DEFAULT_KS
 
-    ks = tuple(k for k in (10, 20, 100, 200) if k <= len(train))  # a small --train has fewer neighbours
-    knn = eval_knn(train, y_train, test, y_test, ks=ks, temperature=0.07)
-    linear = eval_linear(train, y_train, test, y_test, epochs=30, seed=seed)
+    ks = tuple(k for k in DEFAULT_KS if k <= len(train))  # a small --train has fewer neighbours (k=20 is kept)
+    # progress=None: the search's and the probe's progress (rate, ETA) when they are long enough to need it
+    knn = eval_knn(train, y_train, test, y_test, ks=ks, temperature=0.07, progress=None)
+    linear = eval_linear(train, y_train, test, y_test, epochs=30, seed=seed, progress=None)
     return {"scores": {METRICS[0]: knn["top1"][20], METRICS[1]: linear["top1"]}, "knn": knn, "linear": linear}
 
 
 def _stats(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": [float(v) for v in values]}
+
+
+def _cell(stats: dict) -> str:
+    """An accuracy in the report: ``mean ± std%`` over several values; one value alone, with no spread (a single
+    seed, or the deterministic raw pixels, measures none: "± 0.0" would claim a spread of zero)."""
+    if len(stats["values"]) > 1:
+        return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}%"
+    return f"{100 * stats['mean']:.1f}%"
+
+
+def _over_seeds(n: int) -> str:
+    """What the accuracies are, in words: ``mean ± std over 3 seeds`` or ``one seed, no spread``."""
+    return f"mean ± std over {n} seeds" if n > 1 else "one seed, no spread"
 
 
 def _criteria(table: dict) -> dict:
@@ -299,11 +315,12 @@ def run_demo(out: str | Path = "runs/demo", *, task: str = "digits", n_train: in
         timings["features"] += time.perf_counter() - t
 
         t = time.perf_counter()
-        for name in runs:
-            if name == "raw pixels" and runs[name]:  # deterministic: scored once
-                continue
-            f_train, f_test = feats[name]
-            runs[name].append(_evaluate(f_train, y_train, f_test, y_test, seed=seed))
+        todo = [name for name in runs if not (name == "raw pixels" and runs[name])]  # raw pixels: scored once
+        with progress(len(todo), f"seed {seed}: kNN and linear probe", "feature set") as bar:
+            for name in todo:
+                f_train, f_test = feats[name]
+                runs[name].append(_evaluate(f_train, y_train, f_test, y_test, seed=seed))
+                bar.update(1)
         timings["evaluate"] += time.perf_counter() - t
         metrics[seed] = {name: _read_metrics(d / "metrics.jsonl") for name, d in trained.items()}
         _log(f"seed {seed}: kNN top-1 " + ", ".join(f"{name} {100 * runs[name][-1]['scores'][METRICS[0]]:.1f}%"
@@ -343,7 +360,7 @@ def run_demo(out: str | Path = "runs/demo", *, task: str = "digits", n_train: in
     _plot(out, metrics, table)
     (out / "report.md").write_text(_report(results, metrics))
     knn = {name: table[name][METRICS[0]] for name in table}
-    _log("kNN top-1: " + ", ".join(f"{n} {100 * v['mean']:.1f} ± {100 * v['std']:.1f}%" for n, v in knn.items()))
+    _log(f"kNN top-1 ({_over_seeds(len(seeds))}): " + ", ".join(f"{n} {_cell(v)}" for n, v in knn.items()))
     _log("criteria: " + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in criteria["passed"].items()))
     _log(f"report: {out / 'report.md'} (+ accuracy.png, loss.png, results.json) in {timings['total']:.0f} s")
     return results
@@ -392,15 +409,17 @@ def _plot(out: Path, metrics: dict, table: dict) -> None:
     for i, name in enumerate(names):
         x = np.arange(len(METRICS)) + (i - (len(names) - 1) / 2) * width
         means = [100 * table[name][m]["mean"] for m in METRICS]
-        stds = [100 * table[name][m]["std"] for m in METRICS]
-        bars = ax.bar(x, means, width, yerr=stds, capsize=3, label=name)
-        ax.bar_label(bars, labels=[f"{m:.1f}±{s:.1f}" for m, s in zip(means, stds)], fontsize=7, padding=2)
+        spread = [len(table[name][m]["values"]) > 1 for m in METRICS]  # one value: no error bar, no "± 0.0"
+        stds = [100 * table[name][m]["std"] if s else 0.0 for m, s in zip(METRICS, spread)]
+        bars = ax.bar(x, means, width, yerr=stds, capsize=3 * any(spread), label=name)
+        labels = [f"{m:.1f}±{sd:.1f}" if s else f"{m:.1f}" for m, sd, s in zip(means, stds, spread)]
+        ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
         for j, m in enumerate(METRICS):  # every seed as a dot: the spread behind the error bar
             vals = [100 * v for v in table[name][m]["values"]]
             ax.scatter(np.full(len(vals), x[j]), vals, s=8, color="black", zorder=3)
     ax.set_xticks(np.arange(len(METRICS)), METRICS)
     n_seeds = max(len(table[n][METRICS[0]]["values"]) for n in names)
-    title = f"Frozen features on the test split (mean ± std, {n_seeds} seeds)"
+    title = f"Frozen features on the test split ({_over_seeds(n_seeds)})"
     ax.set(ylabel="accuracy (%)", ylim=(0, 105), title=title)
     ax.legend(fontsize=8, ncol=2, loc="lower right")
     fig.tight_layout()
@@ -411,7 +430,6 @@ def _plot(out: Path, metrics: dict, table: dict) -> None:
 def _report(results: dict, metrics: dict) -> str:
     s, tm, tab, crit = results["settings"], results["timings_s"], results["table"], results["criteria"]
     p = s["pretrain_config"]
-    cell = lambda v: f"{100 * v['mean']:.1f} ± {100 * v['std']:.1f}%"  # noqa: E731
     seeds = ", ".join(map(str, s["seeds"]))
     spread = "" if len(s["seeds"]) > 1 else " One seed only: no spread is measured (`--seeds 0 1 2` measures it)."
     losses = [runs["SwAV pretrained"] for runs in metrics.values()]
@@ -424,11 +442,11 @@ def _report(results: dict, metrics: dict) -> str:
         f"{s['world_size']} process(es), seeds {seeds}. Frozen avgpool features are scored by kNN and a linear probe "
         f"on {s['n_test']} held-out test images.{spread}",
         "",
-        "## Accuracy (test split, mean ± std over seeds)",
+        f"## Accuracy (test split, {_over_seeds(len(s['seeds']))})",
         "",
         "| features | " + " | ".join(METRICS) + " |",
         "|---|" + "---|" * len(METRICS),
-        *[f"| {name} | " + " | ".join(cell(row[m]) for m in METRICS) + " |" for name, row in tab.items()],
+        *[f"| {name} | " + " | ".join(_cell(row[m]) for m in METRICS) + " |" for name, row in tab.items()],
         "",
         f"**kNN top-1 margin of the pretrained trunk over random init: {crit['knn_margin_over_random_points']:+.1f} "
         f"points; over raw pixels: {crit['knn_margin_over_raw_pixels_points']:+.1f} points"
@@ -497,6 +515,8 @@ def cli_main(argv: list[str]) -> int:
     parser.add_argument("--test", type=int, default=500, help="test images")
     parser.add_argument("--no-supervised", action="store_true", help="skip the supervised ceiling")
     args = parser.parse_args(argv)
+    if args.train < 20 or args.test < 1:  # run_demo's own check names its arguments; here, the flags
+        parser.error(f"needs --train >= 20 (kNN at k=20) and --test >= 1, got --train {args.train} --test {args.test}")
     try:
         run_demo(args.out, task=args.task, n_train=args.train, n_test=args.test, steps=args.steps, seeds=args.seeds,
                  world_size=args.world_size, supervised=not args.no_supervised)  # fmt: skip

@@ -10,6 +10,10 @@ the functions here, so one place decides and tests can force each answer:
 
 oneDNN's own limit ``ONEDNN_MAX_CPU_ISA=AVX2`` (with ``ATEN_CPU_CAPABILITY=avx2``) makes a bigger CPU behave like
 an AVX2-only one for real, which is how the suite checks the AVX2 branch on any machine.
+
+``resolve_device`` is the one place a user's device ("auto", "cpu", "cuda", "cuda:1", a torch.device) becomes a
+``torch.device``: asking for a GPU that is not there fails here, naming the argument and what this machine has,
+rather than deep inside torch with its driver's words.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ __all__ = [
     "cpu_info",
     "cpu_amp_dtype",
     "force",
+    "resolve_device",
+    "cuda_summary",
 ]
 
 _FORCED: dict[str, bool] = {}
@@ -144,3 +150,92 @@ def cpu_info() -> dict:
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch": torch.__version__,
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Devices
+# ----------------------------------------------------------------------------------------------------------------
+_DEVICE_FORMS = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
+def _cuda_build() -> str | None:
+    """The GPU toolkit this torch was built for ("CUDA 12.4", "ROCm 6.1"), or None for a CPU-only build."""
+    if torch.version.cuda:
+        return f"CUDA {torch.version.cuda}"
+    hip = getattr(torch.version, "hip", None)
+    return f"ROCm {hip}" if hip else None
+
+
+def _no_gpu_reason() -> str:
+    """Why ``torch.cuda.is_available()`` is False on a CUDA build: torch's own first sentence when it has one."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # noqa: BLE001 - its message (no driver, driver too old, ...) is the reason we report
+        text = str(exc).split(". ")[0].strip()
+        if text:
+            return text + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+    return "no GPU is visible" + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+
+
+def cuda_summary() -> str:
+    """One line on this torch's GPU support: its build and the GPUs it sees (for ``seer --version`` and errors)."""
+    build = _cuda_build()
+    if build is None:
+        return f"CPU-only build of torch {torch.__version__} (torch.version.cuda is None)"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} built for {build}; no GPU: {_no_gpu_reason()}"
+    n = torch.cuda.device_count()
+    names = sorted({torch.cuda.get_device_name(i) for i in range(n)})
+    return f"torch {torch.__version__} built for {build}; {n} GPU{'s' if n != 1 else ''} visible: {', '.join(names)}"
+
+
+def resolve_device(device: str | int | torch.device | None = "auto", *, what: str = "device") -> torch.device:
+    """The ``torch.device`` a user's ``device`` names, checked against this machine before torch sees it.
+
+    Args:
+        device: "auto" or None (CUDA when a GPU is visible, else the CPU), "cpu", "cuda" (the current GPU),
+            "cuda:N" or N (GPU N), or a ``torch.device``. Other torch device types ("meta", "mps", ...) pass through.
+        what: the argument or config key the value came from, named in the error (``"train.device"``).
+
+    Raises:
+        ValueError: naming ``what`` and the value, when it is not a device, or when it asks for a GPU this machine
+            does not have: a CPU-only torch build, no GPU visible (torch's reason: no driver, CUDA_VISIBLE_DEVICES),
+            or an index beyond the visible GPUs (with how many there are).
+    """
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise ValueError(
+            f"{what}: expected {_DEVICE_FORMS} or a torch.device, got {device!r} ({type(device).__name__})"
+        )
+    if isinstance(device, str):
+        device = device.strip()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:  # torch: "Expected one of cpu, cuda, ... device type at start of ..."
+        raise ValueError(f"{what}={device!r} is not a device: use {_DEVICE_FORMS}") from exc
+    if dev.type == "cuda":
+        build = _cuda_build()
+        if build is None:
+            raise ValueError(
+                f"{what}={device!r}, but this torch ({torch.__version__}) is a CPU-only build (torch.version.cuda is "
+                f"None): use {what}='cpu' or 'auto', or install a CUDA build of torch"
+            )
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{what}={device!r}, but no CUDA GPU is visible to this process ({_no_gpu_reason()}; torch "
+                f"{torch.__version__} built for {build}): use {what}='cpu' or 'auto'"
+            )
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            which = "cuda:0" if n == 1 else f"cuda:0 .. cuda:{n - 1}"
+            where = f"; CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else ""
+            raise ValueError(f"{what}={device!r}, but this process sees {n} CUDA GPU{'s' if n != 1 else ''} "
+                             f"({which}{where})")  # fmt: skip
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError(f"{what}={device!r}, but this machine has no Apple MPS device: use {what}='cpu' or 'auto'")
+    return dev

@@ -149,7 +149,7 @@ def prepare_output_dir(
     overwrite: bool = False,
     sources: Iterable[str | os.PathLike] = (),
     what: str = "output directory",
-    flag: str | None = "--overwrite",
+    flag: str | None = "overwrite=True",
 ) -> str:
     """Check that seer may write output of ``kind`` into the directory ``path``, before any work starts.
 
@@ -158,8 +158,8 @@ def prepare_output_dir(
     replace or clear it) or ``"foreign"`` (other files, accepted only with ``overwrite``: the caller writes its own
     files into it and must not delete anything else). Raises ``OutputDirError`` naming the directory and what it
     holds otherwise, and always when the directory is, or contains, one of ``sources`` (the files the command reads).
-    ``flag`` names the option that gives ``overwrite`` in the message (``None``: the command has none, and the message
-    only asks for another directory). Creates nothing.
+    ``flag`` names the option that gives ``overwrite`` in the message, as the caller spells it (a command passes
+    ``"--overwrite"``; ``None``: it has none, and the message only asks for another directory). Creates nothing.
     """
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():

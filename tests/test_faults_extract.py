@@ -113,7 +113,8 @@ def test_a_directory_of_other_files_is_refused_and_left_intact(trunk, folder, tm
     root, _ = folder
     out = _users_dir(tmp_path / "mine")
     before = _snapshot(out)
-    with pytest.raises(OutputDirError, match=r"files seer did not write.*--overwrite.*labels\.npy.*replaced"):
+    # from Python the message names the argument (the CLI's, below, names --overwrite)
+    with pytest.raises(OutputDirError, match=r"files seer did not write.*overwrite=True.*labels\.npy.*replaced"):
         extract_dataset(root, out, trunk, **OPTS)
     assert _snapshot(out) == before
     assert not (out / "meta.json").exists() and not (out / OUTPUT_MARKER).exists()

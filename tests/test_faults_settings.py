@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -226,6 +227,7 @@ def test_non_finite_weights_stop_the_run_before_the_save(tmp_path: Path, monkeyp
     from seer.train.loop import pretrain
 
     _poison_after_step(monkeypatch, 2)
+    monkeypatch.setenv("SEER_PROGRESS", "0")  # stderr holds the error line alone (no progress lines)
     run = tmp_path / "run"
     argv = [*small, f"run_dir={run}", "train.total_steps=3", "train.ckpt_every_steps=1"]
     with pytest.raises(FloatingPointError) as info:
@@ -439,7 +441,8 @@ def test_non_finite_shard_on_one_rank_stops_every_rank(tmp_path: Path, small) ->
         ("swav.n_prototypes=48", "head.prototypes"),
     ],
 )
-def test_resuming_with_another_architecture_is_not_called_corrupt(run_dir, tmp_path, capsys, small, change, key):
+def test_resuming_with_another_architecture_is_not_called_corrupt(run_dir, tmp_path, capsys, monkeypatch, small,
+                                                                   change, key):  # fmt: skip
     from seer.cli import main
     from seer.train.loop import pretrain
 
@@ -447,15 +450,21 @@ def test_resuming_with_another_architecture_is_not_called_corrupt(run_dir, tmp_p
     shutil.copytree(run_dir, run)
     ckpt = latest_checkpoint(run)
     argv = [*small, f"run_dir={run}", "train.total_steps=3", change]
-    with pytest.raises(ValueError) as info:
+    # The run directory's config check refuses the change first, naming the key (tests/test_run_dir_config.py);
+    # past it (--allow-config-change), the checkpoint itself says it holds another model.
+    with pytest.raises(ValueError, match=re.escape(change.split("=")[0])) as info:
         pretrain(load_config(None, argv))
+    assert type(info.value).__name__ == "RunDirConfigError"
+    with pytest.raises(ValueError) as info:
+        pretrain(load_config(None, argv), allow_config_change=True)
     msg = str(info.value)
     assert "corrupt" not in msg and "truncated" not in msg, msg
     assert type(info.value).__name__ == "CheckpointMismatchError"  # its own class (a ValueError: CLI exit 1)
     assert str(ckpt) in msg and "intact" in msg and "another model" in msg, msg
     assert f"'{key}" in msg and "in the checkpoint" in msg and "this run's model" in msg, msg
     assert "new run_dir" in msg and "meta.json" in msg, msg
-    assert main(["pretrain", *argv]) == 1
+    monkeypatch.setenv("SEER_PROGRESS", "0")  # stderr holds the error line alone (no progress lines)
+    assert main(["pretrain", *argv, "--allow-config-change"]) == 1
     err = capsys.readouterr().err
     assert "intact" in err and "corrupt" not in err and err.count("\n") == 1, err
     assert [p.name for p in list_checkpoints(run)] == ["step_00000001", "step_00000002"]
@@ -556,6 +565,7 @@ def test_disk_full_while_writing_meta_json_is_a_clear_error(tmp_path: Path, monk
         return real_open(file, mode, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setenv("SEER_PROGRESS", "0")  # stderr holds the error line alone (no progress lines)
     run = tmp_path / "run"
     argv = [*small, f"run_dir={run}", "train.total_steps=4", "train.ckpt_every_steps=2"]
     with pytest.raises(OSError) as info:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from seer.hardware import resolve_device
+
 __all__ = [
     "DistEnv",
     "init_distributed",
@@ -185,21 +187,24 @@ def init_distributed(backend: str | None = None, timeout_minutes: float = 30.0, 
     Args:
         backend: force "nccl" or "gloo"; default NCCL on CUDA, gloo on CPU.
         timeout_minutes: collective timeout.
-        device: "auto" (CUDA if available), "cpu" or "cuda".
+        device: "auto" (CUDA if available), "cpu" or "cuda" (a lone process may name its GPU: "cuda:1"; the ranks
+            of a job take GPU ``local_rank``).
 
     Raises:
-        ValueError: ``timeout_minutes`` is not a finite number of minutes > 0 (checked first, on every launcher).
+        ValueError: ``timeout_minutes`` is not a finite number of minutes > 0 (checked first, on every launcher);
+            ``device`` is not a device, or asks for a GPU this machine lacks (``seer.hardware.resolve_device``).
     """
     try:
         timeout = collective_timeout(timeout_minutes)
     except ValueError as exc:
         raise ValueError(f"timeout_minutes (train.dist_timeout_minutes): {exc}") from None
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but CUDA is not available")
+    requested = resolve_device(device, what="train.device")
+    if requested.type not in ("cpu", "cuda"):
+        raise ValueError(f"train.device={device!r}: training runs on 'cpu' or 'cuda' (or 'auto'), not {requested.type}")
+    use_cuda = requested.type == "cuda"
     info = detect_launcher()
     if info is None or info["world_size"] == 1 and not dist.is_initialized() and info["launcher"] != "torchrun":
-        dev = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        dev = torch.device("cuda", requested.index or 0) if use_cuda else torch.device("cpu")
         if use_cuda:
             torch.cuda.set_device(dev)
         return DistEnv(0, 1, 0, dev, None)

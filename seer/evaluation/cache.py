@@ -92,11 +92,12 @@ def split_features(
     num_workers: int,
     device: torch.device | str,
     pixel_size: int = 16,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Features of one split, extracted into ``cache`` unless already there: ``({layer: [N, D]}, labels)``.
 
-    ``model=None`` (or a ``PixelBaseline``) is the raw-pixel baseline: one layer, ``"pixels"``.
+    ``model=None`` (or a ``PixelBaseline``) is the raw-pixel baseline: one layer, ``"pixels"``. ``progress``: the
+    extraction's (``seer.progress``; ``None``: for 512 images or more).
     """
     from seer.features import extract_dataset
 

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 
 from seer.extras import require
+from seer.hardware import resolve_device
+from seer.logs import configure_logging
 
 __all__ = [
     "eval_knn",
@@ -57,6 +59,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "faiss")
+DEFAULT_KS = (10, 20, 100, 200)  # DINO's
 MERGE_THREADS: int | None = None  # torch threads of the top-k bookkeeping (None: 1 on CPUs with <= 4 threads)
 BACKEND_ENV = "SEER_KNN_BACKEND"  # "torch" or "faiss": what backend="auto" uses, without probing
 # The probe of backend="auto": the DINO protocol's largest default k on a small random bank, best of a few runs.
@@ -64,6 +67,7 @@ PROBE_TRAIN, PROBE_TEST, PROBE_MAX_DIM, PROBE_K, PROBE_REPEATS = 8192, 256, 512,
 # Searches with fewer train x test pairs than this take under ~2 s: a 0.6 s probe costs more than the faster backend
 # (at most 1.7x) could save, so they run torch unless a probe has already been paid for in this process.
 PROBE_MIN_PAIRS = 10**8
+PROGRESS_MIN_PAIRS = 10**8  # progress=None shows a search's progress from this size on (about 2 s on 2 CPU cores)
 _BACKEND_CACHE: dict[tuple[str, int], tuple[str, dict[str, Any]]] = {}  # (device type, torch threads) -> choice
 
 
@@ -224,9 +228,7 @@ def _prepare(t: torch.Tensor, normalize: bool, name: str, offset: int) -> torch.
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return resolve_device(device, what="device")  # None / "auto": CUDA when a GPU is visible
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -297,7 +299,7 @@ def _search_torch(
     train_chunk: int,
     test_chunk: int,
     device: torch.device,
-    progress: bool,
+    progress: bool | None,
 ):
     nt = test.shape[0]
     run_v = torch.full((nt, k), -math.inf, device=device)
@@ -306,7 +308,7 @@ def _search_torch(
     # The first chunk needs a full top-k per row; later ones only merge the few entries above the running k-th
     # best. Growing the chunks from a small first one keeps that full top-k cheap while the threshold tightens.
     chunks = _prefetch(bank.chunks(train_chunk, first=max(2048, 4 * k)), load)
-    bar = _bar(progress, bank.n, "kNN search")
+    bar = _bar(progress, bank.n, "kNN search", bank.n * nt)
     threads = torch.get_num_threads()
     # The top-k bookkeeping is a string of small ops. On few-core CPUs their intra-op threads mostly wait on each
     # other (badly so when other processes share the cores: measured 4-5x slower on 2 busy cores than one thread),
@@ -336,7 +338,7 @@ def _search_torch(
 
 
 def _search_faiss(
-    bank: _Bank, test: torch.Tensor, k: int, normalize: bool, train_chunk: int, use_gpu: bool, progress: bool
+    bank: _Bank, test: torch.Tensor, k: int, normalize: bool, train_chunk: int, use_gpu: bool, progress: bool | None
 ):
     faiss = require("faiss", 'backend="faiss"')
 
@@ -345,7 +347,7 @@ def _search_faiss(
     run_v = torch.full((nt, k), -math.inf)
     run_i = torch.full((nt, k), -1, dtype=torch.long)
     res = faiss.StandardGpuResources() if use_gpu else None
-    bar = _bar(progress, bank.n, "kNN search (faiss)")
+    bar = _bar(progress, bank.n, "kNN search (faiss)", bank.n * nt)
     for offset, raw in bank.chunks(train_chunk):
         tr = _prepare(_to_tensor32(raw, torch.device("cpu")), normalize, bank.name, offset).numpy()
         index = faiss.GpuIndexFlatIP(res, d) if use_gpu else faiss.IndexFlatIP(d)
@@ -407,7 +409,8 @@ def pick_backend(device: str | torch.device | None = "cpu", dim: int = PROBE_MAX
     threads); the first call's ``dim`` sizes it. ``clear_backend_cache()`` forgets it. A search of fewer than
     ``PROBE_MIN_PAIRS`` train x test ``pairs`` does not start a probe (it gets "torch", or an answer already cached).
     """
-    dev = _resolve_device(device)
+    # only the device's type matters to this choice: naming a GPU needs none (the search itself checks it)
+    dev = _resolve_device(device) if device in (None, "auto") else torch.device(device)
     forced = os.environ.get(BACKEND_ENV, "").strip().lower()
     if forced and forced != "auto":
         if forced not in ("torch", "faiss"):
@@ -435,12 +438,14 @@ def clear_backend_cache() -> None:
     _BACKEND_CACHE.clear()
 
 
-def _bar(progress: bool, total: int, desc: str):
-    if not progress:
-        return None
-    from tqdm.auto import tqdm
+def _bar(progress: bool | None, total: int, desc: str, pairs: int):
+    """The search's progress (``seer.progress``: rate and ETA), in train rows. ``progress=None`` shows it for searches
+    of ``PROGRESS_MIN_PAIRS`` train x test pairs or more (a few seconds and up): a bar per small search (a few-shot
+    try, a layer of a small suite) would be noise."""
+    from seer.progress import progress as _progress
 
-    return tqdm(total=total, desc=desc, unit="row", unit_scale=True, leave=False)
+    show = progress if progress is not None else pairs >= PROGRESS_MIN_PAIRS
+    return _progress(total, desc, "row", enabled=show) if show else None
 
 
 def knn_search(
@@ -453,7 +458,7 @@ def knn_search(
     device: str | torch.device | None = None,
     train_chunk_size: int = 16384,
     test_chunk_size: int = 512,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k inner-product search (cosine when ``normalize``): returns sorted ``(similarities, indices)``.
 
@@ -533,7 +538,7 @@ def eval_knn(
     test_features: Any,
     test_labels: Any,
     *,
-    ks: Sequence[int] = (10, 20, 100, 200),
+    ks: Sequence[int] = DEFAULT_KS,
     temperature: float = 0.07,
     normalize: bool = True,
     backend: str = "auto",
@@ -546,7 +551,7 @@ def eval_knn(
     test_chunk_size: int = 512,
     metadata: Mapping[str, Any] | None = None,
     return_predictions: bool = False,
-    progress: bool = False,
+    progress: bool | None = False,
 ) -> dict:
     """Weighted kNN top-1/top-5 (DINO protocol) for every k in ``ks`` from one exact search at ``max(ks)``.
 
@@ -569,6 +574,8 @@ def eval_knn(
             ``n_tries`` times with seeds ``seed .. seed + n_tries - 1``; accuracies are averaged over tries.
         metadata: caller's settings recorded in the result (layer, resolution, checkpoint, dataset ...).
         return_predictions: add ``predictions[k]`` = [M, 5] top-5 class labels (-1 where fewer classes voted).
+        progress: show the search's progress on stderr (``seer.progress``: rows, rate, ETA); ``None``: only for
+            searches of ``PROGRESS_MIN_PAIRS`` train x test pairs or more.
 
     Returns:
         ``{"top1": {k: acc}, "top5": {k: acc}, "settings": {...}, "metadata": {...}, "timing": {...}}``;
@@ -772,6 +779,23 @@ def _cli_inputs(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple:
     return xtr, ytr, xte, yte, meta
 
 
+def _cli_ks(p: argparse.ArgumentParser, ks: list[int] | None, n_train: int, accepted: bool) -> list[int]:
+    """`seer knn`'s ks: the defaults above the train bank's size are left out with a one-line note (every default
+    above it: the bank's size instead); ks given with ``--ks`` above it are an error naming the flags, unless
+    ``accepted`` (``--clamp-k``, or few-shot, whose banks are small: ``eval_knn`` clamps and records them)."""
+    if ks is None:
+        kept = [k for k in DEFAULT_KS if k <= n_train] or [n_train]
+        if kept != list(DEFAULT_KS):
+            print(f"seer knn: note: the train bank has {n_train} samples: k = {' '.join(map(str, kept))} instead of "
+                  f"the default {' '.join(map(str, DEFAULT_KS))} (--ks chooses)", file=sys.stderr)  # fmt: skip
+        return kept
+    big = sorted({k for k in ks if k > n_train})
+    if big and not accepted:
+        p.error(f"--ks {' '.join(map(str, big))}: larger than the train bank ({n_train} samples); pass smaller --ks, "
+                "or --clamp-k to clamp them to the bank size")  # fmt: skip
+    return ks
+
+
 def cli_main(argv: list[str] | None = None) -> int:
     """`seer knn`: weighted kNN on feature files written by `seer extract`; writes the result as JSON."""
     p = argparse.ArgumentParser(prog="seer knn", description=cli_main.__doc__)
@@ -779,12 +803,14 @@ def cli_main(argv: list[str] | None = None) -> int:
     p.add_argument("--test", required=True, help="test features file")
     p.add_argument("--train-labels", default=None, help="labels .npy when the features file has none")
     p.add_argument("--test-labels", default=None, help="labels .npy when the features file has none")
-    p.add_argument("--ks", type=int, nargs="+", default=[10, 20, 100, 200])
+    p.add_argument("--ks", type=int, nargs="+", default=None,
+                   help=f"numbers of neighbours (default: {' '.join(map(str, DEFAULT_KS))}, those above the train "
+                   "bank's size left out with a note)")  # fmt: skip
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--no-normalize", action="store_true", help="raw inner products instead of cosine")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--device", default=None)
-    p.add_argument("--clamp-k", action="store_true", help="clamp k to the bank size instead of failing")
+    p.add_argument("--clamp-k", action="store_true", help="clamp a --ks value above the bank size instead of failing")
     p.add_argument("--n-per-class", type=int, default=None, help="few-shot: train samples per class")
     p.add_argument("--tries", type=int, default=5, help="few-shot: seeded tries averaged")
     p.add_argument("--seed", type=int, default=0)
@@ -798,14 +824,15 @@ def cli_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default=None, help="JSON output path (default: print only)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging()
     xtr, ytr, xte, yte, meta = _cli_inputs(p, args)
+    ks = _cli_ks(p, args.ks, len(ytr), args.clamp_k or args.n_per_class is not None)
     res = eval_knn(
         xtr,
         ytr,
         xte,
         yte,
-        ks=args.ks,
+        ks=ks,
         temperature=args.temperature,
         normalize=not args.no_normalize,
         backend=args.backend,
@@ -816,7 +843,7 @@ def cli_main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         train_chunk_size=args.train_chunk_size,
         metadata=meta,
-        progress=sys.stderr.isatty(),
+        progress=True,
     )
     for k in res["settings"]["ks"]:
         print(f"k={k:<4d} top1 {100 * res['top1'][k]:6.2f}  top5 {100 * res['top5'][k]:6.2f}")

@@ -26,7 +26,10 @@
       - {name: linear, lrs: [0.01, 0.1, 1.0], head_types: [linear, bn], epochs: 30}
       - {name: logreg, Cs: [0.1, 1, 10], n_per_class: 5, label: logreg-5shot}
 
-``${VAR}`` placeholders come from ``--set VAR=VALUE`` or the environment; a missing one is an error naming it.
+``${VAR}`` placeholders come from ``--set VAR=VALUE`` or the environment (names are case-sensitive); a missing one,
+and a ``--set`` the suite does not use, are errors naming them. ``--checkpoint NAME=PATH`` (repeatable) replaces a
+checkpoint entry whose source is only a placeholder (the shipped suites' ``source: ${SEER_CHECKPOINT}``) unless a
+``--set`` fills it, and an entry named ``NAME``; it is added to the others.
 Features are extracted with ``seer.features.extract_dataset`` into ``OUT/features/<checkpoint>/<dataset>/<split>/
 <layer>/`` (``seer.evaluation.cache``) and reused by every protocol and by a re-run; generated datasets are written
 to ``OUT/data``. Each protocol's full result (every setting) is stored in ``OUT/results.json``.
@@ -66,6 +69,7 @@ from seer.io import (
     mark_output_dir,
     prepare_output_dir,
 )
+from seer.logs import configure_logging
 
 __all__ = [
     "PROTOCOLS",
@@ -111,11 +115,14 @@ class SuiteError(ValueError):
     """A suite file is invalid: the message names the file, the entry and the problem."""
 
 
-def _expand(value: Any, variables: Mapping[str, str], missing: set[str]) -> Any:
+def _expand(value: Any, variables: Mapping[str, str], missing: set[str], used: set[str]) -> Any:
+    """``value`` with every ``${VAR}`` replaced (``variables`` first, then the environment); the names found go to
+    ``used``, the ones neither gives to ``missing``."""
     if isinstance(value, str):
 
         def sub(m: re.Match) -> str:
             name = m.group(1)
+            used.add(name)
             if name in variables:
                 return variables[name]
             if name in os.environ:
@@ -125,10 +132,82 @@ def _expand(value: Any, variables: Mapping[str, str], missing: set[str]) -> Any:
 
         return _VAR.sub(sub, value)
     if isinstance(value, list):
-        return [_expand(v, variables, missing) for v in value]
+        return [_expand(v, variables, missing, used) for v in value]
     if isinstance(value, dict):
-        return {k: _expand(v, variables, missing) for k, v in value.items()}
+        return {k: _expand(v, variables, missing, used) for k, v in value.items()}
     return value
+
+
+def _placeholder_source(entry: Any) -> str | None:
+    """``VAR`` when a checkpoint entry's ``source`` is a ``${VAR}`` placeholder and nothing else."""
+    source = entry.get("source") if isinstance(entry, dict) else None
+    match = _VAR.fullmatch(source) if isinstance(source, str) else None
+    return match.group(1) if match else None
+
+
+def _add_checkpoints(listed: Any, extra: list, variables: Mapping[str, str]) -> Any:
+    """The suite's checkpoints with ``--checkpoint`` entries (``NAME=PATH`` strings or ``{name, source}`` dicts).
+
+    An entry whose source is only a placeholder no ``--set`` fills (``source: ${SEER_CHECKPOINT}``: "the checkpoint
+    you evaluate") is replaced by them; an entry of the same name is replaced; the others stay, the new ones follow.
+    """
+    if not extra:
+        return listed
+    entries = []
+    for spec in extra:
+        if isinstance(spec, Mapping):
+            entries.append(dict(spec))
+            continue
+        name, sep, source = str(spec).partition("=")
+        if not sep or not name or not source:
+            raise SuiteError(f"--checkpoint expects NAME=PATH, got {spec!r}")
+        entries.append({"name": name, "source": source})
+    names = {e["name"] for e in entries}
+    kept = [
+        c
+        for c in (listed if isinstance(listed, list) else [])
+        if not (isinstance(c, dict) and (c.get("name") in names or _placeholder_source(c) not in (None, *variables)))
+    ]
+    return kept + entries
+
+
+def _close(name: str, candidates: list[str]) -> str | None:
+    """The candidate ``name`` was probably meant as: the same letters in another case first, else a close spelling."""
+    same = [c for c in candidates if c.lower() == name.lower()]
+    if same:
+        return same[0]
+    import difflib
+
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.7)
+    return close[0] if close else None
+
+
+def _missing_message(path: Path, missing: list[str], slots: set[str], variables: Mapping[str, str]) -> str:
+    fills = []
+    for name in missing:
+        fill = f"--set {name}=..."
+        if name in slots:  # the suite's "your checkpoint" entry: --checkpoint NAME=PATH replaces it
+            fill += " (or --checkpoint NAME=PATH)"
+        fills.append(fill)
+    text = (f"{path}: {', '.join('${' + n + '}' for n in missing)} not set: pass {' '.join(fills)}, or export "
+            f"{'it as an environment variable' if len(missing) == 1 else 'them as environment variables'}")  # fmt: skip
+    for name in missing:
+        given = _close(name, list(variables))
+        if given is not None:
+            case = " (placeholder names are case-sensitive)" if given.lower() == name.lower() else ""
+            text += f"; --set {given}=... does not fill ${{{name}}}{case}: did you mean --set {name}=...?"
+    return text
+
+
+def _unused_message(path: Path, unused: list[str], used: list[str]) -> str:
+    has = f"its placeholders: {', '.join(used)}" if used else "it has no placeholders"
+    text = f"{path}: --set {', '.join(unused)}: no such ${{VAR}} placeholder in the suite ({has})"
+    for name in unused:
+        meant = _close(name, used)
+        if meant is not None:
+            case = " (placeholder names are case-sensitive)" if meant.lower() == name.lower() else ""
+            text += f"; did you mean --set {meant}=...{case}?"
+    return text
 
 
 def parse_variables(items: list[str]) -> dict[str, str]:
@@ -151,7 +230,13 @@ def load_suite(
     path: str | os.PathLike, variables: Mapping[str, str] | None = None, extra_checkpoints: list[str] | None = None
 ) -> dict:
     """Read and validate a suite (a shipped suite's name or a yaml file), expanding ``${VAR}`` placeholders
-    (``variables`` first, then the environment); ``extra_checkpoints`` are ``NAME=PATH`` entries added to it."""
+    (``variables`` first, then the environment).
+
+    ``extra_checkpoints`` (``--checkpoint NAME=PATH``, or ``{"name", "source"}`` dicts) replace the suite's
+    placeholder checkpoint (``source: ${SEER_CHECKPOINT}``) unless ``variables`` fills it, and any entry of the same
+    name; others are added. A placeholder left unset, and a variable the suite never uses, are ``SuiteError``s naming
+    them and the ``--set`` meant (``imagenet_dir`` for ``IMAGENET_DIR``: names are case-sensitive).
+    """
     import yaml
 
     from seer.catalog import RecipeNotFoundError, resolve
@@ -169,22 +254,17 @@ def load_suite(
     unknown = set(suite) - _TOP_KEYS
     if unknown:
         raise SuiteError(f"{path}: unknown top-level keys {sorted(unknown)}")
-    for spec in extra_checkpoints or []:
-        name, sep, source = spec.partition("=")
-        if not sep:
-            raise SuiteError(f"--checkpoint expects NAME=PATH, got {spec!r}")
-        suite.setdefault("checkpoints", [])
-        suite["checkpoints"] = [c for c in suite["checkpoints"] if c.get("name") != name] + [
-            {"name": name, "source": source}
-        ]
+    variables = dict(variables or {})
+    slots = {v for v in map(_placeholder_source, suite.get("checkpoints") or []) if v}  # ${SEER_CHECKPOINT}
+    suite["checkpoints"] = _add_checkpoints(suite.get("checkpoints"), extra_checkpoints or [], variables)
     missing: set[str] = set()
-    suite = _expand(suite, dict(variables or {}), missing)
+    used: set[str] = set()
+    suite = _expand(suite, variables, missing, used)
     if missing:
-        names = ", ".join(sorted(missing))
-        raise SuiteError(
-            f"{path} needs {names}: set the environment variable(s) or pass "
-            + " ".join(f"--set {n}=..." for n in sorted(missing))
-        )
+        raise SuiteError(_missing_message(path, sorted(missing), slots, variables))
+    unused = sorted(set(variables) - used)
+    if unused:
+        raise SuiteError(_unused_message(path, unused, sorted(used)))
     suite.setdefault("name", path.stem)
     suite.setdefault("features", {})
     for key in ("checkpoints", "datasets", "protocols"):
@@ -273,13 +353,12 @@ def generate_dataset(spec: Mapping[str, Any], root: Path, seed: int = 0) -> tupl
 # One (checkpoint, dataset): features and the settings recorded with every result
 # ----------------------------------------------------------------------------------------------------------------
 def suite_device(suite: Mapping[str, Any]):
-    """The suite's ``features.device`` as a torch device (``auto``: CUDA when available)."""
-    import torch
+    """The suite's ``features.device`` as a torch device (``auto``: CUDA when available); ValueError naming the
+    suite's key when it asks for a GPU this machine lacks (``seer.hardware.resolve_device``)."""
+    from seer.hardware import resolve_device
 
-    name = suite["features"].get("device", "auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    where = f"suite {suite['name']!r}: features.device" if "name" in suite else "features.device"
+    return resolve_device(suite["features"].get("device", "auto"), what=where)
 
 
 def _resolution(suite: Mapping[str, Any], ds: Mapping[str, Any]) -> tuple[int, float | None]:
@@ -287,8 +366,11 @@ def _resolution(suite: Mapping[str, Any], ds: Mapping[str, Any]) -> tuple[int, f
     return int(ds.get("resolution", fcfg.get("resolution", 224))), ds.get("crop_pct", fcfg.get("crop_pct"))
 
 
-def split_kwargs(suite: Mapping[str, Any], ckpt: Mapping[str, Any], ds: Mapping[str, Any], *, progress: bool = False):
-    """The keyword arguments of ``seer.evaluation.cache.split_features`` for one checkpoint on one dataset."""
+def split_kwargs(suite: Mapping[str, Any], ckpt: Mapping[str, Any], ds: Mapping[str, Any], *,
+                 progress: bool | None = False):  # fmt: skip
+    """The keyword arguments of ``seer.evaluation.cache.split_features`` for one checkpoint on one dataset
+    (``progress``: the extraction's, ``None`` for splits of 512 images or more; ``features.num_workers`` capped at
+    the CPUs this process may use)."""
     fcfg = suite["features"]
     resolution, crop_pct = _resolution(suite, ds)
     return {
@@ -296,11 +378,17 @@ def split_kwargs(suite: Mapping[str, Any], ckpt: Mapping[str, Any], ds: Mapping[
         "resolution": resolution,
         "crop_pct": crop_pct,
         "batch_size": int(fcfg.get("batch_size", 64)),
-        "num_workers": int(fcfg.get("num_workers", 0)),
+        # at most one decoding process per CPU this process may use: the shipped suites ask for 8 (a GPU node's
+        # share); on a 2-core machine 8 only compete with the model (torch warns, and it runs slower)
+        "num_workers": min(int(fcfg.get("num_workers", 0)), _cpus()),
         "device": suite_device(suite),
         "pixel_size": int(ckpt.get("size", 16)),
         "progress": progress,
     }
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def feature_cache(out: str | os.PathLike, ckpt_name: str, ds_name: str, split: str) -> Path:
@@ -331,11 +419,14 @@ def run_protocol(
     yte: np.ndarray,
     meta: dict,
     device: str,
+    *,
+    progress: bool | None = False,
 ) -> list[dict]:
     """One protocol entry on cached features -> result dicts (one per layer for kNN).
 
     ``n_per_class`` / ``n_tries`` make a probe few-shot: it is trained on ``n_per_class`` samples of every class
     drawn with seeds ``0 .. n_tries - 1`` (the rows kNN's own few-shot mode draws) and the accuracies averaged.
+    ``progress`` is passed to ``eval_knn`` / ``eval_linear`` (``None``: shown for long searches and grids only).
     """
     from seer.evaluation import eval_knn, eval_linear
     from seer.evaluation.knn import _few_shot_rows
@@ -343,9 +434,10 @@ def run_protocol(
     opts = {k: v for k, v in proto.items() if k not in ("name", "label", "layers")}
     layers = [lay for lay in proto.get("layers") or list(train) if lay in train] or list(train)  # pixels: "pixels"
     tag = {"protocol_label": protocol_label(proto)}
+    run = {"device": device, "progress": progress}
     if proto["name"] == "knn":
         return [
-            eval_knn(train[lay], ytr, test[lay], yte, device=device, metadata={**meta, "layer": lay, **tag}, **opts)
+            eval_knn(train[lay], ytr, test[lay], yte, metadata={**meta, "layer": lay, **tag}, **run, **opts)
             for lay in layers
         ]
     n_shot = opts.pop("n_per_class", None)
@@ -356,9 +448,7 @@ def run_protocol(
         rows = _few_shot_rows(ytr, int(n_shot), seed=t) if n_shot else np.arange(len(ytr))
         xs = {lay: train[lay][rows] for lay in layers}
         xte = {lay: test[lay] for lay in layers}
-        tries.append(
-            eval_linear(xs, ytr[rows], xte, yte, method=method, device=device, metadata={**meta, **tag}, **opts)
-        )
+        tries.append(eval_linear(xs, ytr[rows], xte, yte, method=method, metadata={**meta, **tag}, **run, **opts))
     res = tries[0]
     if len(tries) > 1:
         res = dict(res)
@@ -381,11 +471,11 @@ def result_row(res: dict, suite: str) -> dict:
         detail = ", ".join(f"{k}={v}" for k, v in sel.items() if k in ("layer", "head", "lr", "C", "weight_decay"))
         layer = sel["layer"]
     else:
-        k = 20 if 20 in res["top1"] else max(res["top1"])
+        k = _shown_k(res["top1"])
         top1, top5 = res["top1"][k], res["top5"][k]
         detail = "; ".join(f"k={kk}: {100 * v:.1f}" for kk, v in res["top1"].items())
         layer = meta["layer"]
-    return {
+    row = {
         "suite": suite,
         "dataset": meta["dataset"],
         "checkpoint": meta["checkpoint"],
@@ -396,6 +486,35 @@ def result_row(res: dict, suite: str) -> dict:
         "top5": top5,
         "detail": detail,
     }
+    if row["kind"] == "knn":
+        row["k"] = int(k)
+    return row
+
+
+def _shown_k(top1: Mapping[Any, float]) -> Any:
+    """The k of a kNN row: 20 (DINO's headline) when it ran, else the largest k (keys may be JSON strings)."""
+    return next((k for k in top1 if int(k) == 20), max(top1, key=int))
+
+
+def _footer(rows: list[dict]) -> str:
+    """The sentence under the table: which k each kNN protocol's rows show (the ks that ran), what probe rows show."""
+    shown: dict[str, set[str]] = {}
+    for r in rows:
+        if r.get("kind") == "knn" and "k" in r:
+            shown.setdefault(r["protocol"], set()).add(str(r["k"]))
+    parts = []
+    if shown:
+        if len(shown) == 1:
+            ((label, ks),) = shown.items()
+            which = f"k = {', '.join(sorted(ks, key=int))}"
+        else:
+            which = "; ".join(f"{label}: k = {', '.join(sorted(ks, key=int))}" for label, ks in shown.items())
+        parts.append(f"kNN rows show {which} (every k that ran in details).")
+    if any(r.get("kind") == "probe" for r in rows):
+        parts.append("Linear / logreg rows show the head selected on a held-out split of train (a grid of one "
+                     "configuration: that one).")  # fmt: skip
+    parts.append("Every setting is in results.json.")
+    return " ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -418,11 +537,13 @@ def suite_sources(suite: Mapping[str, Any]) -> list[str]:
     return [p for p in paths if p and "://" not in p and Path(p).expanduser().exists()]
 
 
-def check_output_dir(suite: Mapping[str, Any], out: str | os.PathLike, *, overwrite: bool = False) -> str:
+def check_output_dir(suite: Mapping[str, Any], out: str | os.PathLike, *, overwrite: bool = False,
+                     flag: str = "overwrite=True") -> str:  # fmt: skip
     """Check, before any work, that the suite may write into ``out`` (``seer.io.prepare_output_dir``): returns its
-    state, raises ``OutputDirError`` (nothing changed) when it may not."""
+    state, raises ``OutputDirError`` (nothing changed) when it may not. ``flag`` is how the caller gives
+    ``overwrite``, named in the message (a command passes ``"--overwrite"``)."""
     return prepare_output_dir(out, kind=EVAL_OUTPUT_KIND, overwrite=overwrite, sources=suite_sources(suite),
-                              flag="--overwrite")  # fmt: skip
+                              flag=flag)  # fmt: skip
 
 
 def mark_output(out: str | os.PathLike, state: str) -> None:
@@ -438,16 +559,19 @@ def mark_output(out: str | os.PathLike, state: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # The whole suite in one process
 # ----------------------------------------------------------------------------------------------------------------
-def run_suite(suite: dict, out: str | os.PathLike, *, progress: bool = True, overwrite: bool = False) -> dict:
+def run_suite(suite: dict, out: str | os.PathLike, *, progress: bool = True, overwrite: bool = False,
+              flag: str = "overwrite=True") -> dict:  # fmt: skip
     """Run every (checkpoint, dataset, protocol); write results.json, results.md and results.png under ``out``.
 
     ``out``: new, empty, or an earlier suite's output (its cached features are reused); another non-empty directory
-    only with ``overwrite`` (seer's files are added, nothing is removed). Refused: ``seer.io.OutputDirError``.
+    only with ``overwrite`` (seer's files are added, nothing is removed). Refused: ``seer.io.OutputDirError``, whose
+    message names ``flag`` (how the caller gives ``overwrite``). ``progress``: a line per step on stderr, the
+    extraction's progress, and that of the probes long enough to need one (rate and ETA, ``seer.progress``).
     """
     from seer.evaluation.cache import build_model, split_features
 
     out = Path(out)
-    mark_output(out, check_output_dir(suite, out, overwrite=overwrite))
+    mark_output(out, check_output_dir(suite, out, overwrite=overwrite, flag=flag))
     device = suite_device(suite)
     results, rows = [], []
     t0 = time.perf_counter()
@@ -458,16 +582,21 @@ def run_suite(suite: dict, out: str | os.PathLike, *, progress: bool = True, ove
                 train, test = generate_dataset(ds["generate"], out / "data" / ds["name"], int(suite.get("seed", 0)))
                 ds = {**ds, "train": str(train), "test": str(test)}
             kwargs = split_kwargs(suite, ckpt, ds, progress=progress)
-            (xtr, ytr), (xte, yte) = (
-                split_features(model, str(ds[s]), feature_cache(out, ckpt["name"], ds["name"], s), **kwargs)
-                for s in ("train", "test")
-            )
+            layers = ["pixels"] if ckpt.get("kind") == "pixels" else kwargs["layers"]
+            split = {}
+            for s in ("train", "test"):
+                if progress:  # names the extraction whose progress lines follow (one per layer)
+                    print(f"[{time.perf_counter() - t0:6.1f}s] {ckpt['name']} / {ds['name']} / {s}: features "
+                          f"({', '.join(layers)})", file=sys.stderr)  # fmt: skip
+                split[s] = split_features(model, str(ds[s]), feature_cache(out, ckpt["name"], ds["name"], s), **kwargs)
+            (xtr, ytr), (xte, yte) = split["train"], split["test"]
             meta = protocol_meta(suite, ckpt, ds)
             for proto in suite["protocols"]:
                 if progress:
                     elapsed = time.perf_counter() - t0
                     print(f"[{elapsed:6.1f}s] {ckpt['name']} / {ds['name']} / {protocol_label(proto)}", file=sys.stderr)
-                for res in run_protocol(proto, xtr, ytr, xte, yte, meta, str(device)):
+                shown = None if progress else False  # the long probes only (kNN / linear decide)
+                for res in run_protocol(proto, xtr, ytr, xte, yte, meta, str(device), progress=shown):
                     results.append(res)
                     rows.append(result_row(res, suite["name"]))
     payload = {"suite": suite, "rows": rows, "results": results, "seconds": time.perf_counter() - t0}
@@ -476,6 +605,7 @@ def run_suite(suite: dict, out: str | os.PathLike, *, progress: bool = True, ove
 
 
 def markdown_table(rows: list[dict], suite: dict) -> str:
+    """The results table (markdown) with a footer that says which k each kNN row shows."""
     lines = [
         f"# {suite['name']}",
         "",
@@ -487,11 +617,7 @@ def markdown_table(rows: list[dict], suite: dict) -> str:
             f"| {r['dataset']} | {r['checkpoint']} | {r['protocol']} | {r['layer']} | "
             f"{100 * r['top1']:.2f} | {100 * r['top5']:.2f} | {r['detail']} |"
         )
-    lines += [
-        "",
-        "kNN rows show k = 20 (all ks in details); linear rows show the head selected on a held-out split "
-        "of train. Every setting is in results.json.",
-    ]
+    lines += ["", _footer(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -635,10 +761,16 @@ def add_suite_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write into a non-empty --out that is not a suite's output (seer's files are added, nothing removed)",
     )
-    p.add_argument("--set", action="append", default=[], metavar="VAR=VALUE", help="value of a ${VAR} placeholder")
     p.add_argument(
-        "--checkpoint", action="append", default=[], metavar="NAME=PATH", help="add (or replace) a checkpoint; repeat"
+        "--set",
+        action="append",
+        default=[],
+        metavar="VAR=VALUE",
+        help="value of a ${VAR} placeholder of the suite (case-sensitive: --set IMAGENET_DIR=/data/in1k)",
     )
+    p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
+                   help="a checkpoint to evaluate (repeat for several): replaces the suite's ${SEER_CHECKPOINT} entry "
+                   "and any entry named NAME; added to the others")  # fmt: skip
     p.add_argument("--only-dataset", action="append", default=[], help="run only these datasets")
     p.add_argument("--only-protocol", action="append", default=[], help="run only these protocol labels")
 
@@ -655,13 +787,14 @@ def main(argv: list[str] | None = None, *, prog: str = "seer eval-suite") -> int
     add_suite_args(p)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    configure_logging()
     try:
         suite = suite_from_args(args)
     except SuiteError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     try:
-        payload = run_suite(suite, args.out, progress=not args.quiet, overwrite=args.overwrite)
+        payload = run_suite(suite, args.out, progress=not args.quiet, overwrite=args.overwrite, flag="--overwrite")
     except (OutputDirError, SuiteError) as exc:  # refused output directory, or a dataset folder in the way
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
@@ -717,7 +850,7 @@ def run_single(args: argparse.Namespace, proto: dict, kind: str) -> int:
     suite = {"name": f"{kind}-{args.name}", "features": features, "checkpoints": [ckpt], "datasets": [dataset],
              "protocols": [proto]}  # fmt: skip
     try:
-        payload = run_suite(suite, args.out, overwrite=args.overwrite)
+        payload = run_suite(suite, args.out, overwrite=args.overwrite, flag="--overwrite")
     except (OutputDirError, SuiteError) as exc:
         print(f"eval/{kind}.py: error: {exc}", file=sys.stderr)
         return 2

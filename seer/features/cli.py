@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from seer.data.images import INTERPOLATIONS
 from seer.features.dataset import extract_dataset, merge_features
 from seer.features.runner import DEFAULT_MODEL, LAYERS
+from seer.logs import configure_logging
 
 __all__ = ["cli_main"]
 
@@ -69,9 +70,10 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--resize-mode", default=None, choices=["shorter", "warp"])
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    configure_logging()  # the backend probe's choice (seer.features) and the loader's warnings (seer.data)
     try:
         if args.merge_only:
-            merged = merge_features(args.out_dir)
+            merged = merge_features(args.out_dir, flag="--overwrite")
             print(json.dumps({"merged": merged}))
             return 0
         summary = extract_dataset(
@@ -80,6 +82,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
             chunk_size=args.chunk_size, num_workers=args.workers, on_error=args.on_error,
             merge=False if args.no_merge else "auto", format=args.format,
             progress=False if args.no_progress else None, amp=args.amp, overwrite=args.overwrite, backend=args.backend,
+            flag="--overwrite",
             **{k: v for k, v in (("resolution", args.resolution), ("crop_pct", args.crop_pct),
                                  ("interpolation", args.interpolation), ("resize_mode", args.resize_mode))
                if v is not None},

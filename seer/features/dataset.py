@@ -59,7 +59,19 @@ _SETTING_KEYS = ("model", "weights", "layer", "normalize", "dtype", "preprocess"
                  "world_size", "chunk_size", "format")  # fmt: skip
 # Settings recorded since seer recorded them: a directory written before has none, and resumes without that check.
 _LATER_KEYS = ("weights", "shard_list")
-_FIX = "use another output directory, or overwrite=True (seer extract --overwrite) to start over"
+
+
+def _fix(flag: str) -> str:
+    """How to get past a refused resume; ``flag`` is how the caller gives ``overwrite`` (`seer extract`:
+    "--overwrite")."""
+    return f"use another output directory, or pass {flag} to start over"
+
+
+def _desc(rank: int, world_size: int) -> str:
+    """The progress line's name: the rank only when there is more than one."""
+    return f"features (rank {rank} of {world_size})" if world_size > 1 else "features"
+
+
 _LINE_BREAK = "the name holds a line break, which inputs.txt (one input per line) cannot list; rename it"
 
 
@@ -68,7 +80,8 @@ def extract_dataset(source: Any, out_dir: str | os.PathLike, model: Any = None, 
                     normalize: bool = False, dtype: str = "float16", chunk_size: int = 4096,
                     num_workers: int | None = None, on_error: str = "skip", merge: bool | str = "auto",
                     format: str = "npy", progress: bool | None = None, amp: str | None = None,
-                    overwrite: bool = False, backend: str = "auto", **preprocess: Any) -> dict:  # fmt: skip
+                    overwrite: bool = False, backend: str = "auto", flag: str = "overwrite=True",
+                    **preprocess: Any) -> dict:  # fmt: skip
     """Features of a whole dataset written to ``out_dir`` in chunks: resumable, atomic, rank-sharded.
 
     Every rank runs this with its own ``rank`` (of ``world_size``, passed explicitly: nothing here talks to
@@ -91,6 +104,8 @@ def extract_dataset(source: Any, out_dir: str | os.PathLike, model: Any = None, 
         overwrite: start over (this rank's chunks and the merged files are removed). ``out_dir`` must be new,
             empty or a previous extraction's; ``overwrite`` also accepts a directory holding other files: the files
             an extraction writes (``seer.features.files.OWN_NAMES``) are replaced there, nothing else is touched.
+        flag: how the caller gives ``overwrite``, named in the messages that refuse ``out_dir`` or a resume
+            (`seer extract` passes "--overwrite").
         **preprocess: resolution, crop_pct, interpolation, resize_mode, mean, std overrides.
 
     A rerun resumes only with the same settings and the same weights (a model file's size and modification time,
@@ -117,7 +132,7 @@ def extract_dataset(source: Any, out_dir: str | os.PathLike, model: Any = None, 
     shards = _is_shards(source)
     src = None if shards else _resolve_items(source)
     # Everything that can refuse the call does so before anything is written or computed.
-    state = _prepare_output(out, source, overwrite)
+    state = _prepare_output(out, source, overwrite, flag)
     unlistable = _unlistable_names(src, on_error) if src is not None else {}
     setup = make_setup(model, layer=layer, batch_size=batch_size, device=device, normalize=normalize, amp=amp,
                         preprocess=True, n_items=None if src is None else len(src.items), num_workers=num_workers,
@@ -148,12 +163,12 @@ def extract_dataset(source: Any, out_dir: str | os.PathLike, model: Any = None, 
     if overwrite:
         remove_outputs(out, rank)
     (out / CHUNKS).mkdir(exist_ok=True)
-    _check_meta(out, settings, overwrite, model)
+    _check_meta(out, settings, overwrite, model, flag)
     np_dtype = np.float16 if dtype == "float16" else np.float32
     t0 = time.time()
     with eval_mode(setup.model):
         if loader is not None:
-            summary = _extract_shards(loader, out, setup, rank, chunk_size, np_dtype, on_error, progress)
+            summary = _extract_shards(loader, out, setup, rank, chunk_size, np_dtype, on_error, progress, flag)
         else:
             summary = _extract_items(src, out, setup, rank, world_size, chunk_size, np_dtype, on_error, progress,
                                      unlistable)  # fmt: skip
@@ -165,7 +180,7 @@ def extract_dataset(source: Any, out_dir: str | os.PathLike, model: Any = None, 
         missing = [r for r in range(world_size) if not done_path(out, r).is_file()]
         raise RuntimeError(f"{out}: cannot merge yet, ranks {missing} are not done")
     if merge is True or (merge == "auto" and all_done):
-        summary["merged"] = merge_features(out, _lock=merge == "auto")
+        summary["merged"] = merge_features(out, flag=flag, _lock=merge == "auto")
     return summary
 
 
@@ -270,7 +285,7 @@ def _is_extraction(out: Path, names: Sequence[str]) -> bool:
         return False
 
 
-def _prepare_output(out: Path, source: Any, overwrite: bool) -> str:
+def _prepare_output(out: Path, source: Any, overwrite: bool, flag: str) -> str:
     """``seer.io.prepare_output_dir``'s rule for an extraction, before any work: "new" / "empty"; "own" (a previous
     extraction, nothing else: resume it, or start over); "foreign" (other files too: only with ``overwrite``, which
     replaces the extraction's own file names there and touches nothing else). Raises ``OutputDirError`` otherwise,
@@ -292,14 +307,14 @@ def _prepare_output(out: Path, source: Any, overwrite: bool) -> str:
     if ours:
         raise OutputDirError(
             f"output directory {str(out)!r} holds a seer extraction and files seer did not write ({shown}): move "
-            f"them out to resume it, or pass overwrite=True (seer extract --overwrite) to start over (they are left "
+            f"them out to resume it, or pass {flag} to start over (they are left "
             f"alone)"
         )
     clash = [n for n in names if is_own_name(n, marker=False)]
     replaced = f"; its {', '.join(clash)} would be replaced" if clash else ""
     raise OutputDirError(
         f"output directory {str(out)!r} is not empty and holds files seer did not write ({shown}): choose a new or "
-        f"empty directory, or pass overwrite=True (seer extract --overwrite) to write the features into it (other "
+        f"empty directory, or pass {flag} to write the features into it (other "
         f"files are left alone{replaced})"
     )
 
@@ -331,7 +346,7 @@ def _weights_change(old: Any, new: Any) -> str:
     return ", ".join(parts) or "recorded differently"
 
 
-def _check_meta(out: Path, settings: dict, overwrite: bool, model: Any = None) -> None:
+def _check_meta(out: Path, settings: dict, overwrite: bool, model: Any, flag: str) -> None:
     if (out / "meta.json").is_file() and not overwrite:
         old = read_meta(out)
         keys = [k for k in _SETTING_KEYS if k in old or k not in _LATER_KEYS]
@@ -340,11 +355,11 @@ def _check_meta(out: Path, settings: dict, overwrite: bool, model: Any = None) -
             raise ValueError(
                 f"{out}: the weights of {_model_label(model)} changed since these features were started "
                 f"({_weights_change(old.get('weights'), settings['weights'])}); the chunks on disk come from the "
-                f"old weights, and resuming would mix two models: {_FIX}"
+                f"old weights, and resuming would mix two models: {_fix(flag)}"
             )
         if diff:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in diff)
-            raise ValueError(f"{out} holds features of a different run ({details}); {_FIX}")
+            raise ValueError(f"{out} holds features of a different run ({details}); {_fix(flag)}")
         return
     write_json(out / "meta.json", settings)
 
@@ -372,7 +387,8 @@ def _extract_items(src: _Source, out: Path, setup: Setup, rank: int, world_size:
     starts = list(range(lo, hi, chunk_size))
     todo = [(k, s) for k, s in enumerate(starts) if not chunk_path(out, rank, k).is_file()]
     rows = skipped_total = 0
-    with progress_bar(sum(min(s + chunk_size, hi) - s for _, s in todo), progress, f"rank {rank}") as bar:
+    desc = _desc(rank, world_size)
+    with progress_bar(sum(min(s + chunk_size, hi) - s for _, s in todo), progress, desc) as bar:
         for k, start in todo:
             span = range(start, min(start + chunk_size, hi))
             positions = [p for p in span if p not in unlistable]
@@ -472,7 +488,7 @@ def _next_chunk(existing: Sequence[Path]) -> int:
 
 
 def _extract_shards(loader: _ShardKeyedLoader, out: Path, setup: Setup, rank: int, chunk_size: int, np_dtype: Any,
-                    on_error: str, progress: bool | None) -> dict:  # fmt: skip
+                    on_error: str, progress: bool | None, flag: str) -> dict:  # fmt: skip
     # Resume: the samples already in this rank's chunks, by (shard, key), are not computed again.
     done: set[tuple[str | None, str]] = set()
     existing = chunk_paths(out, rank)
@@ -499,7 +515,7 @@ def _extract_shards(loader: _ShardKeyedLoader, out: Path, setup: Setup, rank: in
         k += 1
         feats, idx, labels, keys, shards = [], [], [], [], []
 
-    with progress_bar(None, progress, f"rank {rank}") as bar:
+    with progress_bar(None, progress, _desc(rank, loader.world_size)) as bar:
         for images, labs, batch_keys, indices in loader:
             keep = []
             for i, composite in enumerate(batch_keys):
@@ -548,15 +564,16 @@ def _extract_shards(loader: _ShardKeyedLoader, out: Path, setup: Setup, rank: in
         raise RuntimeError(
             f"{out}: rank {rank}'s chunks hold {on_disk} samples but its shards gave {seen} now ({what}): the "
             f"shards changed since the chunks were written, a shard could not be read this time (see the warnings; "
-            f"rerun), or the chunks were written by an older seer that knew samples by key only; {_FIX}"
+            f"rerun), or the chunks were written by an older seer that knew samples by key only; {_fix(flag)}"
         )
     return {"chunks": len(chunk_paths(out, rank)), "rows_written": rows, "rows": on_disk, "samples": seen,
             "skipped": len(skipped)}  # fmt: skip
 
 
-def merge_features(out_dir: str | os.PathLike, *, _lock: bool = False) -> dict:
+def merge_features(out_dir: str | os.PathLike, *, flag: str = "overwrite=True", _lock: bool = False) -> dict:
     """Merge every rank's chunks into ``features.npy`` / ``indices.npy`` / ``labels.npy`` / ``inputs.txt`` in input
-    order (each input exactly once, checked), plus ``skipped.json``; ``meta.json`` records the merge last."""
+    order (each input exactly once, checked), plus ``skipped.json``; ``meta.json`` records the merge last. ``flag``
+    names the way to start over in an error (`seer extract` passes "--overwrite")."""
     out = Path(out_dir)
     meta = read_meta(out)
     world_size = int(meta["world_size"])
@@ -564,7 +581,7 @@ def merge_features(out_dir: str | os.PathLike, *, _lock: bool = False) -> dict:
     if missing:
         raise RuntimeError(f"{out}: ranks {missing} have not finished; run them (same settings) before merging")
     if not _lock or fcntl is None:
-        return _merge(out, meta, world_size)
+        return _merge(out, meta, world_size, flag)
     # The last ranks to finish race to merge; one merges. The lock is the OS's (flock): it dies with its holder, so
     # a merger killed midway leaves nothing that stops the rerun. Two merges would only write the same files twice
     # (atomically), so a file system without flock merges unlocked.
@@ -577,11 +594,11 @@ def merge_features(out_dir: str | os.PathLike, *, _lock: bool = False) -> dict:
             holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
             return {"merged_by": holder or "another process"}
         except OSError:  # ENOLCK, EOPNOTSUPP: no flock here
-            return _merge(out, meta, world_size)
+            return _merge(out, meta, world_size, flag)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         try:
-            return _merge(out, meta, world_size)
+            return _merge(out, meta, world_size, flag)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 lock.unlink()
@@ -589,7 +606,7 @@ def merge_features(out_dir: str | os.PathLike, *, _lock: bool = False) -> dict:
         os.close(fd)
 
 
-def _merge(out: Path, meta: dict, world_size: int) -> dict:
+def _merge(out: Path, meta: dict, world_size: int, flag: str) -> dict:
     paths = chunk_paths(out)
     indices, labels, inputs, skipped = [], [], [], []
     samples: set[tuple[str, str]] = set()  # shards: (shard, key) of every row
@@ -601,7 +618,9 @@ def _merge(out: Path, meta: dict, world_size: int) -> dict:
         names = chunk["inputs"].tolist()
         for pair in zip(chunk["shards"] or (), names):
             if pair in samples:
-                raise RuntimeError(f"{out}: sample {pair[1]!r} of {pair[0]} appears in more than one chunk; {_FIX}")
+                raise RuntimeError(
+                    f"{out}: sample {pair[1]!r} of {pair[0]} appears in more than one chunk; {_fix(flag)}"
+                )
             samples.add(pair)
         inputs += names
         skipped += chunk["skipped"]
@@ -631,7 +650,8 @@ def _merge(out: Path, meta: dict, world_size: int) -> dict:
             if expected != len(all_idx):
                 raise RuntimeError(
                     f"{out}: the chunks hold {len(all_idx)} samples but the ranks wrote {expected}: chunks were "
-                    f"removed or added after the ranks finished; rerun the same command to recompute them, or {_FIX}"
+                    f"removed or added after the ranks finished; rerun the same command to recompute them, or "
+                    f"{_fix(flag)}"
                 )
     if n_inputs is not None:
         covered = np.zeros(n_inputs, dtype=np.int64)

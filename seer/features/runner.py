@@ -187,11 +187,11 @@ class _Runner:
 
 def _pick_device(device: Any, model: nn.Module, owned: bool) -> torch.device:
     if device is not None:
-        return torch.device(device)
+        return hardware.resolve_device(device, what="device")
     if not owned:
         p = next(itertools.chain(model.parameters(), model.buffers()), None)
         return p.device if p is not None else torch.device("cpu")
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return hardware.resolve_device("auto")
 
 
 @contextlib.contextmanager

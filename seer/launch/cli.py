@@ -300,7 +300,8 @@ def _eval_parser(prog: str) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="RUN_DIR",
-        help="add every complete checkpoint of a pretraining run, named <run>@<step> (repeat)",
+        help="add every complete checkpoint of a pretraining run, named <run>@<step> (repeat); like --checkpoint, "
+        "they replace the suite's ${SEER_CHECKPOINT} entry",
     )
     ap.add_argument("--array-parallelism", type=int, default=64, help="SLURM: array tasks running at once")
     ap.add_argument("--local-parallel", type=int, default=2, help="--local: tasks running at once")
@@ -328,9 +329,9 @@ def prepare_eval(argv: list[str], prog: str = PROG) -> tuple[argparse.Namespace,
     if args.array_parallelism < 1 or args.local_parallel < 1:
         raise LaunchError("--array-parallelism and --local-parallel must be >= 1")
     try:  # SuiteError is a ValueError
-        suite = load_suite(args.suite, parse_variables(args.set), args.checkpoint)
-        for run_dir in args.run_checkpoints:
-            suite["checkpoints"] = suite["checkpoints"] + run_checkpoints(run_dir)
+        # --run-checkpoints entries count as --checkpoint ones: they too replace a suite's ${SEER_CHECKPOINT} entry
+        extra = list(args.checkpoint) + [c for run_dir in args.run_checkpoints for c in run_checkpoints(run_dir)]
+        suite = load_suite(args.suite, parse_variables(args.set), extra)
         select(suite, args.only_dataset, args.only_protocol)
     except ValueError as exc:
         raise LaunchError(str(exc)) from None
@@ -353,7 +354,7 @@ def prepare_eval(argv: list[str], prog: str = PROG) -> tuple[argparse.Namespace,
         raise LaunchError(str(exc)) from None
     out = Path(args.out).expanduser().resolve()
     try:  # the rule of `seer eval-suite --out`: a new, empty or earlier suite's directory, else --overwrite
-        args.output_state = check_output_dir(suite, out, overwrite=args.overwrite)
+        args.output_state = check_output_dir(suite, out, overwrite=args.overwrite, flag="--overwrite")
     except OSError as exc:  # OutputDirError
         raise LaunchError(str(exc)) from None
     return args, suite, out
@@ -362,7 +363,9 @@ def prepare_eval(argv: list[str], prog: str = PROG) -> tuple[argparse.Namespace,
 def eval_main(argv: list[str], prog: str = PROG) -> int:
     """`launch eval ...`: check, generate the suite's generated datasets, submit the arrays (or --dry-run)."""
     from seer.evaluation.suites import generate_dataset, mark_output, plan_tasks, slug
+    from seer.logs import configure_logging
 
+    configure_logging()  # --local runs the tasks here
     argv = list(argv)
     try:
         args, suite, out = prepare_eval(argv, prog)

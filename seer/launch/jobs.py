@@ -409,6 +409,9 @@ class _Task:
         return task_record_path(self.out, self.kind, *self.parts)
 
     def __call__(self) -> dict:
+        from seer.logs import configure_logging
+
+        configure_logging()  # the task's log file shows seer's messages (the kNN backend chosen, ...)
         record = {"kind": self.kind, "task": list(self.parts), "status": "running", "started": _now(),
                   "host": os.uname().nodename, "job_id": os.environ.get("SLURM_JOB_ID") or os.environ.get(
                       "SUBMITIT_LOCAL_JOB_ID")}  # fmt: skip
@@ -450,7 +453,8 @@ class FeatureTask(_Task):
         ckpt, ds = _entry(self.suite, "checkpoints", ckpt_name), _entry(self.suite, "datasets", ds_name)
         torch.set_grad_enabled(False)
         model = build_model(ckpt, suite_device(self.suite))
-        kwargs = split_kwargs(self.suite, ckpt, ds)
+        # progress=None: lines with rate and ETA in the task's log for splits of 512+ images (seer.progress)
+        kwargs = split_kwargs(self.suite, ckpt, ds, progress=None)
         shapes = {}
         for split in ("train", "test"):
             cache = feature_cache(self.out, ckpt_name, ds_name, split)
@@ -489,7 +493,8 @@ class ProtocolTask(_Task):
                 f"features of {ckpt_name}/{ds_name} are not cached: did its features task fail? ({exc})"
             ) from None
         meta = protocol_meta(suite, ckpt, ds)
-        results = run_protocol(proto, xtr, ytr, xte, yte, meta, str(suite_device(suite)))
+        # progress=None: the task's log shows the progress of long kNN searches and probe grids (rate, ETA)
+        results = run_protocol(proto, xtr, ytr, xte, yte, meta, str(suite_device(suite)), progress=None)
         return {"results": results, "rows": [result_row(r, suite["name"]) for r in results]}
 
 

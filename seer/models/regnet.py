@@ -749,6 +749,7 @@ def build_trunk(preset_or_cfg: str | RegNetCfg | dict, *, device: torch.device |
             GPU). ``state_dict()`` tensors are then non-contiguous: call ``.contiguous()`` before serializing.
     """
     cfg = resolve_cfg(preset_or_cfg)
+    device = None if device is None else hardware.resolve_device(device, what="device")  # a missing GPU, named
     with torch.device(device) if device is not None else contextlib.nullcontext():
         trunk = RegNetTrunk(cfg, zero_init_last_bn=zero_init_last_bn, channels_last=channels_last)
     if channels_last:

@@ -8,7 +8,10 @@ The loop knows no method: it trains whatever model ``cfg.method`` builds (``seer
 ``before_optimizer_step(step)`` hooks when it defines them. One process with no launcher variables trains without a
 process group; under torchrun / SLURM the model is sharded with FSDP2 (``seer.distributed.parallel.parallelize``),
 built on the meta device and initialized shard by shard (``seer.distributed.materialize``: no rank holds it whole).
-The run resumes from the latest complete checkpoint in ``cfg.run_dir`` automatically.
+The run resumes from the latest complete checkpoint in ``cfg.run_dir`` automatically, if its config is the one that
+checkpoint was trained with, up to the keys a resume may change (``seer.train.rundir``; ``--allow-config-change``
+resumes anyway). ``--dry-run`` prints what a run would do and writes nothing. Rank 0 shows the steps' progress on
+stderr (``seer.progress``: a bar on a terminal, a line every 10 s elsewhere); the log lines go to stdout.
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ from seer.config import (
     batch_per_gpu,
     crop_scales,
     crop_shapes,
-    dump_config,
     load_config,
     trunk_cfg,
     validate,
@@ -41,9 +43,19 @@ from seer.config import (
 from seer.data.synthetic import SyntheticMultiCrop
 from seer.extras import optional
 from seer.models.regnet import RegNetCfg
+from seer.progress import heartbeat, progress
 from seer.train.methods import get_method, method_config
+from seer.train.rundir import RunDirState, RunDirWrites, inspect_run_dir
 
-__all__ = ["pretrain", "cli_main", "cli_finetune", "build_model", "peak_memory_bytes"]
+__all__ = ["pretrain", "cli_main", "cli_finetune", "build_model", "peak_memory_bytes", "run_kind"]
+
+
+def run_kind(cfg: PretrainConfig) -> str:
+    """What the log calls the run: "pretraining" (a self-supervised method), "fine-tuning" (a method trained on
+    labels, from ``model.init_from``) or "supervised training" (on labels, from a random init)."""
+    if not get_method(cfg.method).labels:
+        return "pretraining"
+    return "fine-tuning" if cfg.model.init_from else "supervised training"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -378,28 +390,99 @@ def peak_memory_bytes(device: torch.device) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------------------------
-def pretrain(cfg: PretrainConfig) -> dict:
+def pretrain(cfg: PretrainConfig, *, allow_config_change: bool = False) -> dict:
     """Train (or resume) the run ``cfg`` describes; returns ``{"step", "loss", "run_dir", "checkpoint", ...}``.
 
     Rank 0 holds ``run_dir/.lock`` from before the run directory is first written until the end (see
     ``seer.train.rundir_lock``): a second run on the same directory waits ``train.lock_wait_minutes``, then fails.
+    A run directory holding checkpoints is resumed only with the config they were trained with, up to the keys
+    ``seer.config.RESUME_MAY_CHANGE`` lists (``allow_config_change=True``: any change, the old config kept as
+    ``config.step_XXXXXXXX.yaml``). A run already at ``total_steps`` trains nothing and says so in the summary's
+    ``note``. A run that fails before its first checkpoint takes back what it wrote (``RunDirWrites``).
 
     Raises:
         FloatingPointError: the loss became NaN/inf (on every rank), or the weights did at a checkpoint save
             (``save_checkpoint`` checks them first): the newest checkpoint is left as it was, nothing is saved.
         RunDirBusy: another process holds the run directory (on every rank, before anything is written).
+        RunDirConfigError: the run directory's checkpoints were trained with another config (a ValueError naming
+            the keys that differ; on every rank, before anything is written).
     """
     from seer.distributed.env import init_distributed
 
-    # -- setup: process group, config checks, the run directory's lock -------------------------------------------
+    # -- setup: process group, config checks, the run directory's lock and its config check ---------------------
     env = init_distributed(device=cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes)
     validate(cfg, env.world_size)
     lock = _lock_run_dir(cfg, env)
     try:
-        return _train(cfg, env)
+        found = _inspect_on_rank0(cfg, env, allow_config_change)
+        if found.nothing_to_train(cfg.total_steps) is not None:
+            return _nothing_to_train(cfg, env, found)
+        writes = RunDirWrites(cfg.run_dir) if env.is_main else None  # after the lock: nothing here is another run's
+        try:
+            return _train(cfg, env, found, writes)
+        except BaseException:
+            if writes is not None:
+                writes.undo(_logger(env))
+            raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def _logger(env):
+    """The loop's log: rank 0's lines on stdout, written around the progress bar when one is shown."""
+
+    def log(msg: str) -> None:
+        if env.is_main:
+            _write_line(msg)
+
+    return log
+
+
+def _write_line(msg: str) -> None:
+    # tqdm.write clears a bar shown on the terminal, prints, and draws the bar again; without a bar it prints.
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def _inspect_on_rank0(cfg: PretrainConfig, env, allow_config_change: bool) -> RunDirState:
+    """``inspect_run_dir`` on rank 0 (under the lock), its answer or its error given to every rank."""
+    result: object = None
+    if env.is_main:
+        try:
+            result = inspect_run_dir(cfg, env.world_size, allow_config_change=allow_config_change)
+        except Exception as exc:
+            if not env.distributed:
+                raise
+            result = exc
+    if env.distributed:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _nothing_to_train(cfg: PretrainConfig, env, found: RunDirState) -> dict:
+    """The summary of a run already at (or past) ``total_steps``: the newest checkpoint's step and loss."""
+    note = found.nothing_to_train(cfg.total_steps)
+    if found.loss is None:
+        note += f"; {found.checkpoint.name} records no loss (saved by an older seer), so loss is null"
+    _logger(env)(note)
+    per_gpu = batch_per_gpu(cfg, env.world_size)
+    return {
+        "step": found.step,
+        "loss": found.loss,
+        "run_dir": str(found.run_dir),
+        "checkpoint": str(found.checkpoint),
+        "world_size": env.world_size,
+        "global_batch": per_gpu * env.world_size,
+        "data_skipped": {},
+        "note": note,
+    }
 
 
 # What rank 0 tells the other ranks while it takes the run directory's lock.
@@ -443,8 +526,9 @@ def _lock_run_dir(cfg: PretrainConfig, env):
     return lock
 
 
-def _train(cfg: PretrainConfig, env) -> dict:
-    """``pretrain`` once the process group is up, the config checked and the run directory locked."""
+def _train(cfg: PretrainConfig, env, found: RunDirState, writes: RunDirWrites | None) -> dict:
+    """``pretrain`` once the process group is up, the config checked and the run directory locked and checked
+    (``found``); ``writes``: rank 0's record of what it writes before the first checkpoint."""
     from seer.distributed.parallel import parallelize
     from seer.train.checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint
     from seer.train.optim import build_optimizer, clip_grad_norm, cosine_schedule, scaled_lr, set_lr
@@ -454,14 +538,11 @@ def _train(cfg: PretrainConfig, env) -> dict:
     global_batch = per_gpu * env.world_size
     total = cfg.total_steps
     run_dir = Path(cfg.run_dir)
-    if env.is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)  # an unwritable run dir fails now, not at a save
-        dump_config(cfg, run_dir / "config.yaml")
+    kind = run_kind(cfg)
+    log = _logger(env)
+    if writes is not None:  # checkpoints/ (an unwritable run dir fails now, not at a save) and config.yaml
+        writes.start(cfg, found, log)
     clean_partial(run_dir)
-
-    def log(msg: str) -> None:
-        if env.is_main:
-            print(msg, flush=True)
 
     # -- shard counts: before the model is built, so a refused source costs seconds, not the build of a 10B -------
     counted = None
@@ -533,7 +614,7 @@ def _train(cfg: PretrainConfig, env) -> dict:
         log(f"initialized trunk from {cfg.model.init_from}")
     n_params = sum(p.numel() for p in model.parameters())
     log(
-        f"pretraining {cfg.model.preset if cfg.model.cfg is None else cfg.model.cfg} + {cfg.method}: "
+        f"{kind} {cfg.model.preset if cfg.model.cfg is None else cfg.model.cfg} + {cfg.method}: "
         f"{n_params / 1e6:.2f}M "
         f"params, world {env.world_size} ({env.backend or 'no process group'}, {env.device}), "
         f"batch {per_gpu}/rank = {global_batch}, lr {peak_lr:.4g}, steps {start_step} -> {total}"
@@ -569,7 +650,7 @@ def _train(cfg: PretrainConfig, env) -> dict:
         from seer.train.monitor import KNNMonitor, format_line
 
         monitor = KNNMonitor(cfg.train.monitor_images, max(r for _, r in crop_shapes(cfg.data)),
-                             cfg.train.monitor_max_images)  # fmt: skip
+                             cfg.train.monitor_max_images, report=env.is_main)  # fmt: skip
     last_diagnosis = None
     model.train()
     data = _Data(cfg, env, per_gpu, start_step, data_position, counted)
@@ -583,12 +664,16 @@ def _train(cfg: PretrainConfig, env) -> dict:
             raise ValueError(f"train.val_images: method {cfg.method!r} has no classifier to validate (supervised has)")
         from seer.train.monitor import ClassifierValidator, format_val_line
 
-        validator = ClassifierValidator(cfg.train.val_images, max(r for _, r in crop_shapes(cfg.data)), class_names)
-        val_every = val_every or data.steps_per_epoch() or cfg.train.log_every
+        validator = ClassifierValidator(cfg.train.val_images, max(r for _, r in crop_shapes(cfg.data)), class_names,
+                                        report=env.is_main)  # fmt: skip
+        # 0: every epoch, but not more often than the log lines: an epoch of a small folder can be shorter than a
+        # step (48 images, a batch of 64), and validating every step would cost more than the training.
+        val_every = val_every or max(data.steps_per_epoch() or 1, cfg.train.log_every)
     last_save = time.time()
     last_ckpt = ckpt
     t_window, data_time, step_time, n_window, loss_val = time.time(), 0.0, 0.0, 0, float("nan")
     t_run, done_steps = time.time(), 0
+    bar = progress(total, kind, unit="step", enabled=env.is_main, initial=start_step)  # rank 0, on stderr
     for step in range(start_step, total):
         t0 = time.time()
         crops = [c.to(env.device, non_blocking=True) for c in next(data)]
@@ -597,11 +682,15 @@ def _train(cfg: PretrainConfig, env) -> dict:
         set_lr(optimizer, float(lrs[step]))
         if before_forward is not None:
             before_forward(step)
-        with autocast:
-            out = model(crops, data.labels.to(env.device)) if with_labels else model(crops)
-        loss = out["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # torch.compile compiles forward and backward on the first step: minutes on a large model, without a line
+        first_compile = cfg.train.compile and step == start_step
+        with heartbeat(f"{kind}: compiling the model on the first step (train.compile=true)",
+                       enabled=env.is_main) if first_compile else contextlib.nullcontext():  # fmt: skip
+            with autocast:
+                out = model(crops, data.labels.to(env.device)) if with_labels else model(crops)
+            loss = out["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
         if before_optimizer_step is not None:  # e.g. drop the gradients of parameters still frozen
             before_optimizer_step(step)
         if cfg.optim.clip_grad > 0:
@@ -624,7 +713,7 @@ def _train(cfg: PretrainConfig, env) -> dict:
             newest = (
                 f"The newest checkpoint, {last_ckpt} (step {int(last_ckpt.name.rsplit('_', 1)[-1])}), was saved "
                 f"before step {step + 1} with finite weights and is untouched: lower optim.base_lr or raise "
-                f"optim.warmup_iters and resume."
+                f"optim.warmup_iters and resume with --allow-config-change (these keys change what is trained)."
                 if last_ckpt is not None
                 else f"No checkpoint was saved before step {step + 1}: lower optim.base_lr or raise "
                 f"optim.warmup_iters and start again."
@@ -634,6 +723,7 @@ def _train(cfg: PretrainConfig, env) -> dict:
         done = step + 1
         done_steps += 1
         t2 = time.time()
+        bar.update(1, loss=f"{loss_val:.4f}", lr=f"{float(lrs[step]):.4g}")
         data_time, step_time, n_window = data_time + (t1 - t0), step_time + (t2 - t1), n_window + 1
 
         # -- log ----------------------------------------------------------------------------------------------------
@@ -653,8 +743,9 @@ def _train(cfg: PretrainConfig, env) -> dict:
             }
             if data.epoch() is not None:
                 record["epoch"] = data.epoch()
-            for e, c in data.finished_epochs():  # every sample of the epoch seen once (or counted as skipped)
-                log(f"epoch {e} done (rank 0): {c['seen']} samples seen, {c['skipped']} skipped, of {c['of']}")
+            finished = data.finished_epochs()  # every sample of the epoch seen once (or counted as skipped)
+            if finished:
+                log(_epochs_line(finished, env.distributed))
             log(
                 f"step {done}/{total}  loss {loss_val:.4f}  lr {record['lr']:.4g}  {rate:.1f} img/s  "
                 f"step {record['step_time']:.3f}s  data {record['data_time']:.3f}s  "
@@ -704,8 +795,11 @@ def _train(cfg: PretrainConfig, env) -> dict:
             position = data.position()
             if position is not None:  # epoch, per-stream offsets, per-epoch counts: exact resume on shards
                 rank_state["data"] = position
+            meta["loss"] = loss_val  # what a run asked to train no further reports (its summary)
             last_ckpt = save_checkpoint(run_dir, done, model, optimizer, meta=meta, keep_last=cfg.train.keep_last,
                                         rank_state=rank_state)  # fmt: skip
+            if writes is not None:
+                writes.committed()  # the directory is a run now: a later failure takes nothing back
             last_save = time.time()
             log(f"saved {last_ckpt}")
         if cfg.train.crash_at_step and done == cfg.train.crash_at_step:
@@ -713,6 +807,7 @@ def _train(cfg: PretrainConfig, env) -> dict:
         if cfg.train.min_step_seconds:  # testing: a run of known length on any machine
             time.sleep(max(0.0, cfg.train.min_step_seconds - (time.time() - t0)))
 
+    bar.close()
     if writer is not None:
         writer.close()
     if metrics_file is not None:
@@ -721,7 +816,8 @@ def _train(cfg: PretrainConfig, env) -> dict:
     data_stats = data.stats
     if data_stats.get("skipped"):  # bad shard samples this rank skipped (corrupt, unlabeled, truncated, empty)
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(data_stats["by_kind"].items()))
-        print(f"rank {env.rank}: skipped {data_stats['skipped']} bad sample(s) or shard(s): {kinds}", flush=True)
+        who = f"rank {env.rank}: " if env.distributed else ""
+        print(f"{who}skipped {data_stats['skipped']} bad sample(s) or shard(s): {kinds}", flush=True)
     return {
         "step": max(total, start_step),
         "loss": loss_val,
@@ -731,6 +827,17 @@ def _train(cfg: PretrainConfig, env) -> dict:
         "global_batch": global_batch,
         "data_skipped": {k: data_stats[k] for k in ("samples", "skipped", "by_kind") if k in data_stats},
     }
+
+
+def _epochs_line(finished: list[tuple[int, dict]], distributed: bool) -> str:
+    """One line for the epochs finished since the last log line (a small folder finishes many per step)."""
+    who = " (rank 0's counts)" if distributed else ""
+    finished = sorted(finished, key=lambda ec: ec[0])
+    seen, skipped, of = (sum(c[k] for _, c in finished) for k in ("seen", "skipped", "of"))
+    first, last = finished[0][0], finished[-1][0]
+    if len(finished) == 1:
+        return f"epoch {first} done{who}: {seen} samples seen, {skipped} skipped, of {of}"
+    return f"epochs {first}-{last} done ({len(finished)} epochs){who}: {seen} samples seen, {skipped} skipped, of {of}"
 
 
 def _as_plain(cfg: PretrainConfig) -> dict:
@@ -758,18 +865,38 @@ def _cli(argv: list[str] | None, kind: str, description: str) -> int:
     from seer.config import ConfigError
     from seer.distributed.env import destroy_distributed
 
-    ap = argparse.ArgumentParser(prog=f"seer {kind}", description=description)
+    # the keys are listed by one command that reads them from the code, so this help cannot fall out of date
+    flag = " --kind finetune" if kind == "finetune" else ""
+    epilog = (f"Config keys: `seer config show RECIPE [key=value ...]{flag}` prints every key, its value in that "
+              "recipe and its doc.")  # fmt: skip
+    ap = argparse.ArgumentParser(prog=f"seer {kind}", description=description, epilog=epilog)
     ap.add_argument("--config", help=f"a shipped {kind} recipe's name (tiny_cpu, ...) or a yaml file of overrides")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=0.1 train.total_steps=100")
-    args = ap.parse_args(argv)
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config and the run directory, print what the run would do, write nothing",
+    )
+    ap.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume a run directory whose checkpoints were trained with another config (refused otherwise); the old "
+        "config is kept as config.step_XXXXXXXX.yaml",
+    )
+    args = ap.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, kind=kind)
+        if args.dry_run:
+            return _dry_run(cfg, kind, args.allow_config_change)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"seer {kind}: {exc}", file=sys.stderr)
         return 2
+    except ValueError as exc:  # the run directory's check (RunDirConfigError), an unreadable checkpoint
+        print(f"seer {kind}: {exc}", file=sys.stderr)
+        return 1
     finished = False
     try:
-        summary = pretrain(cfg)
+        summary = pretrain(cfg, allow_config_change=args.allow_config_change)
         finished = True
     except (FloatingPointError, OSError, ValueError) as exc:  # NaN loss, disk full / unwritable, bad checkpoint
         print(f"seer {kind}: {exc}", file=sys.stderr)
@@ -778,4 +905,60 @@ def _cli(argv: list[str] | None, kind: str, description: str) -> int:
         destroy_distributed(wait_for_peers=finished)
     if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0))) == 0:
         print(json.dumps(summary))
+    return 0
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _dry_run(cfg: PretrainConfig, kind: str, allow_config_change: bool) -> int:
+    """`seer pretrain --dry-run`: the checks a run makes before it writes anything (the config at the launcher's
+    world size, the run directory's), and what it would train; nothing is created, written or joined."""
+    from seer.distributed.env import detect_launcher
+
+    launcher = detect_launcher(dict(os.environ)) or {}
+    world, rank = int(launcher.get("world_size", 1)), int(launcher.get("rank", 0))
+    validate(cfg, world)
+    found = inspect_run_dir(cfg, world, allow_config_change=allow_config_change)
+    if rank != 0:
+        return 0
+    with torch.device("meta"):  # the parameter count without allocating (a 10B model too) or reading init_from
+        model = build_model(cfg, init_trunk=False)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trunk = sum(p.numel() for p in model.trunk.parameters())
+    per_gpu = batch_per_gpu(cfg, world)
+    d, o, total = cfg.data, cfg.optim, cfg.total_steps
+    from seer.train.optim import scaled_lr
+
+    crops = " + ".join(f"{c}x{r} px" for c, r in crop_shapes(d))
+    source = {"synthetic": f"synthetic images ({d.image_size} px, {d.synthetic_classes} families)",
+              "shards": f"shards {d.urls}", "images": f"images {d.images}"}[d.source]  # fmt: skip
+    run_dir = Path(cfg.run_dir)
+    where = "exists" if run_dir.is_dir() else "does not exist: the run would create it"
+    arch = f"model.preset={cfg.model.preset}" + (f", model.cfg={cfg.model.cfg}" if cfg.model.cfg is not None else "")
+    lines = [
+        f"seer {kind} --dry-run: nothing was created or written",
+        f"  run       {run_kind(cfg)}, method {cfg.method}",
+        f"  model     {arch}: {_count(n_params)} params ({_count(n_trunk)} in the trunk)",
+        f"  init      {cfg.model.init_from or 'random'}" + (" (ignored: resuming)" if found.checkpoint else ""),
+        f"  data      {source}; crops {crops}" + (f" ({d.multicrop})" if d.crops is None else ""),
+        f"  batch     {per_gpu * world} global = {per_gpu} per rank x {world} rank(s)"
+        + ("" if launcher else " (no launcher variables: one process)"),
+        f"  steps     {total}: {o.name}, peak lr {scaled_lr(o.base_lr, per_gpu * world, o.reference_batch):.4g} "
+        f"(optim.base_lr {o.base_lr:g} x {per_gpu * world} / {o.reference_batch}), warmup {o.warmup_iters}, "
+        f"{cfg.train.precision}",
+        f"  run_dir   {run_dir} ({where})",
+        f"  resume    {found.resume_line(total)}",
+    ]
+    from seer.train.rundir import format_changes
+
+    if found.allowed:
+        lines.append(f"  changes a resume may make:\n{format_changes(found.allowed, indent='    ')}")
+    if found.refused:
+        lines.append(
+            "  changes of what is trained, allowed by --allow-config-change (the old config would be kept as "
+            f"config.{found.checkpoint.name}.yaml):\n{format_changes(found.refused, indent='    ')}"
+        )
+    print("\n".join(lines))
     return 0

@@ -13,7 +13,8 @@ by cosine kNN (k=20, T=0.07) against the bank. The line reads::
     val step 120 (epoch 4.0): top-1 0.874 top-5 0.991 (500 images of 10 classes)
 
 The model is put back in training mode afterwards. Under FSDP every rank embeds the same images (the forward is
-collective), rank 0 scores them.
+collective), rank 0 scores them. Loading and embedding ``PROGRESS_MIN_IMAGES`` images or more shows progress on rank 0
+(``seer.progress``: 50,000 validation images take minutes).
 """
 
 from __future__ import annotations
@@ -22,7 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["KNNMonitor", "ClassifierValidator", "format_line", "format_val_line"]
+from seer.progress import progress
+
+__all__ = ["KNNMonitor", "ClassifierValidator", "format_line", "format_val_line", "PROGRESS_MIN_IMAGES"]
+
+# Fewer images load and embed in seconds: no progress lines for them (two lines per validation would be noise).
+PROGRESS_MIN_IMAGES = 1000
 
 
 def format_line(step: int, result: dict, loss: float) -> str:
@@ -42,19 +48,24 @@ def format_val_line(step: int, result: dict, epoch: float | None = None) -> str:
     )
 
 
-def _load_images(part: list, resolution: int) -> tuple[torch.Tensor, np.ndarray]:
-    """``[(path, label), ...]`` -> (model-ready images at ``resolution`` px, labels)."""
+def _load_images(part: list, resolution: int, desc: str = "loading images",
+                 report: bool = True) -> tuple[torch.Tensor, np.ndarray]:  # fmt: skip
+    """``[(path, label), ...]`` -> (model-ready images at ``resolution`` px, labels); progress when ``report``."""
     from seer.data.images import eval_transform, read_image_file
 
     transform = eval_transform(resolution, crop_pct=1.0)  # the features' own eval preprocessing
     images = []
+    bar = progress(len(part), desc, unit="img", enabled=report and len(part) >= PROGRESS_MIN_IMAGES)
     for path, _ in part:  # regular files only, capped: a FIFO named .jpg among the user's images would hang training
         images.append(transform(read_image_file(path)))
+        bar.update(1)
+    bar.close()
     return torch.stack(images), np.array([y for _, y in part])
 
 
 @torch.no_grad()
-def _forward_eval(model: nn.Module, fn, x: torch.Tensor, batch_size: int) -> np.ndarray:
+def _forward_eval(model: nn.Module, fn, x: torch.Tensor, batch_size: int, desc: str = "embedding",
+                  report: bool = True) -> np.ndarray:  # fmt: skip
     """``fn(batch)`` over ``x`` with ``model`` in eval mode (FSDP2 root unsharded), float32 numpy."""
     was_training = model.training
     device = next(model.parameters()).device
@@ -62,8 +73,13 @@ def _forward_eval(model: nn.Module, fn, x: torch.Tensor, batch_size: int) -> np.
     if unshard is not None:
         unshard()
     model.eval()
+    bar = progress(len(x), desc, unit="img", enabled=report and len(x) >= PROGRESS_MIN_IMAGES)
     try:
-        chunks = [fn(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+        chunks = []
+        for i in range(0, len(x), batch_size):
+            chunks.append(fn(x[i : i + batch_size].to(device)).float().cpu())
+            bar.update(len(chunks[-1]))
+        bar.close()
     finally:
         model.train(was_training)
         if unshard is not None:
@@ -75,10 +91,11 @@ class ClassifierValidator:
     """Top-1 / top-5 of ``model.logits`` on a labeled validation folder or file list (see the module docstring).
 
     ``class_names``: the training data's classes; the validation split must have the same ones (by name).
+    ``report``: show progress (rank 0) when there are ``PROGRESS_MIN_IMAGES`` images or more.
     """
 
     def __init__(self, images: str, resolution: int, class_names: list[str] | None = None,
-                 batch_size: int = 128) -> None:  # fmt: skip
+                 batch_size: int = 128, report: bool = True) -> None:  # fmt: skip
         from seer.data.sources import resolve_source
 
         source = resolve_source(images)
@@ -89,11 +106,11 @@ class ClassifierValidator:
                 f"train.val_images={images!r}: classes {source.class_names[:5]}... differ from the training data's "
                 f"{list(class_names)[:5]}... (the labels would not match)"
             )
-        self.classes, self.batch_size = len(source.class_names), batch_size
-        self.x, self.y = _load_images(source.items, resolution)
+        self.classes, self.batch_size, self.report = len(source.class_names), batch_size, report
+        self.x, self.y = _load_images(source.items, resolution, "loading the validation images", report)
 
     def __call__(self, model: nn.Module, score: bool = True) -> dict | None:
-        logits = _forward_eval(model, model.logits, self.x, self.batch_size)
+        logits = _forward_eval(model, model.logits, self.x, self.batch_size, "validating", self.report and score)
         if not score:
             return None
         k = min(5, logits.shape[1])
@@ -109,7 +126,8 @@ class ClassifierValidator:
 class KNNMonitor:
     """kNN top-1 of the trunk's pooled features on a fixed labeled split (see the module docstring)."""
 
-    def __init__(self, images: str, resolution: int, max_images: int = 1000, batch_size: int = 128) -> None:
+    def __init__(self, images: str, resolution: int, max_images: int = 1000, batch_size: int = 128,
+                 report: bool = True) -> None:  # fmt: skip
         from seer.data.sources import folder_source
 
         source = folder_source(images)
@@ -127,14 +145,18 @@ class KNNMonitor:
         if not self.queries or len(per_class) < 2:
             raise ValueError(f"train.monitor_images={images!r}: needs at least 2 classes and 5 images per class")
         self.classes, self.resolution, self.batch_size = len(per_class), resolution, batch_size
+        self.report = report
         parts = {"bank": self.bank, "queries": self.queries}
-        self._tensors = {name: _load_images(part, resolution) for name, part in parts.items()}
+        self._tensors = {name: _load_images(part, resolution, f"loading the kNN monitor's {name}", report)
+                         for name, part in parts.items()}  # fmt: skip
 
     def __call__(self, model: nn.Module, score: bool = True) -> dict | None:
         """Embed bank and queries with ``model.trunk`` (eval mode) and score them (``score=False``: embed only)."""
         from seer.evaluation import eval_knn
 
-        feats = {name: _forward_eval(model, model.trunk, x, self.batch_size) for name, (x, _) in self._tensors.items()}
+        feats = {name: _forward_eval(model, model.trunk, x, self.batch_size, f"kNN monitor: embedding the {name}",
+                                     self.report and score)
+                 for name, (x, _) in self._tensors.items()}  # fmt: skip
         if not score:
             return None
         k = min(20, len(self.bank))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -11,6 +10,7 @@ from typing import Any
 
 from seer.data.shards.read import verify_shards
 from seer.data.shards.write import write_shards
+from seer.logs import configure_logging
 
 # ====================================================================================================================
 # CLI
@@ -56,8 +56,7 @@ def _cli_verify(argv: Sequence[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="images per rank per step (default: 32)")
     parser.add_argument("--streams", type=int, default=1, help="streams per rank: data.streams or data.workers")
     args = parser.parse_args(argv)
-    # INFO: the log names each shell command run for a pipe: pattern (per-sample warnings are off in verify)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()  # INFO: the log names each shell command run for a pipe: pattern (per-sample warnings off)
     try:
         report = verify_shards(args.shards, decode=args.decode, workers=args.workers, progress=not args.no_progress,
                                require_label=args.labels)  # fmt: skip
@@ -106,7 +105,7 @@ def _cli_index(argv: Sequence[str]) -> int:
     from seer.data.shards.train import index_shards
 
     try:
-        index = index_shards(args.shards, overwrite=args.overwrite)
+        index = index_shards(args.shards, overwrite=args.overwrite, flag="--overwrite")
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"seer shards index: error: {exc}", file=sys.stderr)
         return 2
@@ -157,7 +156,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jpeg-quality", type=int, default=90)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     source: Any = _dataset_from_spec(args.source) if args.source.startswith("tv:") else args.source
     try:
         index = write_shards(
@@ -173,6 +172,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
             max_image_side=args.max_image_side,
             progress=not args.no_progress,
             jpeg_quality=args.jpeg_quality,
+            flag="--overwrite",
         )
     except (FileExistsError, FileNotFoundError, ValueError, TypeError) as exc:
         print(f"seer shards: error: {exc}", file=sys.stderr)

@@ -158,10 +158,11 @@ def _local(url: str) -> str:
     return url[len("file://") :] if url.startswith("file://") else url
 
 
-def index_shards(urls: Any, *, overwrite: bool = False) -> dict:
+def index_shards(urls: Any, *, overwrite: bool = False, flag: str = "overwrite=True") -> dict:
     """Write an ``index.json`` beside existing local shards (made by webdataset's ``ShardWriter``, ``tar``, ...):
     their names and sample counts, counted from the tar headers. The training stream reads counts from it instead
-    of counting at every start, and remote copies of the shards can use it. Returns the index."""
+    of counting at every start, and remote copies of the shards can use it. Returns the index. ``flag`` is how the
+    caller gives ``overwrite``, named when an index exists (`seer shards index` passes "--overwrite")."""
     paths = [u[len("file://") :] if u.startswith("file://") else u for u in expand_urls(urls)]
     dirs = {os.path.dirname(os.path.abspath(p)) for p in paths}
     if len(dirs) != 1 or not all(is_local_url(p) for p in paths):
@@ -171,7 +172,7 @@ def index_shards(urls: Any, *, overwrite: bool = False) -> dict:
         raise ValueError(f"{odd[0]!r}: not a regular file (an index lists only regular shard files)")
     out = Path(dirs.pop())
     if (out / INDEX_NAME).exists() and not overwrite:
-        raise FileExistsError(f"{out / INDEX_NAME} exists (pass overwrite=True / --overwrite to replace it)")
+        raise FileExistsError(f"{out / INDEX_NAME} exists (pass {flag} to replace it)")
     shards, problems = [], []
     for p in paths:
         n, problem = count_tar_samples(p)

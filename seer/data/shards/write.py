@@ -58,12 +58,12 @@ def _windowed_imap(pool: Any, order: list[int], workers: int) -> Iterator[tuple[
         yield from pool.imap(_pool_encode, order[start : start + window], chunksize=chunk)
 
 
-def _check_output_dir(out: Path, source: Any, overwrite: bool) -> str:
+def _check_output_dir(out: Path, source: Any, overwrite: bool, flag: str = "overwrite=True") -> str:
     """``prepare_output_dir``'s state of ``out`` (refused: ``OutputDirError``, nothing changed); the source (a local
     folder or file list) is never inside it."""
     sources = [source] if isinstance(source, (str, os.PathLike)) and Path(source).expanduser().exists() else []
     return prepare_output_dir(out, kind=OUTPUT_KIND, overwrite=overwrite, sources=sources,
-                              flag="overwrite=True (--overwrite)")  # fmt: skip
+                              flag=flag)  # fmt: skip
 
 
 def _clear_output_dir(out: Path, prefix: str, state: str) -> None:
@@ -97,6 +97,7 @@ def write_shards(
     progress: bool = True,
     jpeg_quality: int = 90,
     image_format: str | None = None,
+    flag: str = "overwrite=True",
 ) -> dict:
     """Write `source` as webdataset tar shards into `out_dir` and return the index (also saved as `index.json`).
 
@@ -116,6 +117,7 @@ def write_shards(
             are stored byte for byte.
         jpeg_quality, image_format: encoding of re-encoded images and of images returned by a dataset
             (`image_format=None`: PNG up to 256 px, JPEG above).
+        flag: how the caller gives `overwrite`, named in a refusal (`seer shards` passes "--overwrite").
 
     Unreadable items are skipped and listed in the index (`skipped`). Each shard is written under a hidden temporary
     name and renamed when closed; the index is written last (atomically), so an interrupted run leaves no partial
@@ -128,7 +130,7 @@ def write_shards(
     if max_image_side is not None and max_image_side < 8:
         raise ValueError(f"max_image_side={max_image_side} is too small")
     out = Path(out_dir).expanduser()
-    state = _check_output_dir(out, source, overwrite)  # before the source is listed: a refusal costs nothing
+    state = _check_output_dir(out, source, overwrite, flag)  # before the source is listed: a refusal costs nothing
     src = resolve_source(source)
     _clear_output_dir(out, prefix, state)
 
