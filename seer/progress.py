@@ -1,4 +1,5 @@
-"""Progress of long work: a tqdm bar on a terminal, a plain line every 10 s anywhere else (logs, SLURM, CI).
+"""Progress of long work: a tqdm bar on a terminal, a plain line every 10 s anywhere else (logs, SLURM, CI, and a
+terminal that reports no width or under 20 columns, where a bar would show nothing).
 
     with progress(total=steps, desc="pretrain", unit="step") as bar:
         for ...:
@@ -21,7 +22,27 @@ import threading
 import time
 from typing import Any, TextIO
 
-__all__ = ["progress", "heartbeat", "Progress", "line_interval", "format_seconds"]
+__all__ = [
+    "progress",
+    "heartbeat",
+    "Progress",
+    "line_interval",
+    "format_seconds",
+    "terminal_columns",
+    "MIN_BAR_COLUMNS",
+]
+
+# Narrower than this, a tqdm bar shows its description cut short or, at the 0 columns some terminals report (a
+# serial console, an emulator that never set its size), nothing at all: plain lines instead.
+MIN_BAR_COLUMNS = 20
+
+
+def terminal_columns(file: TextIO) -> int | None:
+    """The width of the terminal ``file`` writes to, as the terminal reports it (None: not a terminal, or unknown)."""
+    try:
+        return os.get_terminal_size(file.fileno()).columns
+    except (AttributeError, OSError, ValueError):  # no fileno (StringIO), not a terminal, a closed file
+        return None
 
 
 def line_interval() -> float:
@@ -50,7 +71,8 @@ def format_seconds(s: float) -> str:
 
 
 class Progress:
-    """Counts work done; shows it as a tqdm bar (a terminal) or as plain lines at most every ``interval`` s."""
+    """Counts work done; shows it as a tqdm bar (a terminal at least ``MIN_BAR_COLUMNS`` wide) or as plain lines at
+    most every ``line_interval()`` s (anything else: a file, a pipe, a terminal of unknown width or narrower)."""
 
     def __init__(self, total: int | None, desc: str, unit: str = "it", *, enabled: bool | None = True,
                  initial: int = 0, file: TextIO | None = None, tty: bool | None = None) -> None:  # fmt: skip
@@ -65,6 +87,8 @@ class Progress:
         if not self.enabled:
             return
         is_tty = tty if tty is not None else bool(getattr(self._file, "isatty", lambda: False)())
+        if is_tty and (terminal_columns(self._file) or 0) < MIN_BAR_COLUMNS:
+            is_tty = False  # a terminal of unknown width or under 20 columns: a bar there shows (next to) nothing
         if is_tty:
             from tqdm.auto import tqdm
 

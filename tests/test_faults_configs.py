@@ -61,7 +61,7 @@ def test_unknown_keys_named(override: str, key: str, tiny) -> None:
         ("model.activation_checkpointing=3", "model.activation_checkpointing"),
         ("model.activation_checkpointing=sometimes", "model.activation_checkpointing"),
         ("data.crops=[[2, a]]", "data.crops"),
-        ("data.crops=[[1, 32]]", "swav.crops_for_assign"),  # one crop: SwAV needs two views
+        ("data.crops=[[1, 32]]", "data.crops"),  # one crop: SwAV needs two views
         ("data.batch_size_per_gpu=0", "data.batch_size_per_gpu"),
         ("data.source=webdataset", "data.source"),
         ("data.source=shards", "data.urls"),

@@ -223,9 +223,12 @@ def _poison_after_step(monkeypatch, at: int, name: str = POISONED) -> None:
 
 
 def test_non_finite_weights_stop_the_run_before_the_save(tmp_path: Path, monkeypatch, capsys, small) -> None:
+    import seer.train.optim as optim
     from seer.cli import main
     from seer.train.loop import pretrain
+    from seer.train.rundir import RunDirConfigError
 
+    real_build_optimizer = optim.build_optimizer
     _poison_after_step(monkeypatch, 2)
     monkeypatch.setenv("SEER_PROGRESS", "0")  # stderr holds the error line alone (no progress lines)
     run = tmp_path / "run"
@@ -237,6 +240,15 @@ def test_non_finite_weights_stop_the_run_before_the_save(tmp_path: Path, monkeyp
     assert "last good" not in msg and str(run / "checkpoints" / "step_00000001") in msg, msg
     assert [p.name for p in list_checkpoints(run)] == ["step_00000001"]  # the poisoned state was not saved
     assert not list((run / "checkpoints").glob(".tmp-*"))
+    # the advice works as written: a lower lr changes what is trained, so the resume needs --allow-config-change
+    assert "lower optim.base_lr" in msg and "resume with --allow-config-change" in msg, msg
+    cfg = load_config(None, argv)
+    lower = [*argv, f"optim.base_lr={cfg.optim.base_lr / 10}"]
+    with monkeypatch.context() as m:
+        m.setattr(optim, "build_optimizer", real_build_optimizer)  # the cause is fixed
+        with pytest.raises(RunDirConfigError, match="optim.base_lr"):
+            pretrain(load_config(None, lower))
+        assert pretrain(load_config(None, lower), allow_config_change=True)["step"] == 3
     # the CLI: exit 1, one line
     shutil.rmtree(run)
     assert main(["pretrain", *argv]) == 1

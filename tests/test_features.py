@@ -341,6 +341,44 @@ def test_jpeg_draft_decoding_stays_close(tmp_path):
     assert np.abs(pp(drafted).astype(np.float32) - full).mean() < 2.5  # on the 0..255 scale
 
 
+def test_exact_is_the_exact_preprocess_and_differs_where_the_jpeg_is_drafted(trunk, model_file, tmp_path, capsys):
+    """``exact=True`` (and `seer extract --exact`) is ``preprocess=Preprocess.for_model(trunk, exact=True)``; on a
+    JPEG the default path draft-decodes (400x300 for a 32 px crop: 1/8 scale) its features differ."""
+    rng = np.random.default_rng(1)
+    smooth = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((400, 300), 3)
+    path = tmp_path / "big.jpg"
+    smooth.save(path, quality=95)
+    assert load_image(path, draft=Preprocess.for_model(trunk).draft_size()).size == (50, 38)  # drafting applies
+    exact = extract_features([path], trunk, exact=True)
+    np.testing.assert_array_equal(
+        exact, extract_features([path], trunk, preprocess=Preprocess.for_model(trunk, exact=True))
+    )
+    fast = extract_features([path], trunk)
+    assert not np.allclose(fast, exact, rtol=1e-3, atol=1e-4), np.abs(fast - exact).max()
+    # a Preprocess given with exact=True: that one, exact
+    np.testing.assert_array_equal(extract_features([path], trunk, preprocess=Preprocess.for_model(trunk), exact=True),
+                                  exact)  # fmt: skip
+    with pytest.raises(ValueError, match="preprocess=False"):
+        extract_features(torch.zeros(1, 3, RES, RES), trunk, preprocess=False, exact=True)
+    with pytest.raises(ValueError, match="exact must be True or False"):
+        extract_features([path], trunk, exact="yes")
+
+    # extract_dataset and `seer extract --exact`: the same features; exact is a setting a resume must repeat
+    listing = tmp_path / "files.txt"
+    listing.write_text(f"{path}\n")
+    for flags, out, want in (([], "fast", fast), (["--exact"], "exact", exact)):
+        argv = [str(listing), str(tmp_path / out), "--model", model_file, "--dtype", "float32", "--no-progress", *flags]
+        assert cli_main(argv) == 0, capsys.readouterr().err
+        np.testing.assert_allclose(load_feature_file(tmp_path / out)["features"], want, rtol=1e-5, atol=1e-6)
+    assert json.loads((tmp_path / "exact" / "meta.json").read_text())["preprocess"]["exact"] is True
+    capsys.readouterr()
+    assert cli_main([str(listing), str(tmp_path / "fast"), "--model", model_file, "--exact"]) == 2
+    assert "preprocess" in capsys.readouterr().err
+    summary = extract_dataset([str(path)], tmp_path / "api", trunk, exact=True, dtype="float32", progress=False)
+    assert summary["merged"]
+    np.testing.assert_allclose(load_feature_file(tmp_path / "api")["features"], exact, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------------------------

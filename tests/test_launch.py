@@ -18,6 +18,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+import yaml
 
 from seer.distributed.env import detect_launcher
 from seer.launch import cli as submit
@@ -206,11 +207,70 @@ def test_submission_through_fake_sbatch_records_the_job(tmp_path, capsys, fake_s
     second = json.loads((job_dir / "launch" / "submission_001.json").read_text())
     assert second["submission"] == 1 and second["options"]["nodes"] == 2 and second["options"]["timeout_min"] == 60
     assert second["options"]["partition"] == "devlab"
-    # A new config into a job dir that holds a run is refused (the run has no checkpoint yet: allowed here).
+    # A config that changes what a job dir's checkpoints trained is refused (no checkpoint yet: allowed above), by
+    # the check the job runs (this meta.json records no config: the run's config.yaml is the reference).
     (job_dir / "checkpoints" / "step_00000004").mkdir(parents=True)
-    (job_dir / "checkpoints" / "step_00000004" / "meta.json").write_text("{}")
-    code, _, err = _run([*argv[:-1], "train.total_steps=40"], capsys)
-    assert code == 2 and "different config" in err and "--resume" in err
+    (job_dir / "checkpoints" / "step_00000004" / "meta.json").write_text('{"step": 4}')
+    code, _, err = _run([*argv, "optim.base_lr=0.123"], capsys)
+    assert code == 2 and "optim.base_lr" in err and "0.123" in err and "--resume" in err, err
+    assert "--allow-config-change" in err and "--force" in err
+
+
+# A job dir whose run trained 4 steps (in this process): what `--force` / `--allow-config-change` is about.
+@pytest.fixture
+def trained(tmp_path, tiny):
+    from seer.config import load_config
+    from seer.train.loop import pretrain
+
+    job_dir = tmp_path / "job"
+    overrides = [*tiny, "train.total_steps=4", "train.ckpt_every_steps=4", "data.workers=0"]
+    pretrain(load_config(TINY_CFG, [*overrides, f"run_dir={job_dir}"]))
+    return job_dir, overrides
+
+
+def test_a_config_that_changes_what_was_trained_is_refused_unless_allowed(trained, capsys, fake_slurm):
+    """The job's own run-directory check runs at submission; --force passes allow_config_change on to the job, and
+    submitting never writes over the config.yaml the job's check compares with."""
+    job_dir, overrides = trained
+    config_before = (job_dir / "config.yaml").read_bytes()
+    base = ["pretrain", "--config", TINY_CFG, "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "1",
+            "--cpus-per-task", "1", "--partition", "devlab", "--timeout-min", "60", "--job-dir", str(job_dir),
+            *overrides]  # fmt: skip
+    code, out, err = _run([*base, "optim.base_lr=0.2", "--dry-run"], capsys)
+    assert code == 2 and out == "" and "optim.base_lr: 2.4 -> 0.2" in err, err
+    assert "--allow-config-change" in err and "--force" in err and f"--resume {job_dir}" in err
+    code, out, err = _run([*base, "train.total_steps=8", "--dry-run"], capsys)  # training longer needs no flag
+    assert code == 0, err
+    code, out, err = _run([*base, "optim.base_lr=0.2", "--dry-run", "--force"], capsys)
+    assert code == 0 and "resume at step 4" in err, err
+
+    code, out, err = _run([*base, "optim.base_lr=0.2", "train.total_steps=8", "--allow-config-change"], capsys)
+    assert code == 0, err
+    assert (job_dir / "config.yaml").read_bytes() == config_before  # the job writes it, after its check
+    record = json.loads((job_dir / "launch" / "submission_000.json").read_text())
+    assert record["allow_config_change"] is True and record["start_step"] == 4
+    submitted = cloudpickle.loads((job_dir / "launch" / "logs" / "4242" / "4242_submitted.pkl").read_bytes())
+    job = submitted.function
+    assert isinstance(job, PretrainJob) and job.allow_config_change and job.config["optim"]["base_lr"] == 0.2
+    # a requeue keeps it: until the next checkpoint records the new config, the restarted job needs it as well
+    _fake_attempts(job_dir, 1, submission=0)
+    assert job.checkpoint().function.allow_config_change
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_force_continues_a_run_with_a_changed_config_through_the_local_executor(trained, capsys):
+    job_dir, overrides = trained
+    old = yaml.safe_load((job_dir / "config.yaml").read_text())
+    argv = ["pretrain", "--config", TINY_CFG, "--local", "--tasks-per-node", "1", "--job-dir", str(job_dir),
+            "--timeout-min", "10", *overrides, "optim.base_lr=0.2", "train.total_steps=6", "--force"]  # fmt: skip
+    code = submit.main(argv)
+    out = capsys.readouterr()
+    assert code == 0, (out.out, out.err)
+    (attempt,) = read_attempts(job_dir)
+    assert attempt["status"] == "finished" and (attempt["start_step"], attempt["end_step"]) == (4, 6)
+    assert yaml.safe_load((job_dir / "config.yaml").read_text())["optim"]["base_lr"] == 0.2
+    assert yaml.safe_load((job_dir / "config.step_00000004.yaml").read_text()) == old  # what steps 1-4 trained
 
 
 # ----------------------------------------------------------------------------------------------------------------

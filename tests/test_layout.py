@@ -26,7 +26,49 @@ MODULES = ["seer.catalog", "seer.launch", "seer.launch.executor", "seer.launch.j
            "seer.weights", "seer.weights.formats", "seer.weights.read", "seer.weights.load", "seer.weights.save",
            "seer.weights.cli", "seer.train.checkpoint", "seer.data.images", "seer.features", "seer.features.inputs",
            "seer.features.runner", "seer.features.memory", "seer.features.files", "seer.features.dataset",
-           "seer.features.cli"]  # fmt: skip
+           "seer.features.cli", "seer.weights.named", "seer.train.rundir", "seer.train.api", "seer.config_doc",
+           "seer.logs", "seer.progress"]  # fmt: skip
+
+
+def _architecture_layout() -> dict[str, str]:
+    """docs/architecture.md's layout tree: each entry's path (``seer/train/rundir.py``, ``seer/launch/``) -> its
+    description (continuation lines included)."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    entries: dict[str, str] = {}
+    dirs: list[tuple[int, str]] = []  # (indent, path) of the enclosing directories
+    last = None
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip())
+        name, _, rest = line.strip().partition(" ")
+        if indent > 8 or not name.endswith((".py", "/")):  # a description's continuation line
+            if last is not None:
+                entries[last] += " " + line.strip()
+            continue
+        while dirs and dirs[-1][0] >= indent:
+            dirs.pop()
+        last = (dirs[-1][1] if dirs else "") + name
+        entries[last] = rest.strip()
+        if name.endswith("/"):
+            dirs.append((indent, last))
+    return entries
+
+
+def test_the_architecture_page_names_every_module_listed_here():
+    """Each module of MODULES has its line in docs/architecture.md's layout (or is named by its folder's line)."""
+    import re
+
+    layout = _architecture_layout()
+    assert "seer/models/regnet.py" in layout and "seer/weights/named.py" in layout  # the parser reads the tree
+    missing = []
+    for module in MODULES:
+        parts = module.split(".")
+        is_package = (ROOT.joinpath(*parts) / "__init__.py").is_file()
+        path = "/".join(parts) + ("/" if is_package else ".py")
+        folder, leaf = path.rstrip("/").rsplit("/", 1)
+        if path not in layout and not re.search(rf"\b{re.escape(leaf)}\b", layout.get(folder + "/", "")):
+            missing.append(path)
+    assert not missing, f"docs/architecture.md's layout does not name {missing}"
 
 
 def test_each_module_imports_first_without_a_cycle():

@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from seer.config import (
@@ -256,12 +257,29 @@ def test_config_differences_and_the_table():
         (["method=supervised"], "set data.source=images data.images=DIR"),
         (["data.source=shards"], "set data.urls="),
         (["model.init_from=' '"], "set model.init_from=null"),
+        # the method's own section (seer/ssl/swav.py): a crop count only data.* can raise, indices it bounds
+        (["data.crops=[[1, 32]]"], "set data.multicrop to a preset with 2 or more crops, or data.crops=[[2, RES]"),
+        (["swav.crops_for_assign=[0, 9]"], "set swav.crops_for_assign=[0, 1] (the first two crops), or more crops"),
     ],
 )
 def test_a_refused_value_names_the_override_that_fixes_it(overrides, fix):
     with pytest.raises(ConfigError) as err:
         load_config("tiny_cpu", overrides)
     assert fix in str(err.value), str(err.value)
+
+
+def test_the_method_sections_name_the_override_too():
+    from seer.ssl.swav import SwAV
+    from seer.train.supervised import SupervisedConfig
+
+    with pytest.raises(ValueError, match=r"supervised.crops: .* got \[5\]; set supervised.crops=\[\] \(every"):
+        SupervisedConfig(n_classes=10, crops=[5]).validate(n_crops=2)
+    SupervisedConfig(n_classes=10, crops=[]).validate(n_crops=2)  # the fix it names passes
+    # the queue's size is checked at its first step, where the batch and the world size are known
+    head = SwAV([8, 6], n_prototypes=7, queue_length=3)
+    with pytest.raises(ValueError, match=r"swav.queue_length: .* got 3; set swav.queue_length=4 or more .*=0"):
+        head(torch.randn(2 * 4, 8), 2, 0)
+    SwAV([8, 6], n_prototypes=7, queue_length=4)(torch.randn(2 * 4, 8), 2, 0)
 
 
 def test_bn_splits_refusal_names_a_divisor():

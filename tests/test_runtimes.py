@@ -164,6 +164,22 @@ def test_extract_features_runtime_backends_match_torch(backend):
         assert got.shape == want.shape and _rel(got, want) < RTOL, (backend, layer)
 
 
+def test_progress_false_silences_the_backend_set_up(monkeypatch, capsys):
+    """The extraction's ``progress`` reaches the ONNX export: ``False`` prints nothing, the default its heartbeat."""
+    import seer
+    from seer.features import backends
+
+    monkeypatch.delenv("SEER_PROGRESS", raising=False)
+    trunk = _trunk(6)
+    for progress, heard in ((False, False), (None, True)):
+        backends._CACHE.clear()  # an export is cached per process and model: set it up again
+        capsys.readouterr()
+        seer.extract_features(_images(4), trunk, backend="onnxruntime", resolution=32, progress=progress)
+        err = capsys.readouterr().err
+        assert ("ONNX export of the RegNetTrunk" in err) is heard, (progress, err)
+        assert ("done in" in err) is heard
+
+
 @pytest.mark.slow
 def test_extract_features_compile_backend_matches_torch():
     import seer

@@ -101,6 +101,37 @@ def test_wheel_installed_outside_the_checkout_does_everything(tmp_path):
     _run([str(seer_bin), "eval-suite", "--suite", "small", "--out", "eval_small"], work, env, timeout=900)
     results = list((work / "eval_small").rglob("*.json"))
     assert results and any("knn" in p.read_text() for p in results)
+    # 4. what a timm / HF user looks for first: the version report, the config's keys, the named released weights
+    out = _run([str(seer_bin), "--version"], work, env)
+    assert out.startswith("seer ") and "torch 2." in out and "bf16" in out and "extras" in out, out
+    out = _run([str(seer_bin), "config", "show", "tiny_cpu"], work, env)
+    for key in ("optim.base_lr", "train.total_steps", "swav.epsilon", "data.multicrop"):
+        assert key in out, key
+    out = _run([str(seer_bin), "models"], work, env)
+    assert "seer-rg32" in out and "seer-rg10b" in out and "seer-rg32-in1k" in out, out
+    # a named checkpoint from an offline HF cache: a tiny RegNet saved by transformers under the RG-32's hub id
+    cache = work / "hf_cache"
+    _cache_tiny_hf_regnet(cache, "facebook/regnet-y-320-seer")
+    named_env = dict(env, HF_HUB_CACHE=str(cache))
+    out = _run([str(py), "-c", "import seer, numpy as np; t = seer.load_trunk('seer-rg32'); "
+                "f = seer.extract_features([np.zeros((40, 50, 3), np.uint8)], t, progress=False); "
+                "print(t.cfg.widths, f.shape)"], work, named_env)  # fmt: skip
+    assert "[16, 32, 48, 64]" in out and "(1, 64)" in out, out
     out = subprocess.run([str(seer_bin), "bench"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "checkout" in (out.stdout + out.stderr), out.stdout + out.stderr
     json.loads((work / "run" / "metrics.jsonl").read_text().splitlines()[-1])  # the log is well-formed
+
+
+def _cache_tiny_hf_regnet(cache: Path, repo_id: str) -> None:
+    """The HF cache layout of ``repo_id`` (refs/main -> snapshots/<rev>/) holding a tiny random RegNet that
+    transformers saved: the installed wheel (which has no transformers) must read it offline by its seer name."""
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    cfg = transformers.RegNetConfig(hidden_sizes=[16, 32, 48, 64], depths=[1, 1, 1, 1], groups_width=16,
+                                    embedding_size=32, layer_type="y")  # fmt: skip
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    rev = "0" * 40
+    (repo / "refs" / "main").write_text(rev)
+    transformers.RegNetModel(cfg).save_pretrained(repo / "snapshots" / rev)

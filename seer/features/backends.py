@@ -37,6 +37,7 @@ from torch import nn
 from seer.extras import install_hint, require
 from seer.models.pooling import pooled_features
 from seer.models.regnet import ConvBN, RegNetTrunk
+from seer.progress import heartbeat
 
 __all__ = ["BACKENDS", "AUTO_MIN_IMAGES", "Backend", "BackendChoice", "make_backend", "choose", "installed"]
 
@@ -94,9 +95,11 @@ def _fingerprint(model: nn.Module) -> tuple:
 
 
 def make_backend(name: str, model: nn.Module, layer: str, example: torch.Tensor | None, *,
-                 amp: torch.dtype | None = None, threads: int | None = None) -> Backend:  # fmt: skip
+                 amp: torch.dtype | None = None, threads: int | None = None,
+                 progress: bool | None = True) -> Backend:  # fmt: skip
     """Backend ``name`` for ``model``'s ``layer`` features at ``example``'s image size (a full batch; the other
     backends are set up for it and cached per process; "torch" needs none). ``amp``: the autocast / precision dtype.
+    ``progress``: the extraction's setting; ``False`` silences the set-up's heartbeat (the ONNX export, the compile).
 
     Raises:
         ValueError: a backend that cannot run this model, device or precision.
@@ -121,8 +124,10 @@ def make_backend(name: str, model: nn.Module, layer: str, example: torch.Tensor 
         for old in [k for k in _CACHE if k[0] == name]:  # one model per backend: SEER trunks are large
             del _CACHE[old]
         t0 = time.perf_counter()
-        run = _compiled(model, layer, example, amp) if name == "compile" else _runtime(name, model, layer, example,
-                                                                                      amp, threads)  # fmt: skip
+        if name == "compile":
+            run = _compiled(model, layer, example, amp, progress)
+        else:
+            run = _runtime(name, model, layer, example, amp, threads, progress)
         _CACHE[key] = Backend(name, run, time.perf_counter() - t0)
     return _CACHE[key]
 
@@ -143,7 +148,8 @@ class _Layer(nn.Module):
         return pooled_features(self.trunk, x, (self.layer,))[self.layer]
 
 
-def _compiled(model: RegNetTrunk, layer: str, example: torch.Tensor, amp: torch.dtype | None) -> Callable:
+def _compiled(model: RegNetTrunk, layer: str, example: torch.Tensor, amp: torch.dtype | None,
+              progress: bool | None = True) -> Callable:  # fmt: skip
     import torch._inductor.config as inductor_config
 
     # A copy with the plain conv -> BN path: inductor folds BN into the conv and picks its own (oneDNN) kernels when
@@ -159,19 +165,21 @@ def _compiled(model: RegNetTrunk, layer: str, example: torch.Tensor, amp: torch.
         with torch.no_grad(), ctx, inductor_config.patch(freezing=True):
             return fn(x.contiguous()).float()  # one memory format: another would recompile
 
-    run(example)  # compile now: the set-up time is measured, and the first batch is not slow
+    with heartbeat(f"extract_features backend='compile': compiling the trunk for {tuple(example.shape)}",
+                   enabled=progress):  # fmt: skip
+        run(example)  # compile now: the set-up time is measured, and the first batch is not slow
     return run
 
 
 def _runtime(name: str, model: RegNetTrunk, layer: str, example: torch.Tensor, amp: torch.dtype | None,
-             threads: int) -> Callable:  # fmt: skip
+             threads: int, progress: bool | None = True) -> Callable:  # fmt: skip
     from seer.weights.onnx import export_onnx
 
     if example.shape[-2] != example.shape[-1]:
         raise ValueError(f"backend={name!r} exports square inputs; got {tuple(example.shape[-2:])}")
     with tempfile.TemporaryDirectory(prefix="seer-onnx-") as tmp:
         path = export_onnx(model, Path(tmp) / "trunk.onnx", layers=(layer,), resolution=example.shape[-1],
-                           check=False)  # fmt: skip
+                           check=False, progress=progress)  # fmt: skip
         if name == "onnxruntime":
             import onnxruntime as ort
 
@@ -205,8 +213,9 @@ _CHOICES: dict[tuple, BackendChoice] = {}
 
 
 def choose(model: nn.Module, layer: str, example: torch.Tensor, *, n_images: int | None,
-           amp: torch.dtype | None = None) -> BackendChoice:  # fmt: skip
-    """The backend ``backend="auto"`` runs for ``n_images`` images like ``example`` (a full batch), and why."""
+           amp: torch.dtype | None = None, progress: bool | None = True) -> BackendChoice:  # fmt: skip
+    """The backend ``backend="auto"`` runs for ``n_images`` images like ``example`` (a full batch), and why.
+    ``progress``: as for ``make_backend`` (the probe sets the runtimes up)."""
     forced = os.environ.get("SEER_FEATURES_BACKEND")
     if forced:
         if forced not in BACKENDS[1:]:
@@ -229,7 +238,7 @@ def choose(model: nn.Module, layer: str, example: torch.Tensor, *, n_images: int
     key = (id(model), _fingerprint(model), layer, tuple(example.shape), amp, torch.get_num_threads())
     if key not in _CHOICES:
         _CHOICES.clear()
-        _CHOICES[key] = _probe(model, layer, example, amp, ["torch", *candidates])
+        _CHOICES[key] = _probe(model, layer, example, amp, ["torch", *candidates], progress)
         choice = _CHOICES[key]
         log.info("extract_features backend=auto: %s (%s; %s)", choice.name, choice.rule,
                  ", ".join(f"{k} {v['batch_s'] * 1e3:.1f} ms/batch + {v['setup_s']:.1f} s set-up"
@@ -238,12 +247,12 @@ def choose(model: nn.Module, layer: str, example: torch.Tensor, *, n_images: int
 
 
 def _probe(model: RegNetTrunk, layer: str, example: torch.Tensor, amp: torch.dtype | None,
-           names: list[str]) -> BackendChoice:  # fmt: skip
+           names: list[str], progress: bool | None = True) -> BackendChoice:  # fmt: skip
     """Time each backend on ``example`` (best of 3 after a warm-up); the fastest per batch wins."""
     seconds: dict[str, dict] = {}
     for name in names:
         try:
-            backend = make_backend(name, model, layer, example, amp=amp)
+            backend = make_backend(name, model, layer, example, amp=amp, progress=progress)
         except (ImportError, ValueError, RuntimeError) as exc:  # a runtime that cannot take this model is skipped
             log.warning("extract_features backend=auto: %s unavailable (%s)", name, exc)
             continue

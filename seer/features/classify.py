@@ -168,7 +168,12 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         "image, in input order: the input, then the top-k labels with their probabilities.",
     )
     p.add_argument("images", nargs="+", help="image files, folders, .csv/.txt file lists, or shards (.tar, braces)")
-    p.add_argument("--model", required=True, help="classifier checkpoint path, run directory or HF hub id")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="classifier checkpoint path, run directory, HF hub id, or fine-tuned SEER weights by name "
+        "(seer-rg32-in1k ...: `seer models` lists them)",
+    )
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")

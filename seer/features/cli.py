@@ -37,7 +37,12 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("source", help="image folder, .csv/.txt file list, or shards (.tar, brace pattern)")
     p.add_argument("out_dir", help="output directory")
-    p.add_argument("--model", default=None, help=f"checkpoint path or HF hub id (default: {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint path, run directory, HF hub id, or released SEER weights by name (seer-rg32 ...: "
+        f"`seer models` lists them) (default: {DEFAULT_MODEL})",
+    )
     p.add_argument("--layer", default="avgpool", choices=LAYERS)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -68,6 +73,12 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--crop-pct", type=float, default=None)
     p.add_argument("--interpolation", default=None, choices=sorted(INTERPOLATIONS))
     p.add_argument("--resize-mode", default=None, choices=["shorter", "warp"])
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="decode JPEGs in full and resize every image whole: timm's / torchvision's / HF's pixels exactly "
+        "(default: large JPEGs are draft-decoded and pre-reduced, faster; see docs/features.md, 'Exact or fast')",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     configure_logging()  # the backend probe's choice (seer.features) and the loader's warnings (seer.data)
@@ -82,7 +93,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
             chunk_size=args.chunk_size, num_workers=args.workers, on_error=args.on_error,
             merge=False if args.no_merge else "auto", format=args.format,
             progress=False if args.no_progress else None, amp=args.amp, overwrite=args.overwrite, backend=args.backend,
-            flag="--overwrite",
+            flag="--overwrite", exact=args.exact,
             **{k: v for k, v in (("resolution", args.resolution), ("crop_pct", args.crop_pct),
                                  ("interpolation", args.interpolation), ("resize_mode", args.resize_mode))
                if v is not None},

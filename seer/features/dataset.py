@@ -81,7 +81,7 @@ def extract_dataset(source: Any, out_dir: str | os.PathLike, model: Any = None, 
                     num_workers: int | None = None, on_error: str = "skip", merge: bool | str = "auto",
                     format: str = "npy", progress: bool | None = None, amp: str | None = None,
                     overwrite: bool = False, backend: str = "auto", flag: str = "overwrite=True",
-                    **preprocess: Any) -> dict:  # fmt: skip
+                    exact: bool = False, **preprocess: Any) -> dict:  # fmt: skip
     """Features of a whole dataset written to ``out_dir`` in chunks: resumable, atomic, rank-sharded.
 
     Every rank runs this with its own ``rank`` (of ``world_size``, passed explicitly: nothing here talks to
@@ -95,8 +95,9 @@ def extract_dataset(source: Any, out_dir: str | os.PathLike, model: Any = None, 
             shards (a ``.tar`` path, brace pattern or list of ``.tar`` files), a Dataset of ``(image, label)``,
             or a list of images / paths.
         out_dir: output directory.
-        model, layer, batch_size, device, normalize, amp, num_workers, progress, backend: as ``extract_features``
-            (``backend="auto"`` counts this call's inputs; the backend that ran, and why, is in the summary).
+        model, layer, batch_size, device, normalize, amp, num_workers, progress, backend, exact: as
+            ``extract_features`` (``backend="auto"`` counts this call's inputs; the backend that ran, and why, is in
+            the summary; ``exact`` is one of the settings a resume must repeat).
         dtype: "float16" (half the disk, what kNN / linear probes need) or "float32".
         on_error: "skip" (record unreadable inputs in ``skipped.json``) or "raise".
         merge: "auto" (merge when every rank is done), True (this rank merges: all must be done), False.
@@ -136,7 +137,8 @@ def extract_dataset(source: Any, out_dir: str | os.PathLike, model: Any = None, 
     unlistable = _unlistable_names(src, on_error) if src is not None else {}
     setup = make_setup(model, layer=layer, batch_size=batch_size, device=device, normalize=normalize, amp=amp,
                         preprocess=True, n_items=None if src is None else len(src.items), num_workers=num_workers,
-                        needs_decode=True, overrides=preprocess, backend=backend)  # fmt: skip
+                        needs_decode=True, overrides=preprocess, backend=backend, exact=exact,
+                        progress=progress)  # fmt: skip
     loader = _shard_loader(source, setup, rank, world_size) if shards else None
     settings = {
         "model": _model_name(model),

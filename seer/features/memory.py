@@ -40,20 +40,23 @@ def extract_features(images: Any, model: Any = None, *, layer: str = "avgpool", 
                      preprocess: bool | Preprocess = True, resolution: int | None = None,
                      crop_pct: float | None = None, interpolation: str | None = None,
                      resize_mode: str | None = None, mean: Sequence[float] | None = None,
-                     std: Sequence[float] | None = None, backend: str = "auto") -> np.ndarray:  # fmt: skip
+                     std: Sequence[float] | None = None, backend: str = "auto",
+                     exact: bool = False) -> np.ndarray:  # fmt: skip
     """Features of images with a SEER trunk, as numpy float32 ``[N, D]`` in input order.
 
     Args:
         images: a list (or any iterable, or a ``Dataset``) of PIL images, file paths, encoded bytes, numpy HWC
             uint8 arrays or CHW tensors (uint8, or float in [0, 1]); an NCHW tensor or NHWC array; a folder path
             (its image files, sorted). Dataset items may be ``(image, label)`` pairs.
-        model: a trunk, a checkpoint path or HF hub id (anything ``seer.load_trunk`` reads), or ``None`` for
-            ``DEFAULT_MODEL`` (``facebook/regnet-y-320-seer``: downloaded once, needs network or the HF cache).
+        model: a trunk, a checkpoint path, an HF hub id or the name of released SEER weights (``"seer-rg32"``;
+            ``seer models`` lists them): anything ``seer.load_trunk`` reads; or ``None`` for ``DEFAULT_MODEL``
+            (``facebook/regnet-y-320-seer``: downloaded once, needs network or the HF cache).
         layer: "avgpool" (the pooled last stage) or "res2".."res5" (that stage, globally average-pooled).
         batch_size: images per forward (default 32 on CPU, 64 on GPU).
         device: default: CUDA when available for models loaded here; a given module's own device.
         normalize: L2-normalize each feature vector.
         progress: a tqdm bar; ``None`` shows it for 512 images or more (and for iterables of unknown length).
+            ``False`` also silences the heartbeat line of a backend's set-up (the ONNX export, the compile).
         on_error: "raise" (a corrupt / unreadable image raises ``ImageError`` naming it) or "skip" (the result
             is a ``FeatureArray`` without those rows: ``.indices`` are the input positions of the rows,
             ``.skipped`` lists the skipped inputs and why). Wrong input types, shapes and dtypes always raise.
@@ -65,6 +68,11 @@ def extract_features(images: Any, model: Any = None, *, layer: str = "avgpool", 
         resolution, crop_pct, interpolation, resize_mode, mean, std: override the preprocessing (defaults come from
             the checkpoint: 224 px / crop 0.965 / bicubic for timm SEER weights, the HF processor's settings --
             384 px warp for the hub SEER models -- for HF ones; see docs/features.md).
+        exact: decode JPEGs in full and resize every image whole, as timm / torchvision / HF do, for their pixels
+            exactly (``Preprocess.for_model(trunk, exact=True)``; with a ``Preprocess`` given, that one with
+            ``exact=True``). By default a JPEG at least twice the resize target is draft-decoded at 1/2-1/8 scale and
+            a large downscale is box pre-reduced: faster, pixels a few gray levels off (docs/features.md, "Exact or
+            fast").
         backend: "torch" (eager), "compile" (``torch.compile``, inductor with frozen weights), "onnxruntime" or
             "openvino" (CPU; the trunk exported to ONNX once per process; extras ``seer-ssl[onnx]`` /
             ``[openvino]``), or "auto": eager torch for fewer than 5000 images, on GPU, for non-seer models or with
@@ -85,7 +93,8 @@ def extract_features(images: Any, model: Any = None, *, layer: str = "avgpool", 
                      mean=mean, std=std)  # fmt: skip
     setup = make_setup(model, layer=layer, batch_size=batch_size, device=device, normalize=normalize, amp=amp,
                         preprocess=preprocess, n_items=None if items is None else len(items), num_workers=num_workers,
-                        needs_decode=needs_decode, overrides=overrides, backend=backend)  # fmt: skip
+                        needs_decode=needs_decode, overrides=overrides, backend=backend, exact=exact,
+                        progress=progress)  # fmt: skip
     feats: list[np.ndarray] = []
     kept: list[int] = []
     skipped: list[dict] = []

@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +117,9 @@ class _Runner:
 
     def __init__(self, model: nn.Module, device: torch.device, preprocess: Preprocess | None, layer: str,
                  normalize: bool, amp: str | None, backend: str = "torch", batch_size: int = 32,
-                 n_items: int | None = None) -> None:  # fmt: skip
+                 n_items: int | None = None, progress: bool | None = True) -> None:  # fmt: skip
         self.model, self.device, self.layer, self.normalize = model, device, layer, normalize
+        self.progress = progress  # the extraction's setting: False silences the backend set-up's heartbeat too
         self.backend_name, self.batch_size, self.n_items = backend, batch_size, n_items
         self.backend: backends.Backend | None = None  # resolved at the first batch, when the image size is known
         self.choice: backends.BackendChoice | None = None
@@ -162,9 +163,11 @@ class _Runner:
                 h, w = (images.shape[1], images.shape[2]) if images.dtype == torch.uint8 else images.shape[2:]
                 example = torch.zeros(self.batch_size, 3, h, w, device=self.device)
             if name == "auto":
-                self.choice = backends.choose(self.model, self.layer, example, n_images=self.n_items, amp=self.amp)
+                self.choice = backends.choose(self.model, self.layer, example, n_images=self.n_items, amp=self.amp,
+                                              progress=self.progress)  # fmt: skip
                 name = self.choice.name
-            self.backend = backends.make_backend(name, self.model, self.layer, example, amp=self.amp)
+            self.backend = backends.make_backend(name, self.model, self.layer, example, amp=self.amp,
+                                                 progress=self.progress)  # fmt: skip
         return self.backend
 
     @torch.inference_mode()
@@ -223,8 +226,13 @@ class Setup:
 
 def make_setup(model: Any, *, layer: str, batch_size: int | None, device: Any, normalize: bool, amp: str | None,
                preprocess: bool | Preprocess, n_items: int | None, num_workers: int | None,
-               needs_decode: bool, overrides: dict, backend: str = "torch") -> Setup:  # fmt: skip
+               needs_decode: bool, overrides: dict, backend: str = "torch", exact: bool = False,
+               progress: bool | None = True) -> Setup:  # fmt: skip
     """Resolve and check what ``extract_features`` / ``extract_dataset`` were given (see their arguments)."""
+    if not isinstance(exact, bool):
+        raise ValueError(f"exact must be True or False, got {exact!r}")
+    if exact and preprocess is False:
+        raise ValueError("exact=True sets how images are decoded and resized; preprocess=False decodes nothing")
     if layer not in LAYERS:
         raise ValueError(f"layer must be one of {LAYERS}, got {layer!r}")
     if backend not in backends.BACKENDS:
@@ -238,9 +246,9 @@ def make_setup(model: Any, *, layer: str, batch_size: int | None, device: Any, n
     if owned or device is not None:
         net.to(dev)
     if isinstance(preprocess, Preprocess):
-        pp: Preprocess | None = preprocess
+        pp: Preprocess | None = replace(preprocess, exact=True) if exact else preprocess
     elif preprocess:
-        pp = Preprocess.for_model(net, **overrides)
+        pp = Preprocess.for_model(net, **overrides, exact=exact)
     else:
         pp = None
     if batch_size is None:
@@ -253,7 +261,8 @@ def make_setup(model: Any, *, layer: str, batch_size: int | None, device: Any, n
         big = n_items is not None and n_items >= 4 * batch_size
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         num_workers = min(8, cores // 2) if (big and needs_decode and cores >= 4) else 0
-    runner = _Runner(net, dev, pp, layer, normalize, amp, backend=backend, batch_size=batch_size, n_items=n_items)
+    runner = _Runner(net, dev, pp, layer, normalize, amp, backend=backend, batch_size=batch_size, n_items=n_items,
+                     progress=progress)  # fmt: skip
     return Setup(net, runner, pp, batch_size, num_workers, identity)
 
 

@@ -113,7 +113,14 @@ def _pretrain_parser(prog: str) -> argparse.ArgumentParser:
     ap.add_argument(
         "--max-requeues", type=int, default=None, help="requeues allowed, timeouts + preemptions (default 20; 5 local)"
     )
-    ap.add_argument("--force", action="store_true", help="submit into a job dir holding a run with another config")
+    ap.add_argument(
+        "--allow-config-change",
+        "--force",
+        dest="force",
+        action="store_true",
+        help="continue the job dir's checkpoints with a config that changes what is trained (seer pretrain "
+        "--allow-config-change: the job's log names the keys, the old config is kept as config.step_N.yaml)",
+    )
     add_resource_args(ap, gpus_default=None, cpus_default=10)
     ap.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. train.total_steps=1000")
     return ap
@@ -141,7 +148,7 @@ def _resolve_config(arg: str) -> str:
 
 def prepare_pretrain(argv: list[str], prog: str = PROG) -> tuple[argparse.Namespace, Any, Path]:
     """Parse and check everything (config, resources, job dir); returns ``(args, cfg, job_dir)``. Submits nothing."""
-    from seer.config import ConfigError, dump_config, load_config, validate
+    from seer.config import ConfigError, load_config, validate
 
     ap = _pretrain_parser(prog)
     args = ap.parse_intermixed_args(argv)
@@ -183,18 +190,18 @@ def prepare_pretrain(argv: list[str], prog: str = PROG) -> tuple[argparse.Namesp
     if not args.local and cfg.data.workers + 1 > args.cpus_per_task:
         print(f"{prog}: note: data.workers={cfg.data.workers} loader processes + the trainer on "
               f"--cpus-per-task {args.cpus_per_task}: the loader will compete for CPUs", file=sys.stderr)  # fmt: skip
-    existing = job_dir / "config.yaml"
-    if not args.resume and not args.force and existing.is_file() and run_progress(job_dir) > 0:
-        import tempfile
+    # The check the job itself runs first (seer.train.rundir), here before anything is submitted: a config that
+    # changes what the job dir's checkpoints trained is refused unless --allow-config-change / --force, which the
+    # job then passes on (pretrain(allow_config_change=True)).
+    from seer.train.rundir import inspect_run_dir
 
-        with tempfile.TemporaryDirectory() as tmp:
-            dump_config(cfg, Path(tmp) / "new.yaml")
-            same = (Path(tmp) / "new.yaml").read_text() == existing.read_text()
-        if not same:
-            raise LaunchError(
-                f"{job_dir} already holds a run (step {run_progress(job_dir)}) with a different config: "
-                f"continue it with --resume {job_dir}, pick another --job-dir, or pass --force"
-            )
+    try:
+        inspect_run_dir(cfg, world_size, allow_config_change=args.force)
+    except ValueError as exc:  # RunDirConfigError, or an unreadable meta.json
+        raise LaunchError(
+            f"{exc}\n(seer launch pretrain: the flag is --allow-config-change, or --force; --resume {job_dir} "
+            "continues the run with its own config.yaml; --job-dir picks another directory)"
+        ) from None
     return args, cfg, job_dir
 
 
@@ -233,8 +240,12 @@ def pretrain_main(argv: list[str], prog: str = PROG) -> int:
             return _error(prog, "pretrain", exc)
     index = len(_submissions(job_dir))
     job_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, job_dir / "config.yaml")
-    job_fn = PretrainJob(config_to_dict(cfg), str(job_dir), max_requeues=args.max_requeues, submission=index)
+    if step == 0:
+        # A new run's config, for --resume before the job starts. Never over the config.yaml of checkpoints: the
+        # job's own check compares with it, and the job writes it once that check passes.
+        dump_config(cfg, job_dir / "config.yaml")
+    job_fn = PretrainJob(config_to_dict(cfg), str(job_dir), max_requeues=args.max_requeues, submission=index,
+                         allow_config_change=args.force)  # fmt: skip
     job = executor.submit(job_fn)
     import seer
 
@@ -247,6 +258,7 @@ def pretrain_main(argv: list[str], prog: str = PROG) -> int:
         "command": shlex.join([*shlex.split(prog), "pretrain", *argv]),
         "cwd": os.getcwd(),
         "options": {k: getattr(args, k) for k in _RESOURCE_KEYS},
+        "allow_config_change": args.force,
         "parameters": dict(getattr(executor, "parameters", {})),
         "world_size": world_size,
         "start_step": step,

@@ -199,13 +199,24 @@ class PretrainJob:
         max_requeues: requeues allowed to this submission (timeouts and preemptions alike).
         submission: index of the ``launch pretrain`` call that created the job (a manual resume is a new submission).
         requeue: how many times this submission was requeued before (carried in the pickle submitit rewrites).
+        allow_config_change: resume the job directory's checkpoints even with a config that changes what is trained
+            (``seer launch pretrain --allow-config-change`` / ``--force``; ``pretrain(allow_config_change=...)``).
+            Kept by every requeue: until the run's next checkpoint records the new config, a requeue needs it too.
     """
 
     def __init__(
-        self, config: dict, job_dir: str, *, max_requeues: int = 20, submission: int = 0, requeue: int = 0
+        self,
+        config: dict,
+        job_dir: str,
+        *,
+        max_requeues: int = 20,
+        submission: int = 0,
+        requeue: int = 0,
+        allow_config_change: bool = False,
     ) -> None:
         self.config, self.job_dir = config, str(job_dir)
         self.max_requeues, self.submission, self.requeue = int(max_requeues), int(submission), int(requeue)
+        self.allow_config_change = bool(allow_config_change)
         self._attempt: _Attempt | None = None
         self._finished = False
 
@@ -213,6 +224,10 @@ class PretrainJob:
         state = dict(self.__dict__)
         state["_attempt"], state["_finished"] = None, False  # per-process state never travels
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("allow_config_change", False)  # a requeue pickled by a seer without the option
+        self.__dict__.update(state)
 
     def _requeues_used(self) -> int:
         """Attempts of this submission already started, minus the first: counted on disk, so a requeue SLURM makes
@@ -254,7 +269,7 @@ class PretrainJob:
         keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
         print("[launch] torch.distributed env: " + " ".join(f"{k}={info[k]}" for k in keys), flush=True)
         try:
-            summary = pretrain(cfg)
+            summary = pretrain(cfg, allow_config_change=self.allow_config_change)
         except SystemExit:
             # rank 0 after checkpoint(): submitit requeues by exiting from the signal handler. The process group is
             # left alone (other ranks may be blocked in a collective; the scheduler stops them).
@@ -374,6 +389,7 @@ class PretrainJob:
                 max_requeues=self.max_requeues,
                 submission=self.submission,
                 requeue=self.requeue + 1,
+                allow_config_change=self.allow_config_change,
             )
         )
 

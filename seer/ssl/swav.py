@@ -69,16 +69,20 @@ def _all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
 class SwAVConfig:
     """The SwAV head and loss (see ``SwAV``); ``head_dims`` follow the trunk width."""
 
+    # Projection MLP widths after the trunk's (hidden layers, then the embedding): SEER RG-32 [4096, 4096, 256].
     head_dims: list = field(default_factory=lambda: [2048, 128])
-    use_bn: bool = True
-    n_prototypes: int = 3000
-    temperature: float = 0.1
-    sinkhorn_iters: int = 3
-    epsilon: float = 0.05
-    crops_for_assign: list = field(default_factory=lambda: [0, 1])
+    use_bn: bool = True  # BatchNorm1d after each hidden layer of the projection (False in SEER-10B's head)
+    n_prototypes: int = 3000  # K, the prototypes the codes are spread over (SwAV 3000, SEER 16000)
+    temperature: float = 0.1  # softmax temperature of the predictions against the prototypes
+    sinkhorn_iters: int = 3  # Sinkhorn-Knopp iterations per step computing the codes (SEER 10)
+    epsilon: float = 0.05  # Sinkhorn regularization: lower gives sharper codes (SEER-10B 0.03)
+    crops_for_assign: list = field(default_factory=lambda: [0, 1])  # crops whose codes are the targets (global ones)
+    # Steps during which the prototypes get no update (their gradient is dropped); 313: SwAV's first ImageNet epoch.
     freeze_prototypes_iters: int = 313
+    # Embeddings kept per assignment crop over all ranks for the codes (0: no queue); each rank keeps
+    # queue_length // world size, rounded down to a multiple of its batch, so it must hold one batch per rank.
     queue_length: int = 0
-    queue_start_iter: int = 0
+    queue_start_iter: int = 0  # the step from which the queue fills (it is used once full)
     # L2 normalization + prototype scores in fp32 under bf16 (their own fp32 FSDP unit; autocast off without FSDP),
     # as VISSL's swav_head_fsdp keeps the prototypes in full precision "for convergence". False: the trunk's dtype.
     fp32_prototypes: bool = True
@@ -90,8 +94,9 @@ class SwAVConfig:
             ValueError: naming the dotted key (``swav.n_prototypes: must be >= 1, got 0``).
         """
 
-        def bad(key: str, value, why: str) -> ValueError:
-            return ValueError(f"{key}: {why}, got {value!r}")
+        def bad(key: str, value, why: str, fix: str = "") -> ValueError:
+            # seer.config's form: then the override that fixes it, where that is another key or a choice of values
+            return ValueError(f"{key}: {why}, got {value!r}" + (f"; {fix}" if fix else ""))
 
         check_numbers(self, section)  # first: range checks take inf as valid (temperature=.inf), and `nan < 0` is false
         if not self.head_dims or any(not isinstance(v, int) or v < 1 for v in self.head_dims):
@@ -102,11 +107,14 @@ class SwAVConfig:
         for key in ("temperature", "epsilon"):
             if not getattr(self, key) > 0:
                 raise bad(f"{section}.{key}", getattr(self, key), "must be > 0")
+        if n_crops < 2:  # first: no crops_for_assign can fix it
+            raise bad("data.crops", n_crops, "SwAV needs at least 2 crops per image (its swapped prediction)",
+                      "set data.multicrop to a preset with 2 or more crops, or data.crops=[[2, RES], ...]")  # fmt: skip
         c = self.crops_for_assign
         if not c or any(not isinstance(i, int) or not 0 <= i < n_crops for i in c):
-            raise bad(f"{section}.crops_for_assign", c, f"must be crop indices in [0, {n_crops})")
-        if n_crops < 2:
-            raise bad("data.crops", n_crops, "SwAV needs at least 2 crops per image (its swapped prediction)")
+            raise bad(f"{section}.crops_for_assign", c, f"must be crop indices in [0, {n_crops})",
+                      f"set {section}.crops_for_assign=[0, 1] (the first two crops), or more crops per image "
+                      "(data.multicrop / data.crops)")  # fmt: skip
         for key in ("freeze_prototypes_iters", "queue_length", "queue_start_iter"):
             if getattr(self, key) < 0:
                 raise bad(f"{section}.{key}", getattr(self, key), "must be >= 0")
@@ -403,8 +411,9 @@ class SwAV(nn.Module):
         rows = (self.queue_length // world) // batch * batch
         if rows < batch:
             raise ValueError(
-                f"queue_length {self.queue_length} is smaller than the global batch {batch * world} "
-                f"({batch} per rank x {world} ranks): it must hold at least one batch per rank"
+                f"swav.queue_length: must hold at least one batch per rank, the global batch {batch * world} "
+                f"({batch} per rank x {world} ranks), got {self.queue_length}; set swav.queue_length="
+                f"{batch * world} or more (a multiple of the global batch), or swav.queue_length=0 (no queue)"
             )
         return rows
 

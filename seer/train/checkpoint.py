@@ -388,7 +388,8 @@ def save_checkpoint(
             f"{_nonfinite_what(bad)} after step {step}: stopping without saving checkpoint {final.name}. "
             + (
                 f"The newest checkpoint is {latest} (step {_step_of(latest)}), saved before step {step}; it is "
-                f"untouched: fix the cause (optim.*: lower optim.base_lr, raise optim.warmup_iters) and resume."
+                f"untouched: fix the cause (optim.*: lower optim.base_lr, raise optim.warmup_iters) and resume with "
+                f"--allow-config-change (allow_config_change=True from Python: these keys change what is trained)."
                 if latest is not None
                 else f"No checkpoint was saved before step {step}."
             )

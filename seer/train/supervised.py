@@ -33,7 +33,7 @@ class SupervisedConfig:
     """The classifier and its loss (see ``SupervisedModel``)."""
 
     n_classes: int = 0  # the number of classes of the data; required
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0  # cross-entropy label smoothing: this fraction of the target spread over all classes
     crops: list = field(default_factory=list)  # crop indices to classify; [] = every crop
     head: str = "new"  # new | existing: model.init_from's classifier head (its classes must be the data's)
     freeze_trunk: bool = False  # train the head alone on the frozen trunk (eval-mode BatchNorm)
@@ -49,7 +49,10 @@ class SupervisedConfig:
             raise ValueError(f"{section}.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
         bad = [c for c in self.crops if not isinstance(c, int) or not 0 <= c < n_crops]
         if bad:
-            raise ValueError(f"{section}.crops: indices must be in [0, {n_crops}), got {self.crops}")
+            raise ValueError(
+                f"{section}.crops: indices must be in [0, {n_crops}), got {self.crops}; set {section}.crops=[] (every "
+                "crop) or indices below the crop count, or more crops per image (data.multicrop / data.crops)"
+            )
         if self.head not in ("new", "existing"):
             raise ValueError(f"{section}.head: must be 'new' or 'existing', got {self.head!r}")
 

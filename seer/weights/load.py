@@ -200,7 +200,7 @@ def load_classifier(source: Any, *, device: torch.device | str | None = None, fo
     runs. A 1000-way head without label names gets ImageNet-1k's.
 
     Args:
-        source: as for ``load_trunk``.
+        source: as for ``load_trunk``; by name, the fine-tuned SEER weights (``seer-rg32-in1k`` ...: ``seer models``).
         device: move the model there (default: CPU).
         format: force a layout instead of detecting it.
         preset: build this trunk architecture instead of inferring it.
