@@ -279,7 +279,7 @@ def test_pretrain_on_an_image_folder(tmp_path: Path, tiny_overrides, capsys) -> 
     summary = pretrain(cfg)
     out = capsys.readouterr().out
     assert summary["step"] == 8 and np.isfinite(summary["loss"]) and summary["data_skipped"]["skipped"] == 0
-    assert "data: 24 samples in image files" in out and "epoch 0 done (rank 0): 24 samples seen, 0 skipped" in out
+    assert "data: 24 samples in image files" in out and "epoch 0 done: 24 samples seen, 0 skipped" in out
     records = [json.loads(line) for line in (run / "data_keys" / "rank00000.jsonl").read_text().splitlines()]
     first_epoch = [k for r in records[:6] for k in r["keys"]]  # 6 steps x 4 = the 24 images
     assert sorted(first_epoch) == [f"p{i:02d}.jpg" for i in range(24)]
