@@ -140,18 +140,16 @@ def check_preprocess(pre: Any, where: str) -> dict:
 # evaluate with torchvision's transforms; seer's own checkpoints with torchvision's, as seer always has (a record
 # without the key, written before it existed, is read as its format's default here).
 DEFAULT_PREPROCESS: dict[str, dict] = {
-    "seer": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bicubic", "resize_mode": "shorter",
-             "convention": "torchvision"},
-    "timm": {"resolution": 224, "crop_pct": 0.965, "interpolation": "bicubic", "resize_mode": "shorter",
-             "convention": "timm"},
-    "torchvision": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bilinear", "resize_mode": "shorter",
-                    "convention": "torchvision"},
-    "vissl": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bilinear", "resize_mode": "shorter",
-              "convention": "torchvision"},
-    "classy": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bilinear", "resize_mode": "shorter",
-               "convention": "torchvision"},
-    "hf": {"resolution": 224, "crop_pct": 0.875, "interpolation": "bicubic", "resize_mode": "shorter",
-           "convention": "hf"},
+    fmt: {"resolution": 224, "crop_pct": crop_pct, "interpolation": interpolation, "resize_mode": "shorter",
+          "convention": convention}
+    for fmt, (crop_pct, interpolation, convention) in {
+        "seer": (0.875, "bicubic", "torchvision"),
+        "timm": (0.965, "bicubic", "timm"),
+        "torchvision": (0.875, "bilinear", "torchvision"),
+        "vissl": (0.875, "bilinear", "torchvision"),
+        "classy": (0.875, "bilinear", "torchvision"),
+        "hf": (0.875, "bicubic", "hf"),
+    }.items()
 }  # fmt: skip
 
 
