@@ -18,7 +18,18 @@ from benchmarks.common import RESULTS_DIR, machine_info
 
 ROOT = Path(__file__).resolve().parent
 # Order: cheapest first, so a partial run still reports something useful.
-BENCHMARKS = ["trunk", "multicrop", "loader", "extract", "runtimes", "knn", "linear", "memory", "startup"]
+BENCHMARKS = [
+    "trunk",
+    "multicrop",
+    "loader",
+    "extract",
+    "runtimes",
+    "knn",
+    "linear",
+    "memory",
+    "startup",
+    "pretrain_throughput",
+]
 
 
 def available() -> list[str]:

@@ -140,7 +140,11 @@ class FSDPConfig:
 class TrainConfig:
     """Length, logging, checkpointing, numerics."""
 
-    total_steps: int = 0  # 0 -> epochs x steps_per_epoch
+    total_steps: int = 0  # 0 -> epochs x steps_per_epoch; with max_minutes > 0: a cap on the steps it buys (0: none)
+    # A time budget in minutes (0: off): the run's length is bought from the seconds per step measured over its first
+    # steps, the warmup fitted to it; train.epochs is then ignored. The count is saved in the checkpoints and reused on
+    # resume; it depends on the machine, so a seed no longer fixes the run (docs/pretraining.md, "A time budget").
+    max_minutes: float = 0.0
     epochs: int = 1  # with total_steps 0, the run is epochs x steps_per_epoch steps
     steps_per_epoch: int = 100  # steps of one epoch, for the run length above
     log_every: int = 10  # steps between log lines (loss, lr, images/s, data time, memory, ETA)
@@ -507,7 +511,11 @@ def validate(cfg: PretrainConfig, world_size: int | None = None) -> None:
             raise _bad(f"train.{key}", getattr(t, key), "must be >= 1", "or set train.total_steps=N (the run's steps)")
     if o.warmup_iters < 0:
         raise _bad("optim.warmup_iters", o.warmup_iters, "must be >= 0 (0: no warmup)")
-    if o.warmup_iters >= cfg.total_steps:  # a short run of a recipe with a long warmup: name the override that fixes it
+    if not (math.isfinite(t.max_minutes) and t.max_minutes >= 0):
+        raise _bad("train.max_minutes", t.max_minutes, "must be a finite number >= 0 (0: no time budget)")
+    # With a time budget the warmup is fitted to the steps it buys (seer.train.budget.fit_warmup): nothing to check.
+    # a short run of a recipe with a long warmup: name the override that fixes it
+    if not t.max_minutes and o.warmup_iters >= cfg.total_steps:
         raise _bad("optim.warmup_iters", o.warmup_iters, f"must be in [0, total steps = {cfg.total_steps})",
                    f"set optim.warmup_iters=0 (no warmup) or below {cfg.total_steps}, or raise train.total_steps "
                    f"above {o.warmup_iters}")  # fmt: skip
@@ -611,6 +619,8 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "train.total_steps": "the run's length: training longer (the lr schedule is recomputed for the new length)",
     "train.epochs": "the run's length (when train.total_steps is 0)",
     "train.steps_per_epoch": "the run's length (when train.total_steps is 0)",
+    "train.max_minutes": "the run's length: a resume keeps the step count its checkpoint bought (0: train.total_steps "
+    "sets the length again)",
     "train.log_every": "logging",
     "train.tensorboard": "logging",
     "train.monitor_images": "observing: the kNN monitor",

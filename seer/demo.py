@@ -15,8 +15,14 @@
 7. report    DIR/report.md (settings, mean ± std table, the three learning criteria, timings), accuracy.png,
              loss.png, results.json.
 
-Everything is seeded. `--out DIR` (default runs/demo) must be new, empty, or the output of an earlier demo (marked by
-its .seer-output.json file), which is replaced; any other non-empty directory is refused and left as it is.
+`--minutes M` makes M the whole demo's wall-clock budget: 85% of it (``TRAIN_SHARE``) trains, split evenly over the
+seeds, and each training run buys its steps from its own measured speed (``train.max_minutes``), so SwAV and the
+supervised ceiling train for the same time, not the same steps. Without it (the default) each run trains the recipe's
+600 steps, as before (278 s for the whole demo on 2 Intel Xeon cores, 556 s on 2 AMD EPYC cores).
+
+Everything is seeded (with ``--minutes``, the step counts depend on the machine). `--out DIR` (default runs/demo)
+must be new, empty, or the output of an earlier demo (marked by its .seer-output.json file), which is replaced; any
+other non-empty directory is refused and left as it is.
 """
 
 from __future__ import annotations
@@ -48,6 +54,11 @@ CRITERIA = {"min_margin_over_random_points": 20.0, "min_fraction_of_supervised":
 # x global batch 64 / 256 = 0.03: SGD on the tiny_cpu trunk, measured on the digits and glyphs tasks (docs/swav.md):
 # 0.1 and more leave cross-entropy near ln C for hundreds of steps.
 SUPERVISED_BASE_LR = 0.12
+# `--minutes M`: the share of M the training runs get, split evenly over the seeds (a seed's SwAV and supervised runs
+# side by side share it; one after the other, they halve it). The rest pays for what each run's train.max_minutes
+# does not count: data, shards, the processes' start (imports), export, features and evaluation: about 31 s of
+# 556 s in a default demo on 2 AMD EPYC cores (benchmarks/RESULTS.md), so 15% of a few minutes leaves a margin.
+TRAIN_SHARE = 0.85
 
 
 def _log(msg: str) -> None:
@@ -55,16 +66,23 @@ def _log(msg: str) -> None:
 
 
 def recipe(run_dir: str | os.PathLike, *, data: dict, steps: int | None = None, seed: int = 0,
-           monitor_images: str | os.PathLike | None = None) -> dict:  # fmt: skip
+           monitor_images: str | os.PathLike | None = None, minutes: float | None = None) -> dict:  # fmt: skip
     """The ``tiny_cpu`` recipe as a config dict, pointed at ``data`` (``data.*`` keys, e.g. ``{"source": "shards",
     "urls": ...}``) with ``run_dir``, ``seed``, ``steps`` (default: the recipe's) and, when given, the kNN monitor on
     a labeled folder. Every other setting is the recipe file's, so the demo trains exactly what
-    ``seer pretrain --config tiny_cpu`` trains."""
+    ``seer pretrain --config tiny_cpu`` trains.
+
+    ``minutes``: a time budget (``train.max_minutes``) instead of a step count: the run buys its length on this
+    machine (``steps``, when given, caps it); the log, checkpoint and monitor cadences stay the recipe's."""
     from seer.catalog import resolve
 
     cfg = yaml.safe_load(resolve(RECIPE, "pretrain").read_text())
-    steps, recipe_steps = int(steps or cfg["train"]["total_steps"]), int(cfg["train"]["total_steps"])
-    if steps < recipe_steps:  # a shorter run (a smoke test) keeps the schedule's shape: warmup and freeze shrink
+    recipe_steps = int(cfg["train"]["total_steps"])
+    cap = int(steps or 0)
+    steps = int(steps or recipe_steps) if minutes is None else recipe_steps  # the cadences' basis
+    if (
+        minutes is None and steps < recipe_steps
+    ):  # a shorter run (a smoke test) keeps the schedule's shape: warmup and freeze shrink
         cfg["optim"]["warmup_iters"] = cfg["optim"]["warmup_iters"] * steps // recipe_steps
         if "swav" in cfg:
             cfg["swav"]["freeze_prototypes_iters"] = cfg["swav"]["freeze_prototypes_iters"] * steps // recipe_steps
@@ -73,6 +91,8 @@ def recipe(run_dir: str | os.PathLike, *, data: dict, steps: int | None = None, 
     log_every = max(1, min(50, steps // 6))
     cfg["train"].update(total_steps=steps, seed=seed, tensorboard=False, log_every=log_every,
                         ckpt_every_steps=max(10, steps // 3))  # fmt: skip
+    if minutes is not None:
+        cfg["train"].update(total_steps=cap, max_minutes=float(minutes))
     if monitor_images is not None:  # the monitor runs on log steps: three times a run, and at the end
         every = log_every * max(1, steps // 3 // log_every)
         cfg["train"].update(monitor_images=str(monitor_images), monitor_every=every, monitor_max_images=500)
@@ -92,6 +112,28 @@ def supervised_overrides(pretrain: dict, n_classes: int, run_dir: str | os.PathL
     return cfg
 
 
+def _length(train: dict) -> str:
+    """A run's length as the log and the report say it: its steps, or its time budget."""
+    if not train.get("max_minutes"):
+        return f"{train['total_steps']} steps"
+    cap = f", at most {train['total_steps']} steps" if train.get("total_steps") else ""
+    return f"as many steps as train.max_minutes={train['max_minutes']:.3g} buys{cap}"
+
+
+def _bought(ms: list[dict]) -> int | None:
+    """The steps a run's time budget bought, from its metrics.jsonl records (None: a run of fixed length)."""
+    return next((m["budget"]["total_steps"] for m in ms if "budget" in m), None)
+
+
+def run_minutes(minutes: float, n_seeds: int, runs_per_seed: int, concurrent: int) -> float:
+    """Each training run's ``train.max_minutes`` for a whole demo of ``minutes``: ``TRAIN_SHARE`` of it over the
+    seeds, and over a seed's runs when fewer than all of them train at once."""
+    if not (minutes > 0 and minutes < float("inf")):
+        raise ValueError(f"--minutes must be a positive number of minutes, got {minutes}")
+    rounds = -(-runs_per_seed // concurrent)  # a seed's runs, ``concurrent`` at a time
+    return TRAIN_SHARE * minutes / (n_seeds * rounds)
+
+
 def _start(cfg_path: Path, world_size: int, log_path: Path, threads: int, tag: str) -> tuple:
     """Start ``seer pretrain --config cfg_path`` (torchrun for ``world_size > 1``) with ``threads`` torch threads per
     process; a thread tees its output to ``log_path`` and echoes the step / monitor / collapse lines, tagged."""
@@ -107,7 +149,7 @@ def _start(cfg_path: Path, world_size: int, log_path: Path, threads: int, tag: s
         with open(log_path, "w") as log:
             for line in proc.stdout:  # the user sees the throughput / ETA / monitor lines as they come
                 log.write(line)
-                if line.startswith(("step ", "monitor ", "collapse")) or "rror" in line:
+                if line.startswith(("step ", "monitor ", "collapse", "time budget")) or "rror" in line:
                     print(f"    [{tag}] {line.rstrip()}", flush=True)
 
     thread = threading.Thread(target=tee, daemon=True)
@@ -206,10 +248,12 @@ def _output_names(seeds: Sequence[int]) -> list[str]:
 
 def run_demo(out: str | Path = "runs/demo", *, task: str = "digits", n_train: int = 2000, n_test: int = 500,
              steps: int | None = None, seeds: Sequence[int] = (0, 1, 2), world_size: int = 1,
-             image_size: int = 32, supervised: bool = True) -> dict:  # fmt: skip
+             image_size: int = 32, supervised: bool = True, minutes: float | None = None) -> dict:  # fmt: skip
     """Run the whole pipeline into ``out`` and return the results dict (also written to results.json).
 
-    ``task`` is one of ``seer.data.tasks.TASKS``; ``steps`` defaults to the recipe's; each seed pretrains (and, with
+    ``task`` is one of ``seer.data.tasks.TASKS``; ``steps`` defaults to the recipe's; ``minutes``: the whole demo's
+    wall-clock budget instead, each training run's length bought from it (``run_minutes``; ``steps`` then caps it);
+    each seed pretrains (and, with
     ``supervised``, trains the ceiling) once, on the same data; ``world_size > 1`` trains under FSDP over that many
     processes (slower on 2 cores: it shows the distributed path, not speed).
 
@@ -219,6 +263,11 @@ def run_demo(out: str | Path = "runs/demo", *, task: str = "digits", n_train: in
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("run_demo: seeds is empty; give at least one")
+    cores = os.cpu_count() or 2
+    # SwAV and the supervised ceiling of a seed train side by side when the cores allow: a tiny trunk gains less
+    # from a second thread than from a second process (its data pipeline is single-threaded).
+    concurrent = 2 if supervised and cores >= 2 * world_size else 1
+    per_run = None if minutes is None else run_minutes(minutes, len(seeds), 1 + supervised, concurrent)
     if n_train < 20 or n_test < 1:  # kNN at k=20 needs 20 train images
         raise ValueError(f"run_demo: needs n_train >= 20 and n_test >= 1, got n_train={n_train}, n_test={n_test}")
     out = Path(out).expanduser()
@@ -267,16 +316,12 @@ def run_demo(out: str | Path = "runs/demo", *, task: str = "digits", n_train: in
     prep = {"resolution": image_size, "crop_pct": 1.0}
     for stage in ("train", "export", "features", "evaluate"):
         timings[stage] = 0.0
-    # SwAV and the supervised ceiling of a seed train side by side when the cores allow: a tiny trunk gains less
-    # from a second thread than from a second process (its data pipeline is single-threaded).
-    cores = os.cpu_count() or 2
-    concurrent = 2 if supervised and cores >= 2 * world_size else 1
     for seed in seeds:
         run = out / f"seed{seed}"
         run.mkdir()
         t = time.perf_counter()
         cfg = recipe(run / "pretrain", data={"source": "shards", "urls": urls}, steps=steps, seed=seed,
-                     monitor_images=test_dir)  # fmt: skip
+                     monitor_images=test_dir, minutes=per_run)  # fmt: skip
         (run / "pretrain.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         configs.setdefault("pretrain", cfg)
         trained = {"SwAV pretrained": run / "pretrain"}
@@ -287,9 +332,10 @@ def run_demo(out: str | Path = "runs/demo", *, task: str = "digits", n_train: in
             configs.setdefault("supervised", sup)
             trained["supervised"] = run / "supervised"
             jobs.append((run / "supervised.yaml", f"supervised s{seed}"))
+        same = "time" if minutes else "steps"  # with --minutes each run buys its own steps in the same time
         _log(
-            f"seed {seed}: SwAV ({RECIPE} recipe)" + (" and the supervised ceiling (same trunk, data, steps)" if
-            supervised else "") + f", {cfg['train']['total_steps']} steps, global batch "
+            f"seed {seed}: SwAV ({RECIPE} recipe)" + (f" and the supervised ceiling (same trunk, data, {same})" if
+            supervised else "") + f", {_length(cfg['train'])}, global batch "
             f"{cfg['data']['global_batch_size']}, {world_size} process(es) each, {concurrent} at a time"
         )  # fmt: skip
         for tag, sec in _train_all(jobs, world_size, run, concurrent).items():
@@ -348,6 +394,13 @@ def run_demo(out: str | Path = "runs/demo", *, task: str = "digits", n_train: in
             "image_size": image_size,
             "world_size": world_size,
             "concurrent_runs": concurrent,
+            # --minutes: the whole demo's budget, each run's train.max_minutes, and what each run bought
+            "minutes": minutes,
+            "run_minutes": per_run,
+            "train_share": TRAIN_SHARE if minutes is not None else None,
+            "steps_bought": {seed: {name: _bought(ms) for name, ms in runs.items()} for seed, runs in metrics.items()}
+            if minutes is not None
+            else None,
             "seeds": seeds,
             "data_seed": 0,
             "knn": {"k": 20, "temperature": 0.07, "metric": "cosine", "layer": "avgpool"},
@@ -438,7 +491,7 @@ def _report(results: dict, metrics: dict) -> str:
         "",
         f"SwAV pretraining with the `{s['recipe']}` recipe (RegNetY {p['model']['cfg']}) on the `{s['task']}` task: "
         f"{s['n_train']} train images, {s['image_size']} px, {len(s['classes'])} classes, streamed from webdataset "
-        f"shards; {p['train']['total_steps']} steps at global batch {p['data']['global_batch_size']} on "
+        f"shards; {_length(p['train'])} at global batch {p['data']['global_batch_size']} on "
         f"{s['world_size']} process(es), seeds {seeds}. Frozen avgpool features are scored by kNN and a linear probe "
         f"on {s['n_test']} held-out test images.{spread}",
         "",
@@ -475,6 +528,22 @@ def _report(results: dict, metrics: dict) -> str:
             for seed, ms in zip(s["seeds"], losses)
         ],  # fmt: skip
         "",
+        *(
+            [
+                "",
+                f"Time budget: `--minutes {s['minutes']:g}` for the whole demo; {100 * s['train_share']:.0f}% of it "
+                f"for training, split over {len(s['seeds'])} seed(s): train.max_minutes={s['run_minutes']:.3g} per "
+                f"run ({s['concurrent_runs']} run(s) at a time). Steps bought: "
+                + "; ".join(
+                    f"seed {seed}: " + ", ".join(f"{n} {b}" for n, b in runs.items())
+                    for seed, runs in s["steps_bought"].items()
+                )  # fmt: skip
+                + ".",
+            ]
+            if s.get("minutes") is not None
+            else []
+        ),
+        "",
         "![loss](loss.png)",
         "",
         "## Settings",
@@ -496,7 +565,7 @@ def _report(results: dict, metrics: dict) -> str:
 
 
 def cli_main(argv: list[str]) -> int:
-    """`seer demo [--out DIR] [--task NAME] [--seeds S ...] [--steps N] [--world-size N]`."""
+    """`seer demo [--out DIR] [--task NAME] [--seeds S ...] [--steps N] [--minutes M] [--world-size N]`."""
     from seer.data.tasks import TASKS
 
     parser = argparse.ArgumentParser(prog="seer demo", description=__doc__,
@@ -509,17 +578,31 @@ def cli_main(argv: list[str]) -> int:
     )
     parser.add_argument("--task", default="digits", choices=sorted(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=None, help="default: the tiny_cpu recipe's")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps per training run (default: the tiny_cpu recipe's 600); with --minutes, a cap",
+    )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        default=None,
+        help=f"the whole demo's wall-clock budget: {100 * TRAIN_SHARE:.0f}%% of it trains, split over the seeds, "
+        "each run buying its steps from its measured speed (train.max_minutes); default: none, the recipe's steps",
+    )
     parser.add_argument("--world-size", type=int, default=1)
     parser.add_argument("--train", type=int, default=2000, help="train images")
     parser.add_argument("--test", type=int, default=500, help="test images")
     parser.add_argument("--no-supervised", action="store_true", help="skip the supervised ceiling")
     args = parser.parse_args(argv)
+    if args.minutes is not None and not 0 < args.minutes < float("inf"):
+        parser.error(f"--minutes must be a positive number of minutes, got {args.minutes}")
     if args.train < 20 or args.test < 1:  # run_demo's own check names its arguments; here, the flags
         parser.error(f"needs --train >= 20 (kNN at k=20) and --test >= 1, got --train {args.train} --test {args.test}")
     try:
         run_demo(args.out, task=args.task, n_train=args.train, n_test=args.test, steps=args.steps, seeds=args.seeds,
-                 world_size=args.world_size, supervised=not args.no_supervised)  # fmt: skip
+                 world_size=args.world_size, supervised=not args.no_supervised, minutes=args.minutes)  # fmt: skip
     except OutputDirError as exc:  # refused before any work: the directory is as it was
         print(f"seer demo: {exc}", file=sys.stderr)
         return 2

@@ -253,9 +253,8 @@ def _blobs(n: int, dim: int = 16, classes: int = 4, seed: int = 0) -> tuple[np.n
 
 
 def test_linear_probe_and_knn_search_report_rate_and_eta(capsys, monkeypatch):
-    from seer.evaluation import eval_knn, eval_linear
-
     import seer.progress
+    from seer.evaluation import eval_knn, eval_linear
 
     # a line at every update: whatever this machine's speed, lines between start and end show the rate and ETA
     monkeypatch.setattr(seer.progress, "line_interval", lambda: 0.0)

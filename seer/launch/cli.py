@@ -226,7 +226,12 @@ def pretrain_main(argv: list[str], prog: str = PROG) -> int:
     summary = (
         f"{name}: {args.nodes} node(s) x {args.tasks_per_node} task(s) = world size {world_size}, "
         f"{args.gpus_per_node} GPU(s)/node, {args.timeout_min:g} min per attempt, up to {args.max_requeues} requeues; "
-        f"job dir {job_dir} ({what} of {cfg.total_steps})"
+        f"job dir {job_dir} ({what} of "
+        + (
+            f"{cfg.total_steps})"
+            if not cfg.train.max_minutes
+            else f"the steps train.max_minutes={cfg.train.max_minutes:g} buys)"
+        )
     )
     if args.dry_run:
         print(render_sbatch(executor))
@@ -263,6 +268,7 @@ def pretrain_main(argv: list[str], prog: str = PROG) -> int:
         "world_size": world_size,
         "start_step": step,
         "total_steps": cfg.total_steps,
+        "max_minutes": cfg.train.max_minutes,  # > 0: the length is bought at run time (total_steps then caps it)
         "seer_version": seer.__version__,
         "git_commit": _git_commit(),
         "logs": str(logs).replace("%j", str(job.job_id)),

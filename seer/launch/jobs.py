@@ -260,7 +260,7 @@ class PretrainJob:
                 master=f"{info['MASTER_ADDR']}:{info['MASTER_PORT']}",
                 slurm_restart_count=_slurm_restart_count(),
                 start_step=run_progress(self.job_dir),
-                total_steps=cfg.total_steps,
+                total_steps=_total_steps(self.config, self.job_dir),
                 pid=os.getpid(),
             )
             print(f"[launch] attempt {self._attempt.data['attempt']} of {self.job_dir}: {job_env}", flush=True)
@@ -367,7 +367,7 @@ class PretrainJob:
         import submitit
 
         step = run_progress(self.job_dir)
-        total = _total_steps(self.config)
+        total = _total_steps(self.config, self.job_dir)
         used = self._requeues_used()
         if self._finished or (total and step >= total):
             reason = "the run is finished"
@@ -398,8 +398,17 @@ def _ignore_late_signal(signum: int, frame: Any) -> None:
     print(f"[launch] ignoring signal {signum}: the run is finished", flush=True)
 
 
-def _total_steps(config: dict) -> int:
+def _total_steps(config: dict, job_dir: str | os.PathLike) -> int:
+    """The run's length (0: not known yet). With a time budget (``train.max_minutes``), the steps the newest
+    checkpoint records as bought (``seer.train.budget``), else its ``train.total_steps`` cap (0: none)."""
     t = config.get("train", {})
+    if t.get("max_minutes"):
+        from seer.train.budget import Budget
+        from seer.train.checkpoint import latest_checkpoint, read_meta
+
+        ckpt = latest_checkpoint(job_dir)
+        bought = Budget.from_meta(read_meta(ckpt)) if ckpt is not None else None
+        return bought.total_steps if bought is not None else int(t.get("total_steps") or 0)
     return int(t.get("total_steps") or int(t.get("epochs", 1)) * int(t.get("steps_per_epoch", 1)))
 
 

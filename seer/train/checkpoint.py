@@ -9,9 +9,9 @@ Layout of a run directory::
 Every rank writes its shards under ``checkpoints/.tmp-step_XXXXXXXX``, and its own per-rank state (``rank_state``:
 what differs between ranks and so has no place in the shared state dict, such as SwAV's queue or a data stream's
 position) as ``rank{r:05d}.pt``; after a barrier rank 0 writes ``meta.json`` (step, data position, RNG states of
-every rank, config) and renames the directory, so a ``step_*`` directory is always complete. DCP stores global
-tensor shapes, so a checkpoint saved by N ranks loads on M ranks (or on one process with no process group); the
-per-rank state is restored only on the world size that saved it.
+every rank, config, what a time budget bought: ``seer.train.budget``) and renames the directory, so a ``step_*``
+directory is always complete. DCP stores global tensor shapes, so a checkpoint saved by N ranks loads on M ranks
+(or on one process with no process group); the per-rank state is restored only on the world size that saved it.
 
 Weights are checked before they are written and after they are read: a parameter or buffer holding a NaN or an
 infinity stops the save (``FloatingPointError``) and refuses the resume (``ValueError``), so no checkpoint of a run

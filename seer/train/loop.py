@@ -10,14 +10,16 @@ process group; under torchrun / SLURM the model is sharded with FSDP2 (``seer.di
 built on the meta device and initialized shard by shard (``seer.distributed.materialize``: no rank holds it whole).
 The run resumes from the latest complete checkpoint in ``cfg.run_dir`` automatically, if its config is the one that
 checkpoint was trained with, up to the keys a resume may change (``seer.train.rundir``; ``--allow-config-change``
-resumes anyway). ``--dry-run`` prints what a run would do and writes nothing. Rank 0 shows the steps' progress on
-stderr (``seer.progress``: a bar on a terminal, a line every 10 s elsewhere); the log lines go to stdout.
+resumes anyway). ``train.max_minutes`` buys the run's length from its first steps' speed, once, kept on resume
+(``seer.train.budget``). ``--dry-run`` prints what a run would do and writes nothing. Rank 0 shows the steps'
+progress on stderr (``seer.progress``: a bar on a terminal, a line every 10 s elsewhere); the log lines go to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -44,6 +46,7 @@ from seer.data.synthetic import SyntheticMultiCrop
 from seer.extras import optional
 from seer.models.regnet import RegNetCfg
 from seer.progress import heartbeat, progress
+from seer.train.budget import PROBE_STEPS, Budget, buy_steps, checkpoint_reserve, fit_warmup, probe_lr
 from seer.train.methods import get_method, method_config
 from seer.train.rundir import RunDirState, RunDirWrites, inspect_run_dir
 
@@ -293,7 +296,8 @@ class _Data:
         # method that trains on labels gets them, and a sample without one is an error naming it.
         self.loader = train_loader(
             d.urls if d.source == "shards" else None,
-            MultiCrop.from_preset(d.multicrop),
+            # crops' colour operations batched in collate (same draws and pixels; seer.data.transforms)
+            MultiCrop.from_preset(d.multicrop, batch_color=True),
             images=d.images if d.source == "images" else None,
             batch_size=per_gpu,
             seed=cfg.train.seed,
@@ -409,17 +413,19 @@ def pretrain(cfg: PretrainConfig, *, allow_config_change: bool = False) -> dict:
     """
     from seer.distributed.env import init_distributed
 
+    t_start = time.time()  # a time budget (train.max_minutes) counts from here: setup is part of the run
     # -- setup: process group, config checks, the run directory's lock and its config check ---------------------
     env = init_distributed(device=cfg.train.device, timeout_minutes=cfg.train.dist_timeout_minutes)
     validate(cfg, env.world_size)
     lock = _lock_run_dir(cfg, env)
     try:
         found = _inspect_on_rank0(cfg, env, allow_config_change)
-        if found.nothing_to_train(cfg.total_steps) is not None:
-            return _nothing_to_train(cfg, env, found)
+        note = _nothing_left(cfg, found)
+        if note is not None:
+            return _nothing_to_train(cfg, env, found, note)
         writes = RunDirWrites(cfg.run_dir) if env.is_main else None  # after the lock: nothing here is another run's
         try:
-            return _train(cfg, env, found, writes)
+            return _train(cfg, env, found, writes, t_start)
         except BaseException:
             if writes is not None:
                 writes.undo(_logger(env))
@@ -466,9 +472,36 @@ def _inspect_on_rank0(cfg: PretrainConfig, env, allow_config_change: bool) -> Ru
     return result
 
 
-def _nothing_to_train(cfg: PretrainConfig, env, found: RunDirState) -> dict:
-    """The summary of a run already at (or past) ``total_steps``: the newest checkpoint's step and loss."""
-    note = found.nothing_to_train(cfg.total_steps)
+def _saved_budget(cfg: PretrainConfig, ckpt: Path | None):
+    """The ``Budget`` the run's checkpoint ``ckpt`` bought, when ``cfg`` has a time budget (else None)."""
+    from seer.train.checkpoint import read_meta
+
+    if not cfg.train.max_minutes or ckpt is None:
+        return None
+    return Budget.from_meta(read_meta(ckpt))
+
+
+def _nothing_left(cfg: PretrainConfig, found: RunDirState) -> str | None:
+    """Why the run directory has nothing left to train for ``cfg`` (None when it has): at ``train.total_steps``, or
+    at the step count its time budget bought (a run with a budget that bought none yet always trains)."""
+    if not cfg.train.max_minutes:
+        return found.nothing_to_train(cfg.total_steps)
+    bought = _saved_budget(cfg, found.checkpoint)
+    if bought is None:  # none bought yet: only a cap on the count can have been reached
+        cap = cfg.train.total_steps
+        return found.nothing_to_train(cap) if cap and found.checkpoint is not None and found.step >= cap else None
+    if found.step < bought.total_steps:
+        return None
+    return (
+        f"{found.run_dir} is already at step {found.step} of the {bought.total_steps} steps its time budget "
+        f"(train.max_minutes={bought.max_minutes:g}) bought: nothing to train (a resume keeps the bought count; "
+        f"train.max_minutes=0 train.total_steps=N trains to step N)"
+    )
+
+
+def _nothing_to_train(cfg: PretrainConfig, env, found: RunDirState, note: str) -> dict:
+    """The summary of a run already at (or past) its length (``note`` says which): the newest checkpoint's step and
+    loss."""
     if found.loss is None:
         note += f"; {found.checkpoint.name} records no loss (saved by an older seer), so loss is null"
     _logger(env)(note)
@@ -526,9 +559,10 @@ def _lock_run_dir(cfg: PretrainConfig, env):
     return lock
 
 
-def _train(cfg: PretrainConfig, env, found: RunDirState, writes: RunDirWrites | None) -> dict:
+def _train(cfg: PretrainConfig, env, found: RunDirState, writes: RunDirWrites | None, t_start: float) -> dict:
     """``pretrain`` once the process group is up, the config checked and the run directory locked and checked
-    (``found``); ``writes``: rank 0's record of what it writes before the first checkpoint."""
+    (``found``); ``writes``: rank 0's record of what it writes before the first checkpoint; ``t_start``: when
+    ``pretrain`` began (a time budget counts from there)."""
     from seer.distributed.parallel import parallelize
     from seer.train.checkpoint import clean_partial, latest_checkpoint, load_checkpoint, save_checkpoint
     from seer.train.optim import build_optimizer, clip_grad_norm, cosine_schedule, scaled_lr, set_lr
@@ -536,7 +570,10 @@ def _train(cfg: PretrainConfig, env, found: RunDirState, writes: RunDirWrites | 
     # -- setup: batch, run directory --------------------------------------------------------------------------------
     per_gpu = batch_per_gpu(cfg, env.world_size)
     global_batch = per_gpu * env.world_size
-    total = cfg.total_steps
+    # With a time budget the length is unknown until bought (seer.train.budget); train.total_steps caps it (0: none).
+    budget_s = 60 * cfg.train.max_minutes
+    cap = cfg.train.total_steps if budget_s else 0
+    total = cfg.total_steps if not budget_s else cap or sys.maxsize
     run_dir = Path(cfg.run_dir)
     kind = run_kind(cfg)
     log = _logger(env)
@@ -583,7 +620,11 @@ def _train(cfg: PretrainConfig, env, found: RunDirState, writes: RunDirWrites | 
     optimizer = build_optimizer(model, cfg.optim)
     peak_lr = scaled_lr(cfg.optim.base_lr, global_batch, cfg.optim.reference_batch)
     o = cfg.optim
-    lrs = cosine_schedule(peak_lr, total, o.warmup_iters, o.start_warmup_lr * peak_lr, o.final_lr_ratio)
+
+    def schedule(steps: int, warmup: int):  # per-step lr; with a time budget, built once the length is bought
+        return cosine_schedule(peak_lr, steps, warmup, o.start_warmup_lr * peak_lr, o.final_lr_ratio)
+
+    lrs = schedule(total, o.warmup_iters) if not budget_s else None
     # Without FSDP, bf16 runs use autocast (FSDP runs get bf16 from the MixedPrecisionPolicy instead).
     autocast = (
         torch.autocast(env.device.type, dtype=torch.bfloat16)
@@ -597,9 +638,18 @@ def _train(cfg: PretrainConfig, env, found: RunDirState, writes: RunDirWrites | 
     # This rank's state outside the shared state dict (e.g. a method's queue), through the model's optional hooks.
     model_rank_state = getattr(model, "rank_state", None)
     load_model_rank_state = getattr(model, "load_rank_state", None)
+    bought = None  # what a time budget bought (seer.train.budget.Budget)
     if ckpt is not None:
         meta = load_checkpoint(ckpt, model, optimizer)
         start_step = int(meta["step"])
+        bought = Budget.from_meta(meta) if budget_s else None
+        if bought is not None:  # never measured again: the resumed run follows the schedule the first start bought
+            total = bought.total_steps
+            lrs = schedule(total, bought.warmup_iters)
+            log(
+                f"time budget: resuming with the {total} steps bought at step {bought.measured_at_step} "
+                f"({bought.sec_per_step:.3f} s/step; not measured again), warmup {bought.warmup_iters} steps"
+            )
         data_position = (meta.get("rank_state") or {}).get("data")
         log(f"resumed from {ckpt} (step {start_step}, saved by {meta.get('world_size')} ranks)")
         if cfg.model.init_from:
@@ -612,12 +662,25 @@ def _train(cfg: PretrainConfig, env, found: RunDirState, writes: RunDirWrites | 
             log(f"{ckpt.name} holds no per-rank state of the method (queue): not restored")
     elif cfg.model.init_from:
         log(f"initialized trunk from {cfg.model.init_from}")
+    measure_at = start_step + 1 + PROBE_STEPS  # with a time budget: the step the count is bought at
+    if budget_s and bought is None and cap and cap <= measure_at:
+        # The cap ends the run before the budget's measurement: the cap is the length, the warmup fitted to it.
+        total = cap
+        lrs = schedule(total, fit_warmup(o.warmup_iters, total))
+        log(f"time budget: train.total_steps={cap} ends the run by step {measure_at}, the step the budget is "
+            f"measured at: {cap} steps")  # fmt: skip
     n_params = sum(p.numel() for p in model.parameters())
     log(
         f"{kind} {cfg.model.preset if cfg.model.cfg is None else cfg.model.cfg} + {cfg.method}: "
         f"{n_params / 1e6:.2f}M "
         f"params, world {env.world_size} ({env.backend or 'no process group'}, {env.device}), "
-        f"batch {per_gpu}/rank = {global_batch}, lr {peak_lr:.4g}, steps {start_step} -> {total}"
+        f"batch {per_gpu}/rank = {global_batch}, lr {peak_lr:.4g}, steps {start_step} -> "
+        + (
+            f"{total}"
+            if lrs is not None
+            else f"as many as train.max_minutes={cfg.train.max_minutes:g} buys "
+            f"(measured over steps {start_step + 2}-{measure_at})"
+        )
     )
     metrics_file = open(run_dir / "metrics.jsonl", "a") if env.is_main else None
     writer = None
@@ -673,13 +736,23 @@ def _train(cfg: PretrainConfig, env, found: RunDirState, writes: RunDirWrites | 
     last_ckpt = ckpt
     t_window, data_time, step_time, n_window, loss_val = time.time(), 0.0, 0.0, 0, float("nan")
     t_run, done_steps = time.time(), 0
-    bar = progress(total, kind, unit="step", enabled=env.is_main, initial=start_step)  # rank 0, on stderr
-    for step in range(start_step, total):
+    t_measure, budget_record = None, None  # a time budget: when its timed steps began; the record metrics.jsonl gets
+    bar = progress(total if lrs is not None else None, kind, unit="step", enabled=env.is_main,
+                   initial=start_step)  # rank 0, on stderr  # fmt: skip
+    for step in itertools.count(start_step):
+        if step >= total:  # the length may be bought during the run (a time budget)
+            break
         t0 = time.time()
         crops = [c.to(env.device, non_blocking=True) for c in next(data)]
         t1 = time.time()
 
-        set_lr(optimizer, float(lrs[step]))
+        # until a time budget has bought the length, the warmup's own values (they do not depend on the length)
+        lr = (
+            float(lrs[step])
+            if lrs is not None
+            else probe_lr(step, peak_lr, o.warmup_iters, o.start_warmup_lr * peak_lr)
+        )
+        set_lr(optimizer, lr)
         if before_forward is not None:
             before_forward(step)
         # torch.compile compiles forward and backward on the first step: minutes on a large model, without a line
@@ -718,13 +791,26 @@ def _train(cfg: PretrainConfig, env, found: RunDirState, writes: RunDirWrites | 
                 else f"No checkpoint was saved before step {step + 1}: lower optim.base_lr or raise "
                 f"optim.warmup_iters and start again."
             )
-            raise FloatingPointError(f"loss is {loss_val} at step {step + 1} (lr {lrs[step]:.4g}); stopping. {newest}")
+            raise FloatingPointError(f"loss is {loss_val} at step {step + 1} (lr {lr:.4g}); stopping. {newest}")
         optimizer.step()
         done = step + 1
         done_steps += 1
         t2 = time.time()
-        bar.update(1, loss=f"{loss_val:.4f}", lr=f"{float(lrs[step]):.4g}")
+        bar.update(1, loss=f"{loss_val:.4f}", lr=f"{lr:.4g}")
         data_time, step_time, n_window = data_time + (t1 - t0), step_time + (t2 - t1), n_window + 1
+
+        # -- time budget: the length bought once this process's first steps are timed (seer.train.budget) --------
+        if lrs is None and done == start_step + 1:  # the first step (compile, loader start) is not timed
+            t_measure = time.time()
+        elif lrs is None and done == measure_at:
+            bought = _buy(cfg, env, model, optimizer, t_start, t_measure, done, cap)
+            total, lrs = bought.total_steps, schedule(bought.total_steps, bought.warmup_iters)
+            ckpt_meta["budget"] = budget_record = bought.to_meta()  # every later checkpoint: a resume reuses it
+            bar.total = total
+            if bar._bar is not None:  # the terminal's bar learns its total (the plain lines read bar.total)
+                bar._bar.total = total
+                bar._bar.refresh()
+            log(bought.line(env.world_size))
 
         # -- log ----------------------------------------------------------------------------------------------------
         if done % cfg.train.log_every == 0 or done == total:
@@ -734,23 +820,27 @@ def _train(cfg: PretrainConfig, env, found: RunDirState, writes: RunDirWrites | 
             record = {
                 "step": done,
                 "loss": loss_val,
-                "lr": float(lrs[step]),
+                "lr": lr,
                 "images_per_sec": rate,
                 "step_time": step_time / n_window,
                 "data_time": data_time / n_window,
                 "peak_memory_gb": peak_memory_bytes(env.device) / 2**30,
-                "eta_min": (total - done) * sec_per_step / 60,
             }
+            if lrs is not None:  # a time budget's length is unknown until bought: no eta before
+                record["eta_min"] = (total - done) * sec_per_step / 60
+            if budget_record is not None:  # once, on the first log line after the count was bought
+                record["budget"], budget_record = budget_record, None
             if data.epoch() is not None:
                 record["epoch"] = data.epoch()
             finished = data.finished_epochs()  # every sample of the epoch seen once (or counted as skipped)
             if finished:
                 log(_epochs_line(finished, env.distributed))
             log(
-                f"step {done}/{total}  loss {loss_val:.4f}  lr {record['lr']:.4g}  {rate:.1f} img/s  "
-                f"step {record['step_time']:.3f}s  data {record['data_time']:.3f}s  "
+                f"step {done}/{total if lrs is not None else '?'}  loss {loss_val:.4f}  lr {record['lr']:.4g}  "
+                f"{rate:.1f} img/s  step {record['step_time']:.3f}s  data {record['data_time']:.3f}s  "
                 + (f"epoch {record['epoch']:.2f}  " if "epoch" in record else "")
-                + f"peak {record['peak_memory_gb']:.2f} GB  eta {record['eta_min']:.1f} min"
+                + f"peak {record['peak_memory_gb']:.2f} GB  eta "
+                + (f"{record['eta_min']:.1f} min" if "eta_min" in record else "? (time budget not bought yet)")
             )
             diagnosis = diagnose(out, done) if diagnose is not None else None
             kind = diagnosis.split(" at step")[0] if diagnosis else None
@@ -826,7 +916,32 @@ def _train(cfg: PretrainConfig, env, found: RunDirState, writes: RunDirWrites | 
         "world_size": env.world_size,
         "global_batch": global_batch,
         "data_skipped": {k: data_stats[k] for k in ("samples", "skipped", "by_kind") if k in data_stats},
+        **({"budget": bought.to_meta()} if bought is not None else {}),
     }
+
+
+def _buy(cfg: PretrainConfig, env, model: nn.Module, optimizer, t_start: float, t_measure: float, done: int,
+         cap: int) -> Budget:  # fmt: skip
+    """The steps ``train.max_minutes`` buys, at step ``done``, from the ``PROBE_STEPS`` steps timed since
+    ``t_measure``: every rank takes the slowest rank's seconds per step, elapsed time and checkpoint reserve (one max
+    all-reduce), so all compute the same count."""
+    now = time.time()
+    sec_per_step = (now - t_measure) / PROBE_STEPS
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [v for st in optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # this rank's shard of the checkpoint
+    nbytes = sum(t.numel() * t.element_size() for t in local)
+    agreed = torch.tensor([sec_per_step, now - t_start, checkpoint_reserve(nbytes, sec_per_step)], dtype=torch.float64,
+                          device=env.device)  # fmt: skip
+    if env.distributed:
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    sec_per_step, elapsed, reserve = agreed.tolist()
+    budget_s = 60 * cfg.train.max_minutes
+    uncapped = buy_steps(budget_s, elapsed, reserve, sec_per_step, done, 0)
+    total = min(uncapped, cap) if cap else uncapped
+    return Budget(max_minutes=cfg.train.max_minutes, total_steps=total, warmup_iters=fit_warmup(cfg.optim.warmup_iters,
+                  total), measured_at_step=done, sec_per_step=sec_per_step, elapsed_seconds=elapsed,
+                  reserve_seconds=reserve, capped=bool(cap) and uncapped > cap)  # fmt: skip
 
 
 def _epochs_line(finished: list[tuple[int, dict]], distributed: bool) -> str:
@@ -929,6 +1044,18 @@ def _dry_run(cfg: PretrainConfig, kind: str, allow_config_change: bool) -> int:
     n_trunk = sum(p.numel() for p in model.trunk.parameters())
     per_gpu = batch_per_gpu(cfg, world)
     d, o, total = cfg.data, cfg.optim, cfg.total_steps
+    bought = _saved_budget(cfg, found.checkpoint)
+    steps, resume = f"{total}", found.resume_line(total)
+    if cfg.train.max_minutes:  # the length is bought at run time, or was by the checkpoint a resume reuses
+        total = bought.total_steps if bought is not None else cfg.train.total_steps
+        steps = f"{total} (bought by train.max_minutes={bought.max_minutes:g}; a resume keeps them)" if bought else (
+            f"as many as train.max_minutes={cfg.train.max_minutes:g} buys, measured over the first "
+            f"{PROBE_STEPS + 1} steps" + (f" (at most train.total_steps={total})" if total else "")
+        )  # fmt: skip
+        if bought is not None or total:
+            resume = found.resume_line(total)
+        elif found.checkpoint is not None:
+            resume = f"resumes from {found.checkpoint} (step {found.step}; the time budget buys the length)"
     from seer.train.optim import scaled_lr
 
     crops = " + ".join(f"{c}x{r} px" for c, r in crop_shapes(d))
@@ -945,11 +1072,11 @@ def _dry_run(cfg: PretrainConfig, kind: str, allow_config_change: bool) -> int:
         f"  data      {source}; crops {crops}" + (f" ({d.multicrop})" if d.crops is None else ""),
         f"  batch     {per_gpu * world} global = {per_gpu} per rank x {world} rank(s)"
         + ("" if launcher else " (no launcher variables: one process)"),
-        f"  steps     {total}: {o.name}, peak lr {scaled_lr(o.base_lr, per_gpu * world, o.reference_batch):.4g} "
+        f"  steps     {steps}: {o.name}, peak lr {scaled_lr(o.base_lr, per_gpu * world, o.reference_batch):.4g} "
         f"(optim.base_lr {o.base_lr:g} x {per_gpu * world} / {o.reference_batch}), warmup {o.warmup_iters}, "
         f"{cfg.train.precision}",
         f"  run_dir   {run_dir} ({where})",
-        f"  resume    {found.resume_line(total)}",
+        f"  resume    {resume}",
     ]
     from seer.train.rundir import format_changes
 

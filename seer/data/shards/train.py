@@ -45,6 +45,7 @@ from seer.data.shards.read import (
 )
 from seer.data.shards.write import INDEX_NAME
 from seer.data.sources import IMAGE_MEMBER_KEYS
+from seer.data.transforms import DECODE_CACHE_MAX_ITEM, decode_cache_bytes
 from seer.io import atomic_write
 
 log = logging.getLogger("seer.data")
@@ -212,16 +213,27 @@ class _TarUnits:
     kept open and the next block continues it (each shard byte read once per epoch, whatever the shard size over the
     shuffle buffer). A piece that does not continue it (a start, a resume, the next shard) opens its shard at
     ``start``: a local uncompressed shard by seeking over the headers before it (``seek_sample``), any other by
-    reading from its first member."""
+    reading from its first member.
 
-    def __init__(self, urls: list[str], max_member_bytes: int):
+    Small samples (members of at most ``DECODE_CACHE_MAX_ITEM`` bytes in all) of a piece read without a skip are kept,
+    up to ``cache_bytes`` per stream (``SEER_DECODE_CACHE_MB``), and the next epoch's read of that piece replays them:
+    the same samples in the same order, without parsing the tar again (a small-image recipe reads a few thousand
+    samples every epoch). First come, no eviction; a piece with a sample over the caps is read from its shard."""
+
+    def __init__(self, urls: list[str], max_member_bytes: int, cache_bytes: int = 0):
         self.urls, self.max_member_bytes = urls, max_member_bytes
         self._open: tuple[int, int, Iterator[dict]] | None = None  # (unit, next sample, its samples from there)
+        self.cache_bytes, self.cache_used = int(cache_bytes), 0
+        self._cache: dict[tuple[int, int, int], list[dict]] = {}  # (unit, start, stop) -> its samples
 
     def name(self, unit: int) -> str:
         return self.urls[unit]
 
     def read(self, unit: int, start: int, stop: int, skips: SkipLog) -> Iterator[dict | SampleError]:
+        cached = self._cache.get((unit, start, stop))
+        if cached is not None:
+            yield from cached
+            return
         url = self.urls[unit]
         if self._open is not None and self._open[:2] == (unit, start):
             samples = self._open[2]
@@ -230,13 +242,30 @@ class _TarUnits:
             samples = shard_samples(url, skips, self.max_member_bytes, start=start)
         self._open = None
         i = start
+        skipped = sum(skips.counts.values())
+        keep: list[dict] | None = [] if self.cache_bytes > 0 else None
+        size = 0
         while i < stop:
             sample = next(samples, None)
             if sample is None:
                 break
             i += 1
+            if keep is not None:
+                n = _sample_bytes(sample)
+                keep = keep if n is not None and n <= DECODE_CACHE_MAX_ITEM else None
+                if keep is not None:
+                    keep.append(sample)
+                    size += n
             yield sample
         if i == stop:
+            # Kept only when the whole piece came without a skip: a replay then yields exactly what a read would.
+            if (
+                keep is not None
+                and sum(skips.counts.values()) == skipped
+                and self.cache_used + size <= self.cache_bytes
+            ):
+                self._cache[(unit, start, stop)] = keep
+                self.cache_used += size
             self._open = (unit, stop, samples)
             return
         for j in range(i, stop):
@@ -247,6 +276,17 @@ class _TarUnits:
         if self._open is not None:
             self._open[2].close()
             self._open = None
+
+
+def _sample_bytes(sample: dict) -> int | None:
+    """The bytes of a sample's members (None when one is not plain bytes, e.g. an ``OversizedMember``)."""
+    total = 0
+    for k, v in sample.items():
+        if isinstance(v, (bytes, bytearray)):
+            total += len(v)
+        elif not (k.startswith("__") and isinstance(v, str)):
+            return None
+    return total
 
 
 class _FileUnits:
@@ -548,7 +588,8 @@ class TrainLoader(_LoaderBase):
     def _units(self) -> Any:
         if self.items is not None:
             return _FileUnits(self.items, self.root, self.limits.max_file_bytes)
-        return _TarUnits(self.urls, self.limits.max_member_bytes)
+        # the cap shared by the rank's streams (one _TarUnits each)
+        return _TarUnits(self.urls, self.limits.max_member_bytes, decode_cache_bytes() // max(1, self.layout.streams))
 
     def _stream_iter(self) -> Iterator:
         bundles = _Bundles(self, list(self.offsets))
