@@ -98,11 +98,13 @@ def test_a_budget_run_is_the_fixed_run_of_the_steps_it_bought(tmp_path, budget_r
     out = capsys.readouterr().out
     bought = summary["budget"]
     total = bought["total_steps"]
-    # the measurement: the floor holds, and the count is what the budget left buys at it
-    assert bought["sec_per_step"] >= FLOOR and bought["measured_at_step"] == PROBE_STEPS + 1
+    # the measurement: the floor holds, and the count is what the budget left buys at it. The timed window runs from
+    # the end of step 1's work to the end of step 11's, while the floor's sleep pads each step after its work: the
+    # window holds 9 whole padded steps plus parts of two, so it may fall short of 10 floors by up to one step's work.
+    assert bought["sec_per_step"] >= 0.9 * FLOOR and bought["measured_at_step"] == PROBE_STEPS + 1
     assert total == buy_steps(60 * MINUTES, bought["elapsed_seconds"], bought["reserve_seconds"],
                               bought["sec_per_step"], PROBE_STEPS + 1, 0)  # fmt: skip
-    assert PROBE_STEPS + 1 < total <= PROBE_STEPS + 1 + 60 * MINUTES / FLOOR
+    assert PROBE_STEPS + 1 < total <= PROBE_STEPS + 1 + 60 * MINUTES / (0.9 * FLOOR)
     # the log says what the budget bought; the run ends with a checkpoint at that step, which records it
     assert f"time budget: {MINUTES:g} min bought {total} steps" in out
     assert summary["step"] == total and summary["checkpoint"].endswith(f"step_{total:08d}")
