@@ -115,6 +115,13 @@ class Progress:
             self._last = now
             self._line()
 
+    def set_total(self, total: int | None) -> None:
+        """The total once it is known (a time budget buys a run's length after its first steps)."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def rate(self) -> float:
         """Units per second since the start."""
         return (self.n - self._start) / max(time.monotonic() - self._t0, 1e-9)

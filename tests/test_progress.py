@@ -82,3 +82,17 @@ def test_a_forced_terminal_of_unknown_width_gets_plain_lines(monkeypatch):
     with Progress(3, "work", file=buf, tty=True) as bar:
         bar.update(3)
     assert "work: 0/3 it (0%)" in buf.getvalue() and "done" in buf.getvalue()
+
+
+def test_a_total_learned_later_reaches_the_plain_lines():
+    import io
+
+    from seer.progress import Progress
+
+    f = io.StringIO()
+    bar = Progress(None, "pretraining", "step", file=f, tty=False)
+    bar.update(3)
+    bar.set_total(12)
+    assert bar.total == 12 and "3/12 step (25%)" in bar.describe()
+    bar.close()
+    assert "3/12 step" in f.getvalue().splitlines()[-1]

@@ -806,10 +806,7 @@ def _train(cfg: PretrainConfig, env, found: RunDirState, writes: RunDirWrites | 
             bought = _buy(cfg, env, model, optimizer, t_start, t_measure, done, cap)
             total, lrs = bought.total_steps, schedule(bought.total_steps, bought.warmup_iters)
             ckpt_meta["budget"] = budget_record = bought.to_meta()  # every later checkpoint: a resume reuses it
-            bar.total = total
-            if bar._bar is not None:  # the terminal's bar learns its total (the plain lines read bar.total)
-                bar._bar.total = total
-                bar._bar.refresh()
+            bar.set_total(total)
             log(bought.line(env.world_size))
 
         # -- log ----------------------------------------------------------------------------------------------------
